@@ -1,0 +1,5 @@
+import sys
+
+from dgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The `dgpt` command line. Every subcommand is a thin shell over `dgpt.api`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dgpt import api
+from dgpt.errors import DgptError
+
+
+def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
+    p.add_argument("config", metavar=what, help="TOML config file" + (" or run directory" if "RUN" in what else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set pretrain.steps=100")
+
+
+def cmd_prepare(args) -> None:
+    api.prepare(api.load_run_config(args.config, args.overrides))
+
+
+def cmd_pretrain(args) -> None:
+    config = api.load_run_config(args.config, args.overrides)
+    result = api.pretrain(config, stop_after=args.stop_after)
+    if result and "global" in result:
+        print(f"final global validation loss {result['global']:.4f}")
+
+
+def cmd_eval(args) -> None:
+    config = api.load_run_config(args.config, args.overrides)
+    losses = api.evaluate(config, max_windows=args.max_windows)
+    from dgpt.train.evaluate import perplexity
+
+    print(f"{'oracle':<28} {'loss':>8} {'perplexity':>11}")
+    for name, loss in losses.items():
+        print(f"{name:<28} {loss:>8.4f} {perplexity(loss):>11.2f}")
+
+
+def cmd_generate(args) -> None:
+    model, tokenizer = api.load_pretrained(args.run_dir, args.device)
+    texts = api.generate_text(
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+
+
+def cmd_info(args) -> None:
+    from dgpt.data.shards import read_manifest
+    from dgpt.data.tokenizer import TextTokenizer
+    from dgpt.model.gpt import GPT
+    from dgpt.runtimes.setup import model_config_for
+    from dgpt.train.checkpoint import list_checkpoints
+
+    config = api.load_run_config(args.config, args.overrides)
+    run_dir = Path(config.run_dir)
+    tok_path = run_dir / "tokenizer.json"
+    vocab = TextTokenizer.load(tok_path).vocab_size if tok_path.is_file() else config.tokenizer.vocab_size
+    model_config = model_config_for(config, vocab)
+    import torch
+
+    with torch.device("meta"):
+        params = GPT(model_config).num_params()
+    print(f"run_dir     {run_dir}")
+    print(f"model       {config.model.preset}: {params:,} parameters  " + json.dumps(model_config.to_dict()))
+    print(f"runtime     {config.federation.runtime}")
+    for oracle in config.oracles:
+        oracle_dir = run_dir / "data" / oracle.name
+        if (oracle_dir / "manifest.json").is_file():
+            m = read_manifest(oracle_dir)
+            counts = ", ".join(f"{s} {m['splits'][s]['tokens']:,} tokens" for s in m["splits"])
+        else:
+            counts = "not prepared"
+        print(f"oracle      {oracle.name}: {counts}")
+    for ckpt in list_checkpoints(run_dir):
+        print(f"checkpoint  {ckpt}")
+
+
+def cmd_demo(args) -> None:
+    from dgpt.demo import run_demo
+
+    run_demo(Path(args.run_dir), rounds=args.rounds, inner_steps=args.inner_steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgpt", description="Decentralized GPT: pre-train and fine-tune across data owners")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="train the tokenizer and write every oracle's token shards")
+    _config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="pre-train (central, sim or torchrun runtime, from the config)")
+    _config_args(p)
+    p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step/round")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity per oracle")
+    _config_args(p, "CONFIG_OR_RUN")
+    p.add_argument("--max-windows", type=int, default=None, help="validation windows per oracle")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="parameters, oracles and their tokens, checkpoints")
+    _config_args(p, "CONFIG_OR_RUN")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--inner-steps", type=int, default=25, help="inner steps per oracle per round (H)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DgptError as e:
+        print(f"dgpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Typed run configuration: dataclasses filled from TOML, `--set section.key=value` overrides.
+
+Every value has a default, so an empty file is a valid config. Unknown keys and values of the wrong
+type are errors that name the key. Relative paths are taken from the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from dgpt.errors import DgptError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | small | gpt1; the fields below override the preset when set
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    d_ff: int | None = None
+    n_ctx: int | None = None
+    ln: str | None = None  # "post" (GPT-1) | "pre" (GPT-2 style, final LayerNorm)
+    activation: str | None = None  # "gelu_tanh" (GPT-1) | "gelu"
+    embd_dropout: float | None = None
+    attn_dropout: float | None = None
+    resid_dropout: float | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    path: str = ""  # an existing tokenizer.json to use instead of training one
+
+
+@dataclass
+class DataConfig:
+    doc_separator: str = "blank_line"  # how a .txt file splits into documents: blank_line | line | file
+    min_chars: int = 0  # documents shorter than this (after cleaning) are dropped
+    dedup: bool = True  # drop exact-duplicate documents (by hash) within an oracle
+    shard_tokens: int = 1 << 24  # tokens per shard file
+    batch_docs: int = 512  # documents per parallel encode batch
+
+
+@dataclass
+class OracleConfig:
+    name: str = ""
+    train: list[str] = field(default_factory=list)  # files, directories, globs, .jsonl, or hf:NAME[:CONFIG]:SPLIT
+    valid: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the field read from JSONL lines and Hugging Face rows
+    weight: float | None = None  # this oracle's weight under federation.mean_weights = "given"
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 2000  # optimizer steps of the centralised run
+    batch_size: int = 16  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2.5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.01  # decoupled, on weights of rank >= 2 only
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 200  # steps between validations (central runtime)
+    eval_windows: int = 32  # validation windows per oracle
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # steps (central) or rounds (federated) between checkpoints
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    compile: bool = False
+
+
+@dataclass
+class FederationConfig:
+    runtime: str = "sim"  # central (pooled baseline) | sim | torchrun
+    rounds: int = 10
+    inner_steps: int = 500  # H: inner optimizer steps per oracle per round
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    aggregator: str = "mean"  # mean | median | trimmed_mean
+    mean_weights: str = "tokens"  # tokens | uniform | given (oracles[].weight)
+    trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
+    clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
+    compression: str = "none"  # none | bf16 | int8
+    int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
+    drop_prob: float = 0.0  # sim: probability that an oracle misses a round
+    timeout_s: float = 1800.0  # torchrun: a rank silent this long is treated as dead
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 1337
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    oracles: list[OracleConfig] = field(default_factory=list)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def oracle_names(self) -> list[str]:
+        return [o.name for o in self.oracles]
+
+
+# --- building dataclasses from plain data ---------------------------------------------------------
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_value(value, inner[0], key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise DgptError(f"{source}: '{key}' must be a list, got {value!r}")
+        if dataclasses.is_dataclass(item_tp):
+            return [_build(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise DgptError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise DgptError(f"{source}: '{prefix}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise DgptError(f"{source}: unknown config key '{full}'")
+        kwargs[key] = _check_value(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise DgptError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for part in path[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise DgptError(f"--set {text!r}: no list item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (None: all defaults) and apply `section.key=value` overrides."""
+    data: dict = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DgptError(f"{p}: config file not found")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DgptError(f"{p}: not valid TOML: {e}") from None
+    for text in overrides:
+        key_path, value = _parse_override(text)
+        _apply_override(data, key_path, value, text)
+    config = _build(Config, data, "", source)
+    validate(config, source)
+    return config
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    config = _build(Config, data, "", source)
+    validate(config, source)
+    return config
+
+
+_CHOICES = {
+    "data.doc_separator": ("blank_line", "line", "file"),
+    "pretrain.optimizer": ("adamw", "sgd"),
+    "pretrain.dtype": ("float32", "bfloat16"),
+    "federation.runtime": ("central", "sim", "torchrun"),
+    "federation.aggregator": ("mean", "median", "trimmed_mean"),
+    "federation.mean_weights": ("tokens", "uniform", "given"),
+    "federation.compression": ("none", "bf16", "int8"),
+}
+
+
+def validate(config: Config, source: str) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise DgptError(f"{source}: '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    names = config.oracle_names()
+    for i, name in enumerate(names):
+        if not name:
+            raise DgptError(f"{source}: oracles[{i}] has no name")
+        if names.count(name) > 1:
+            raise DgptError(f"{source}: oracle name '{name}' is used twice")
+    fed = config.federation
+    if fed.inner_steps < 1:
+        raise DgptError(f"{source}: 'federation.inner_steps' must be >= 1, got {fed.inner_steps}")
+    if fed.rounds < 1:
+        raise DgptError(f"{source}: 'federation.rounds' must be >= 1, got {fed.rounds}")
+    if not 0.0 <= fed.drop_prob < 1.0:
+        raise DgptError(f"{source}: 'federation.drop_prob' must be in [0, 1), got {fed.drop_prob}")
+    if not 0.0 <= fed.trim_fraction < 0.5:
+        raise DgptError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {fed.trim_fraction}")
+    if fed.mean_weights == "given":
+        missing = [o.name for o in config.oracles if o.weight is None]
+        if missing:
+            raise DgptError(f"{source}: mean_weights = 'given' but oracle(s) {', '.join(missing)} have no weight")
+    if config.pretrain.steps < 1 or config.pretrain.batch_size < 1 or config.pretrain.grad_accum < 1:
+        raise DgptError(f"{source}: pretrain.steps, batch_size and grad_accum must be >= 1")
+
+
+# --- writing the resolved config back as TOML -----------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(obj: Any) -> list[str]:
+    return [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(obj).items() if v is not None]
+
+
+def dump_config(config: Config) -> str:
+    lines = [f"run_dir = {_toml_value(config.run_dir)}", f"seed = {config.seed}"]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            for item in value:
+                lines += ["", f"[[{f.name}]]", *_toml_table(item)]
+        elif dataclasses.is_dataclass(value):
+            lines += ["", f"[{f.name}]", *_toml_table(value)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Data layer: oracle sources, cleaning, the BPE tokenizer, token shards with manifests, `dgpt prepare`."""

@@ -1,0 +1,210 @@
+"""`dgpt prepare`: train (or reuse) the tokenizer, then write each oracle's token shards and manifest.
+
+Everything streams: documents are cleaned, filtered and encoded `batch_docs` at a time, so memory
+stays flat in corpus size (the dedup set holds 16 bytes per unique document). Fingerprints of the
+inputs (path, size, mtime) and settings let a re-run reuse a tokenizer and shards that are still valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from itertools import chain, islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from dgpt.config import Config, DataConfig, OracleConfig
+from dgpt.data.clean import DocumentFilter, clean_text
+from dgpt.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, dtype_for_vocab, load_split, read_manifest
+from dgpt.data.sources import input_files, iter_documents
+from dgpt.data.tokenizer import TextTokenizer
+from dgpt.errors import DgptError
+from dgpt.fileio import atomic_dir, write_json
+
+SPLITS = ("train", "valid")
+
+
+def prepare(config: Config, *, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Prepare every oracle's shards under run_dir/data/<oracle>; return their stats by oracle name."""
+    if not config.oracles:
+        raise DgptError("the config lists no oracles")
+    for oracle in config.oracles:
+        if not oracle.train:
+            raise DgptError(f"oracle '{oracle.name}' has no train source")
+    run_dir = Path(config.run_dir)
+    tokenizer = _get_tokenizer(config, run_dir, log)
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    return {
+        oracle.name: _prepare_oracle(oracle, config.data, tokenizer, dtype, run_dir / "data" / oracle.name, log)
+        for oracle in config.oracles
+    }
+
+
+def _documents(oracle: OracleConfig, split: str, data: DataConfig, keep: DocumentFilter) -> Iterator[str]:
+    """An oracle's cleaned documents of one split that pass `keep` (which counts what it drops)."""
+    for spec in getattr(oracle, split):
+        for raw in iter_documents(spec, text_field=oracle.text_field, doc_separator=data.doc_separator):
+            doc = clean_text(raw)
+            if keep.keep(doc):
+                yield doc
+
+
+def _new_filter(data: DataConfig) -> DocumentFilter:
+    return DocumentFilter(data.min_chars, data.dedup)
+
+
+def _inputs(oracle: OracleConfig, split: str) -> list:
+    """What identifies a split's input: each spec and, for files, their path, size and mtime."""
+    out = []
+    for spec in getattr(oracle, split):
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(spec)]
+        out.append({"spec": spec, "files": stats})
+    return out
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _cleaning(data: DataConfig) -> dict:
+    return {"doc_separator": data.doc_separator, "min_chars": data.min_chars, "dedup": data.dedup}
+
+
+# --- the tokenizer ---------------------------------------------------------------------------------
+
+
+def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None]) -> TextTokenizer:
+    target = run_dir / "tokenizer.json"
+    fingerprint_path = run_dir / "tokenizer.fingerprint.json"
+    if config.tokenizer.path:
+        tokenizer = TextTokenizer.load(config.tokenizer.path)
+        fingerprint_path.unlink(missing_ok=True)  # run_dir/tokenizer.json is no longer one we trained
+        if not target.is_file() or TextTokenizer.load(target).sha256 != tokenizer.sha256:
+            tokenizer.save(target)
+        log(f"tokenizer: using {config.tokenizer.path} ({tokenizer.vocab_size} tokens)")
+        return tokenizer
+
+    inputs = {
+        "oracles": [{"name": o.name, "text_field": o.text_field, "train": _inputs(o, "train")} for o in config.oracles],
+        "cleaning": _cleaning(config.data),
+        "vocab_size": config.tokenizer.vocab_size,
+        "min_frequency": config.tokenizer.min_frequency,
+    }
+    fingerprint = _digest(inputs)
+    if target.is_file() and _read_json(fingerprint_path).get("inputs") == fingerprint:
+        tokenizer = TextTokenizer.load(target)
+        if _read_json(fingerprint_path).get("tokenizer_sha256") == tokenizer.sha256:
+            log(f"tokenizer: reused {target} ({tokenizer.vocab_size} tokens; inputs unchanged)")
+            return tokenizer
+
+    fingerprint_path.unlink(missing_ok=True)
+    filters = {o.name: _new_filter(config.data) for o in config.oracles}
+    texts = chain.from_iterable(_documents(o, "train", config.data, filters[o.name]) for o in config.oracles)
+    tokenizer = TextTokenizer.train(texts, config.tokenizer.vocab_size, config.tokenizer.min_frequency)
+    tokenizer.save(target)
+    write_json(fingerprint_path, {"inputs": fingerprint, "tokenizer_sha256": tokenizer.sha256})
+    docs = sum(f.kept for f in filters.values())
+    log(f"tokenizer: trained {tokenizer.vocab_size} tokens on {docs} training documents -> {target}")
+    return tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --- the shards --------------------------------------------------------------------------------------
+
+
+def _prepare_oracle(
+    oracle: OracleConfig, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path, log
+) -> dict:
+    fingerprint = _digest({
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer.sha256,
+        "text_field": oracle.text_field,
+        "inputs": {split: _inputs(oracle, split) for split in SPLITS},
+        "cleaning": _cleaning(data),
+        "shard_tokens": data.shard_tokens,
+    })
+    manifest = _reusable(out, fingerprint, tokenizer.sha256, log)
+    reused = manifest is not None
+    if manifest is None:
+        with atomic_dir(out) as tmp:  # the old directory stays valid until the new one is complete
+            splits = {split: _write_split(oracle, split, data, tokenizer, dtype, tmp) for split in SPLITS}
+            if splits["train"]["tokens"] == 0:
+                raise DgptError(f"oracle '{oracle.name}': the training split yields zero tokens "
+                                "(every document was empty, too short or a duplicate)")
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "oracle": oracle.name,
+                "dtype": dtype.name,
+                "vocab_size": tokenizer.vocab_size,
+                "tokenizer_sha256": tokenizer.sha256,
+                "fingerprint": fingerprint,
+                "splits": splits,
+            }
+            write_json(tmp / MANIFEST, manifest)  # last: a directory without it is incomplete
+    stats = {split: {k: v for k, v in manifest["splits"][split].items() if k != "shards"} for split in SPLITS}
+    parts = [
+        f"{split} {s['documents']} docs, {s['tokens']} tokens, {s['duplicates']} duplicates removed, "
+        f"{s['bytes_per_token']:.2f} bytes/token"
+        for split, s in stats.items()
+    ]
+    log(f"{oracle.name}: {'; '.join(parts)}{' (reused: inputs unchanged, shards verified)' if reused else ''}")
+    return {**stats, "reused": reused}
+
+
+def _reusable(out: Path, fingerprint: str, tokenizer_sha256: str, log) -> dict | None:
+    """The existing manifest if it was made from the same inputs and its shards verify, else None."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+        if manifest.get("fingerprint") != fingerprint:
+            return None
+        for split in SPLITS:
+            load_split(out, split, tokenizer_sha256=tokenizer_sha256, verify=True)
+    except DgptError as e:
+        log(f"{out}: existing shards cannot be reused ({e}); rebuilding")
+        return None
+    return manifest
+
+
+def _write_split(
+    oracle: OracleConfig, split: str, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path
+) -> dict:
+    keep = _new_filter(data)
+    docs = tqdm(_documents(oracle, split, data, keep), desc=f"{oracle.name} {split}", unit=" docs", disable=None, leave=False)
+    eot = (tokenizer.eot_id,)
+    text_bytes = 0
+    with ShardWriter(out, split, dtype, data.shard_tokens) as writer:
+        for batch in _batches(docs, data.batch_docs):
+            text_bytes += sum(len(doc.encode("utf-8")) for doc in batch)
+            encoded = tokenizer.encode_batch(batch)
+            count = sum(map(len, encoded)) + len(encoded)
+            writer.write(np.fromiter(chain.from_iterable(chain(ids, eot) for ids in encoded), dtype=dtype, count=count))
+        shards = writer.close()
+    tokens = sum(record["tokens"] for record in shards)
+    return {
+        "shards": shards,
+        "tokens": tokens,
+        "documents": keep.kept,
+        "duplicates": keep.duplicates,
+        "too_short": keep.too_short,
+        "text_bytes": text_bytes,
+        # text tokens only: the <|endoftext|> after each document carries no text
+        "bytes_per_token": round(text_bytes / max(tokens - keep.kept, 1), 4),
+    }
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, max(size, 1))):
+        yield batch

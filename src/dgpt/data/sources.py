@@ -1,0 +1,122 @@
+"""Documents from an oracle's sources: text files, directories, globs, JSONL files, Hugging Face datasets.
+
+Everything streams line by line, so a source may be larger than memory. Bad input raises a one-line
+DgptError naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Iterator
+
+from dgpt.errors import DgptError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
+SEPARATORS = ("blank_line", "line", "file")
+
+
+def input_files(spec: str) -> list[Path]:
+    """The files a spec names, sorted; [] for a Hugging Face spec. Raises if it names nothing."""
+    if spec.startswith("hf:"):
+        return []
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DgptError(f"{spec}: directory holds no {'/'.join(TEXT_SUFFIXES)} files")
+        return files
+    if path.is_file():
+        return [path]
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DgptError(f"{spec}: glob matches no files")
+        return files
+    raise DgptError(f"{spec}: file not found")
+
+
+def iter_documents(spec: str, *, text_field: str = "text", doc_separator: str = "blank_line") -> Iterator[str]:
+    """Yield the raw (uncleaned) documents of one source spec."""
+    if doc_separator not in SEPARATORS:
+        raise DgptError(f"{spec}: doc_separator is {doc_separator!r}; expected one of {', '.join(SEPARATORS)}")
+    if spec.startswith("hf:"):
+        yield from _hf_documents(spec, text_field)
+        return
+    for path in input_files(spec):
+        count = 0
+        docs = _jsonl_documents(path, text_field) if path.suffix == ".jsonl" else _text_documents(path, doc_separator)
+        for doc in docs:
+            count += 1
+            yield doc
+        if count == 0:
+            raise DgptError(f"{path}: empty file (no documents)")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs; bytes that are not UTF-8 are an error naming file:line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DgptError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            if number == 1 and line.startswith("\ufeff"):
+                line = line[1:]  # a byte-order mark is not text
+            yield number, line
+
+
+def _text_documents(path: Path, separator: str) -> Iterator[str]:
+    lines: list[str] = []
+    for _, line in _lines(path):
+        blank = not line.strip()
+        if separator == "line":
+            if not blank:
+                yield line.rstrip("\r\n")
+        elif separator == "blank_line" and blank:
+            if lines:
+                yield "".join(lines).rstrip("\r\n")
+                lines = []
+        else:
+            lines.append(line)
+    text = "".join(lines).rstrip("\r\n")
+    if text.strip():
+        yield text
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DgptError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        yield _text_of(row, field, f"{path}:{number}")
+
+
+def _text_of(row: object, field: str, where: str) -> str:
+    if not isinstance(row, dict) or field not in row:
+        raise DgptError(f"{where}: no '{field}' field")
+    value = row[field]
+    if not isinstance(value, str):
+        raise DgptError(f"{where}: field '{field}' is {type(value).__name__}, not a string")
+    return value
+
+
+def _hf_documents(spec: str, field: str) -> Iterator[str]:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DgptError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        import datasets
+    except ImportError:
+        raise DgptError(f"{spec}: the 'datasets' package is not installed (pip install 'dgpt[hf]')") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # the hub raises many types; the user needs one line
+        raise DgptError(f"{spec}: cannot load dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for i, row in enumerate(rows):
+        yield _text_of(row, field, f"{spec} row {i}")

@@ -1,0 +1,84 @@
+"""Combining the oracles' pseudo-gradients Delta_j = Theta - Theta_j into one update."""
+
+from __future__ import annotations
+
+import torch
+
+from dgpt.errors import DgptError
+
+
+def is_finite(delta: torch.Tensor) -> bool:
+    return bool(torch.isfinite(delta).all())
+
+
+def clip_to_norm(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale delta down to L2 norm max_norm (0 = no clipping); limits what one oracle can move."""
+    if max_norm <= 0:
+        return delta
+    norm = float(delta.norm())
+    return delta * (max_norm / norm) if norm > max_norm else delta
+
+
+def mean_weights(rule: str, tokens: dict[str, int], given: dict[str, float | None]) -> dict[str, float]:
+    """Unnormalised weight per oracle: its training tokens (FedAvg), 1, or the configured weight."""
+    if rule == "tokens":
+        return {name: float(n) for name, n in tokens.items()}
+    if rule == "uniform":
+        return {name: 1.0 for name in tokens}
+    return {name: float(given[name]) for name in tokens}
+
+
+def normalise(weights: dict[str, float], names: list[str]) -> dict[str, float]:
+    total = sum(weights[n] for n in names)
+    if total <= 0:
+        raise DgptError(f"oracle weights of {', '.join(names)} sum to {total}; weights must be positive")
+    return {n: weights[n] / total for n in names}
+
+
+def weighted_mean(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights):
+        out.add_(d, alpha=w)
+    return out
+
+
+def coordinate_median(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Per-coordinate median (the mean of the two middle values for an even count)."""
+    stacked = torch.stack(deltas)
+    k = len(deltas)
+    ordered = stacked.sort(dim=0).values
+    return 0.5 * (ordered[(k - 1) // 2] + ordered[k // 2])
+
+
+def trimmed_mean(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Per-coordinate mean after dropping the `fraction` largest and smallest values."""
+    k = len(deltas)
+    cut = int(fraction * k)
+    ordered = torch.stack(deltas).sort(dim=0).values
+    return ordered[cut : k - cut].mean(dim=0)
+
+
+def combine(rule: str, deltas: list[torch.Tensor], weights: list[float], trim_fraction: float) -> torch.Tensor:
+    """Aggregate accepted pseudo-gradients; `weights` (normalised) are used by `mean` only."""
+    if not deltas:
+        raise DgptError("no pseudo-gradient to aggregate this round")
+    if rule == "mean":
+        return weighted_mean(deltas, weights)
+    if rule == "median":
+        return coordinate_median(deltas)
+    if rule == "trimmed_mean":
+        return trimmed_mean(deltas, trim_fraction)
+    raise DgptError(f"unknown aggregator {rule!r}; expected mean, median or trimmed_mean")
+
+
+def aggregate_round(
+    deltas: dict[str, torch.Tensor], rule: str, weights: dict[str, float], trim_fraction: float, clip_norm: float
+) -> tuple[torch.Tensor | None, list[str], list[str]]:
+    """Reject non-finite pseudo-gradients, clip the rest, combine: (update or None, accepted, rejected)."""
+    rejected = [name for name, d in deltas.items() if not is_finite(d)]
+    accepted = [name for name in deltas if name not in rejected]
+    if not accepted:
+        return None, accepted, rejected
+    norm_w = normalise(weights, accepted)
+    update = combine(rule, [clip_to_norm(deltas[n], clip_norm) for n in accepted], [norm_w[n] for n in accepted], trim_fraction)
+    return update, accepted, rejected

@@ -1,0 +1,216 @@
+"""The GPT-1 decoder, readable top to bottom.
+
+    h_0 = U W_e + W_p                      token embedding + learned position embedding
+    h_l = block(h_{l-1}),  l = 1..n        masked multi-head self-attention + feed-forward
+    P(u) = softmax(h_n W_e^T)              output projection tied to the token embedding
+
+`Decoder` is the shared body and returns hidden states; `GPT` adds the tied LM head. Fine-tuning heads
+(`dgpt.model.heads`) sit on the same body. LayerNorm placement is `post` (GPT-1 exactly: LN after each
+residual add, no final LN) or `pre` (GPT-2 style: LN before each sublayer and a final LN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 40478
+    n_ctx: int = 512
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    ln: str = "post"
+    activation: str = "gelu_tanh"
+    embd_dropout: float = 0.1
+    attn_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.ln not in ("post", "pre"):
+            raise ValueError(f"ln must be 'post' or 'pre', got {self.ln!r}")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ValueError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets: `gpt1` is the paper's model (~117M parameters with its 40,478-token BPE); `tiny` and `small`
+# train on a laptop CPU. The vocabulary size always comes from the tokenizer in use.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, n_ctx=128),
+    "small": dict(n_layer=6, n_head=6, d_model=384, d_ff=1536, n_ctx=256),
+    "gpt1": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, n_ctx=512),
+}
+
+
+def resolve_config(model_cfg, vocab_size: int) -> GPTConfig:
+    """A `dgpt.config.ModelConfig` (preset + overrides) and the tokenizer's vocabulary -> GPTConfig."""
+    if model_cfg.preset not in PRESETS:
+        raise ValueError(f"unknown model preset {model_cfg.preset!r}; expected one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[model_cfg.preset], vocab_size=vocab_size)
+    for key, value in vars(model_cfg).items():
+        if key != "preset" and value is not None:
+            fields[key] = value
+    return GPTConfig(**fields)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (generation)."""
+
+    def __init__(self, config: GPTConfig, batch: int, device, dtype):
+        shape = (batch, config.n_head, config.n_ctx, config.d_model // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.d_model, config.d_model)
+        self.attn_dropout = config.attn_dropout
+        self.resid_drop = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        if past == 0:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new query sees every cached position
+        else:  # several new queries after a prefix: query i sees keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.d_model)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.drop = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.pre_ln = config.ln == "pre"
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.ln_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.ln_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attn(self.ln_1(x), cache, layer)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, cache, layer))  # GPT-1: normalise after the residual add
+        return self.ln_2(x + self.mlp(x))
+
+
+class Decoder(nn.Module):
+    """The transformer body: token ids -> final hidden states h_n."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.n_ctx, config.d_model)
+        self.drop = nn.Dropout(config.embd_dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.ln_eps) if config.ln == "pre" else None
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {start + T} tokens exceeds n_ctx {self.config.n_ctx}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x) if self.ln_f is not None else x
+
+
+class GPT(nn.Module):
+    """Decoder + language-model head whose weight is the token embedding (tied)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # P(u) = softmax(h_n W_e^T)
+        self.apply(init_weights)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits over the vocabulary for every position."""
+        return self.lm_head(self.transformer(idx, cache))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied weight counts once
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-1 initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm gains."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 N plus attention's 12 L T d (PaLM appendix B)."""
+    n = config.n_layer * (4 * config.d_model**2 + 2 * config.d_model * config.d_ff) + config.vocab_size * config.d_model
+    return 6 * n + 12 * config.n_layer * config.n_ctx * config.d_model
+
+
+def param_count_estimate(config: GPTConfig) -> int:
+    """Closed-form parameter count, checked against the module in the tests."""
+    d, f = config.d_model, config.d_ff
+    per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    final_ln = 2 * d if config.ln == "pre" else 0
+    return config.vocab_size * d + config.n_ctx * d + config.n_layer * per_block + final_ln
+
+
+def tied_weight_names() -> tuple[str, ...]:
+    """State-dict keys that alias another tensor and are not stored in weight files."""
+    return ("lm_head.weight",)

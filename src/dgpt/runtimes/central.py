@@ -1,0 +1,61 @@
+"""The centralised baseline: one trainer on every oracle's training tokens pooled."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+from dgpt.config import Config
+from dgpt.data.loader import WindowSampler
+from dgpt.runtimes.setup import build_model, load_run
+from dgpt.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of, WEIGHTS
+from dgpt.train.evaluate import Validator
+from dgpt.train.local import InnerLoop
+from dgpt.train.metrics import MetricsLog
+
+
+def pretrain_central(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train for config.pretrain.steps, resuming from the newest checkpoint; returns the last validation."""
+    setup = load_run(config, log=log)
+    cfg, run_dir = config.pretrain, setup.run_dir
+    model, forward = build_model(setup)
+    n_ctx = setup.model_config.n_ctx
+    pooled = [a for arrays in setup.train.values() for a in arrays]
+    loop = InnerLoop(model, cfg, WindowSampler(pooled, n_ctx, config.seed, "pooled"), cfg.steps, setup.device, config.seed, forward)
+    validator = Validator(setup.valid, n_ctx, cfg.eval_windows, cfg.batch_size)
+
+    start, checkpoint = 0, latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        load_weights_into(model, checkpoint / WEIGHTS, setup.model_config)
+        loop.load_state_dict(load_state(checkpoint)["loop"])
+        start = loop.step
+        log(f"resumed from {checkpoint} at step {start}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if checkpoint else None)
+
+    def validate(step: int) -> dict:
+        losses = validator(model, setup.device, cfg.dtype)
+        metrics.log(step=step, tokens=loop.tokens, kind="valid", loss=validator.global_loss(losses), oracles=losses)
+        return losses
+
+    losses = validate(0) if start == 0 else {}
+    log(f"model: {model.num_params():,} parameters; {loop.sampler.num_tokens:,} pooled training tokens")
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    t0, tokens0 = time.perf_counter(), loop.tokens
+    for step in range(start + 1, cfg.steps + 1):
+        loss = loop.train_step()
+        tok_s = (loop.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        if step % cfg.log_interval == 0 or step == cfg.steps:
+            metrics.log(step=step, tokens=loop.tokens, kind="train", loss=loss, lr=loop.optimizer.param_groups[0]["lr"])
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.update()
+        if step % cfg.eval_interval == 0 or step == cfg.steps:
+            losses = validate(step)
+        if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+            save_checkpoint(run_dir, "step", step, weights_of(model), setup.model_config, {"loop": loop.state_dict()}, cfg.keep_checkpoints)
+        if stop_after is not None and step >= stop_after:
+            break
+    bar.close()
+    metrics.close()
+    return losses

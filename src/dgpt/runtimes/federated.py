@@ -1,0 +1,218 @@
+"""The round driver shared by every decentralized runtime.
+
+Each process holds some oracles (sim: all of them; torchrun: one per rank). A round: every
+participating local oracle starts from the global parameters Theta, runs H inner steps with its own
+optimizer and data, and hands its pseudo-gradient Delta_j = Theta - Theta_j (as it would arrive after
+compression) to the transport, which aggregates across processes with `dgpt.federation`. The outer
+optimizer then moves Theta identically in every process. Only the transport differs between runtimes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from tqdm import tqdm
+
+from dgpt.config import Config, FederationConfig
+from dgpt.data.loader import WindowSampler
+from dgpt.federation.accounting import ByteLedger, human_bytes
+from dgpt.federation.aggregate import is_finite, mean_weights
+from dgpt.federation.compression import transmit
+from dgpt.federation.outer import OuterOptimizer
+from dgpt.fileio import atomic_path
+from dgpt.runtimes.setup import build_model, load_run
+from dgpt.train.checkpoint import (
+    WEIGHTS,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_weights_into,
+    save_checkpoint,
+    weights_of,
+)
+from dgpt.train.evaluate import Validator
+from dgpt.train.local import InnerLoop, move_optimizer_state
+from dgpt.train.metrics import MetricsLog
+
+
+@dataclass
+class LocalUpdate:
+    delta: torch.Tensor  # the pseudo-gradient as the aggregator decodes it
+    bytes_sent: int
+    train_loss: float
+
+
+@dataclass
+class RoundOutcome:
+    update: torch.Tensor | None  # the aggregated Delta, None when no update was accepted
+    accepted: list[str]
+    rejected: list[str]  # non-finite pseudo-gradients, dropped from the round
+    bytes_sent: dict[str, int]
+    train_loss: dict[str, float]
+
+
+class Transport(Protocol):
+    is_leader: bool  # writes metrics and the global checkpoint
+    prepares_data: bool  # whether this process may (re)build the shards
+
+    def gather_scalars(self, local: dict[str, float]) -> dict[str, float]: ...
+
+    def aggregate(
+        self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
+    ) -> RoundOutcome: ...
+
+    def barrier(self) -> None: ...
+
+
+def oracle_seed(seed: int, index: int) -> int:
+    """Each oracle's own stream of batches and dropout masks, the same in every runtime."""
+    return seed * 1009 + 7919 * (index + 1)
+
+
+def _oracle_state_path(run_dir: Path, name: str, rnd: int) -> Path:
+    return run_dir / "oracles" / name / f"round_{rnd:07d}.pt"
+
+
+def train_federated(
+    config: Config,
+    transport: Transport,
+    local_names: list[str],
+    *,
+    stop_after_round: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run config.federation.rounds rounds (resuming from the newest round checkpoint)."""
+    fed, cfg = config.federation, config.pretrain
+    setup = load_run(config, oracles=local_names, prepare_data=transport.prepares_data, log=log)
+    run_dir, n_ctx = setup.run_dir, setup.model_config.n_ctx
+    model, forward = build_model(setup)
+    params = list(model.parameters())
+    segments = [p.numel() for p in params]
+    all_names = config.oracle_names()
+    loops = {
+        name: InnerLoop(
+            model, cfg, WindowSampler(setup.train[name], n_ctx, oracle_seed(config.seed, all_names.index(name)), name),
+            fed.rounds * fed.inner_steps, setup.device, oracle_seed(config.seed, all_names.index(name)), forward,
+        )
+        for name in local_names
+    }
+    parked = torch.device("cpu")
+    tokens = transport.gather_scalars({n: float(loops[n].sampler.num_tokens) for n in local_names})
+    weights = mean_weights(fed.mean_weights, tokens, {o.name: o.weight for o in config.oracles})
+    outer = OuterOptimizer(parameters_to_vector(params), fed.outer_lr, fed.outer_momentum, fed.nesterov)
+    ledger = ByteLedger(param_bytes=4 * sum(segments))
+    drops = torch.Generator().manual_seed(config.seed + 17)  # identical draws in every process
+    validator = Validator({n: setup.valid[n] for n in local_names}, n_ctx, cfg.eval_windows, cfg.batch_size)
+
+    start, checkpoint = 0, latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        load_weights_into(model, checkpoint / WEIGHTS, setup.model_config)
+        state = load_state(checkpoint)
+        start = state["round"]
+        outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
+        ledger.load_state_dict(state["ledger"])
+        drops.set_state(state["drops"])
+        for name in local_names:
+            path = _oracle_state_path(run_dir, name, start)
+            loops[name].load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            move_optimizer_state(loops[name].optimizer, parked)
+        log(f"resumed from {checkpoint} at round {start}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if checkpoint else None, key="round") if transport.is_leader else None
+
+    def validate() -> dict[str, float]:
+        return transport.gather_scalars(validator(model, setup.device, cfg.dtype))
+
+    valid = validate()
+    if metrics is not None and start == 0:
+        metrics.log(round=0, kind="round", tokens=0, loss=_weighted(valid, tokens), oracles=valid, bytes_total=0, dp_bytes=0)
+    if transport.is_leader:
+        log(f"model: {model.num_params():,} parameters; oracles: " + ", ".join(f"{n} ({int(tokens[n]):,} tokens)" for n in all_names))
+    bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True, disable=not transport.is_leader)
+    for rnd in range(start + 1, fed.rounds + 1):
+        t0 = time.perf_counter()
+        draws = torch.rand(len(all_names), generator=drops)
+        participants = [n for n, d in zip(all_names, draws.tolist()) if d >= fed.drop_prob]
+        theta = outer.theta.detach()
+        updates = {}
+        for name in [n for n in local_names if n in participants]:
+            updates[name] = _local_round(loops[name], params, theta, fed, segments, setup.device, parked)
+        outcome = transport.aggregate(updates, fed, weights, sum(segments))
+        if outcome.update is not None:
+            outer.step(outcome.update)
+        with torch.no_grad():
+            vector_to_parameters(outer.theta.detach(), params)
+        valid = validate()
+        seen = sum(transport.gather_scalars({n: float(loops[n].tokens) for n in local_names}).values())
+        ledger.record_round(participants, outcome.bytes_sent, fed.inner_steps)
+        for name in outcome.rejected:
+            log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
+        if metrics is not None:
+            _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, time.perf_counter() - t0)
+        if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
+            _save_round(run_dir, rnd, model, setup.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
+        bar.set_postfix({n[:12]: f"{v:.3f}" for n, v in valid.items()})
+        bar.update()
+        if stop_after_round is not None and rnd >= stop_after_round:
+            break
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+        log(
+            f"communication: {human_bytes(ledger.total)} moved in total "
+            f"({human_bytes(sum(ledger.sent.values()))} sent by oracles); synchronous data parallel would have "
+            f"moved {human_bytes(ledger.dp_bytes)} ({ledger.dp_bytes / max(ledger.total, 1):.0f}x more)"
+        )
+    return {"valid": valid, "global": _weighted(valid, tokens), "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes}
+
+
+def _local_round(loop, params, theta, fed, segments, device, parked) -> LocalUpdate:
+    """One oracle's share of a round: H inner steps from Theta, then its pseudo-gradient."""
+    with torch.no_grad():
+        vector_to_parameters(theta, params)
+    move_optimizer_state(loop.optimizer, device)
+    losses = [loop.train_step() for _ in range(fed.inner_steps)]
+    move_optimizer_state(loop.optimizer, parked)  # idle oracles keep their state off the accelerator
+    with torch.no_grad():
+        delta = theta - parameters_to_vector(params)
+    received, nbytes = transmit(delta, fed.compression, fed.int8_block, segments) if is_finite(delta) else (delta, 4 * delta.numel())
+    return LocalUpdate(received, nbytes, sum(losses) / len(losses))
+
+
+def _weighted(losses: dict[str, float], weights: dict[str, float]) -> float:
+    names = [n for n in losses if losses[n] == losses[n]]  # skip NaN (oracle without validation data)
+    return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
+
+
+def _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, seconds) -> None:
+    metrics.log(
+        round=rnd, kind="round", loss=_weighted(valid, tokens), oracles=valid, participants=participants,
+        accepted=outcome.accepted, rejected=outcome.rejected, bytes_total=ledger.total,
+        bytes_sent=sum(ledger.sent.values()), dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
+    )
+    for name in valid:
+        metrics.log(
+            round=rnd, kind="oracle", oracle=name, valid_loss=valid[name], train_loss=outcome.train_loss.get(name),
+            bytes_sent=outcome.bytes_sent.get(name, 0), participated=name in participants, accepted=name in outcome.accepted,
+        )
+
+
+def _save_round(run_dir, rnd, model, model_config, loops, outer, ledger, drops, transport, keep) -> None:
+    """Each process saves its oracles' inner state; then the leader commits the round checkpoint."""
+    for name, loop in loops.items():
+        with atomic_path(_oracle_state_path(run_dir, name, rnd)) as tmp:
+            torch.save(loop.state_dict(), tmp)
+    transport.barrier()
+    if transport.is_leader:
+        state = {"round": rnd, "outer": outer.sgd.state_dict(), "ledger": ledger.state_dict(), "drops": drops.get_state()}
+        save_checkpoint(run_dir, "round", rnd, weights_of(model), model_config, state, keep)
+    transport.barrier()
+    kept = {int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)}
+    for name in loops:
+        for old in (run_dir / "oracles" / name).glob("round_*.pt"):
+            if int(old.stem.split("_")[1]) not in kept:
+                old.unlink()

@@ -1,0 +1,99 @@
+"""The `torchrun` runtime: one rank per oracle, pseudo-gradients combined with torch.distributed.
+
+Launch: `torchrun --nproc-per-node N -m dgpt pretrain CONFIG` (multi-host: add --nnodes,
+--node-rank and --rdzv-endpoint). Rank r holds oracle r of the config and reads only its shards.
+gloo on CPU, NCCL on GPU. `mean` needs one all_reduce of w_j * Delta_j; the robust rules need every
+Delta_j and all_gather them, then run the same aggregation code as `sim`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from dgpt.config import Config, FederationConfig
+from dgpt.errors import DgptError
+from dgpt.federation.aggregate import aggregate_round, clip_to_norm, is_finite, normalise
+from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, train_federated
+
+
+class DistTransport:
+    prepares_data = False  # `dgpt prepare` runs first; ranks must not race on the shard files
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names, self.device = names, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_leader = self.rank == 0
+
+    def _gather(self, value: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(value) for _ in range(self.world)]
+        dist.all_gather(out, value.contiguous())
+        return out
+
+    def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
+        mine = torch.tensor([local.get(self.names[self.rank], float("nan"))], dtype=torch.float64, device=self.device)
+        return {name: float(v) for name, v in zip(self.names, self._gather(mine))}
+
+    def aggregate(
+        self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
+    ) -> RoundOutcome:
+        name = self.names[self.rank]
+        mine = updates.get(name)
+        # status per rank: 0 = sat out, 1 = accepted, 2 = non-finite; plus bytes and loss for the ledger
+        status = 0.0 if mine is None else (1.0 if is_finite(mine.delta) else 2.0)
+        info = torch.tensor([status, mine.bytes_sent if mine else 0, mine.train_loss if mine else 0], dtype=torch.float64, device=self.device)
+        rows = self._gather(info)
+        accepted = [n for n, r in zip(self.names, rows) if r[0] == 1]
+        rejected = [n for n, r in zip(self.names, rows) if r[0] == 2]
+        sent = {n: int(r[1]) for n, r in zip(self.names, rows) if r[0] > 0}
+        losses = {n: float(r[2]) for n, r in zip(self.names, rows) if r[0] > 0}
+        if not accepted:
+            return RoundOutcome(None, accepted, rejected, sent, losses)
+        local = mine.delta if name in accepted else torch.zeros(numel, device=self.device)
+        if fed.aggregator == "mean":
+            w = normalise(weights, accepted).get(name, 0.0)
+            update = clip_to_norm(local, fed.clip_norm) * w
+            dist.all_reduce(update)
+        else:
+            deltas = dict(zip(self.names, self._gather(local)))
+            update, _, _ = aggregate_round({n: deltas[n] for n in accepted}, fed.aggregator, weights, fed.trim_fraction, fed.clip_norm)
+        return RoundOutcome(update, accepted, rejected, sent, losses)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print) -> dict:
+    if "RANK" not in os.environ:
+        raise DgptError("federation.runtime = 'torchrun' needs a torchrun launch: torchrun --nproc-per-node N -m dgpt pretrain CONFIG")
+    names = config.oracle_names()
+    world = int(os.environ["WORLD_SIZE"])
+    if world != len(names):
+        raise DgptError(f"torchrun world size {world} does not match the {len(names)} oracles in the config ({', '.join(names)})")
+    use_cuda = config.pretrain.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        config.pretrain.device = f"cuda:{local_rank}"
+    timeout = datetime.timedelta(seconds=config.federation.timeout_s)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    rank = dist.get_rank()
+    name = names[rank]
+    rank_log = log if rank == 0 else (lambda _msg: None)
+    rank_log("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
+    try:
+        transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"))
+        return train_federated(config, transport, [name], stop_after_round=stop_after_round, log=rank_log)
+    except (RuntimeError, dist.DistBackendError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DgptError(
+            f"oracle '{name}' (rank {rank}): distributed training stopped ({first}); a rank died or timed out. "
+            "Rerun the same command to resume from the last round checkpoint"
+        ) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

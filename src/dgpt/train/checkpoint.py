@@ -1,0 +1,97 @@
+"""Checkpoints: weights as safetensors, the rest (optimizers, step, RNG, data position) as a state file.
+
+A checkpoint is the directory `run_dir/checkpoints/<kind>_<n>` with `model.safetensors` (its metadata
+holds the model config) and `state.pt` (read with `weights_only=True`: nothing is unpickled). It is
+written under a temporary name and renamed when complete, so a directory that exists is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from dgpt.errors import DgptError
+from dgpt.fileio import atomic_dir
+from dgpt.model.gpt import GPTConfig, tied_weight_names
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+_NAME = re.compile(r"^(step|round)_(\d+)$")
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as stored: contiguous, on the CPU, tied aliases left out."""
+    skip = set(tied_weight_names())
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], model_config: GPTConfig, extra: dict | None = None) -> None:
+    metadata = {"model_config": json.dumps(model_config.to_dict(), sort_keys=True), "format": "dgpt"}
+    metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    save_file(weights, str(path), metadata=metadata)
+
+
+def read_model_config(path: Path) -> GPTConfig:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return GPTConfig(**json.loads(meta["model_config"]))
+    except FileNotFoundError:
+        raise DgptError(f"{path}: weight file not found") from None
+    except (SafetensorError, KeyError, ValueError, TypeError) as e:
+        raise DgptError(f"{path}: not a dgpt weight file ({e})") from None
+
+
+def load_weights_into(model: torch.nn.Module, path: Path, expected: GPTConfig) -> None:
+    """Load weights, refusing a file made for a different model config."""
+    found = read_model_config(path)
+    if found != expected:
+        diff = [f"{k} {v} != {getattr(expected, k)}" for k, v in found.to_dict().items() if getattr(expected, k) != v]
+        raise DgptError(f"{path}: checkpoint is for a different model ({'; '.join(diff)})")
+    try:
+        state = load_file(str(path))
+    except SafetensorError as e:
+        raise DgptError(f"{path}: corrupt weight file ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied_weight_names()]
+    if missing or unexpected:
+        raise DgptError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_checkpoint(
+    run_dir: Path, kind: str, n: int, weights: dict[str, torch.Tensor], model_config: GPTConfig, state: dict, keep: int
+) -> Path:
+    final = Path(run_dir) / "checkpoints" / f"{kind}_{n:07d}"
+    with atomic_dir(final) as tmp:
+        save_weights(tmp / WEIGHTS, weights, model_config)
+        torch.save(state, tmp / STATE)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("*") if p.is_dir() and _NAME.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(2)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_state(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DgptError(f"{path}: checkpoint state file not found") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise DgptError(f"{path}: corrupt checkpoint state ({type(e).__name__}: {e})".splitlines()[0]) from None

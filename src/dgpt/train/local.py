@@ -1,0 +1,128 @@
+"""One trainer's inner loop: optimizer, schedule, clipping, accumulation, autocast.
+
+The same loop serves the centralised baseline (one loop over pooled data) and each oracle in a
+federated round (one loop per oracle over its own shards, its state kept across rounds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dgpt.config import PretrainConfig
+from dgpt.data.loader import WindowSampler
+from dgpt.objectives import lm_loss
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast when asked for; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with weight decay on matrices only: biases, gains and nothing of rank < 2 decays."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+
+
+def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Park an idle oracle's optimizer state off the accelerator (or bring it back)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device)
+
+
+class InnerLoop:
+    """Optimizer steps on one stream of batches; owns its dropout RNG so that trainers interleave exactly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: PretrainConfig,
+        sampler: WindowSampler,
+        total_steps: int,
+        device: torch.device,
+        seed: int,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.model, self.cfg, self.sampler = model, cfg, sampler
+        self.total_steps, self.device = total_steps, device
+        self.forward = forward or model
+        self.optimizer = make_optimizer(model, cfg)
+        self.step = 0
+        self.tokens = 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.rng_state = torch.get_rng_state()
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        with torch.random.fork_rng(devices=[device for device in [self.device] if device.type == "cuda"]):
+            torch.set_rng_state(self.rng_state)
+            yield
+            self.rng_state = torch.get_rng_state()
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        with self._own_rng():
+            for _ in range(cfg.grad_accum):
+                x, y = self.sampler.sample(cfg.batch_size)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with autocast(self.device, cfg.dtype):
+                    loss = lm_loss(self.forward(x), y)
+                (loss / cfg.grad_accum).backward()
+                total += loss.item()
+                self.tokens += y.numel()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / cfg.grad_accum
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "sampler": self.sampler.state_dict(),
+            "rng": self.rng_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng_state = state["rng"]
