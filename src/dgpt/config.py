@@ -99,7 +99,8 @@ class FederationConfig:
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
     compression: str = "none"  # none | bf16 | int8
     int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
-    drop_prob: float = 0.0  # sim: probability that an oracle misses a round
+    drop_prob: float = 0.0  # probability that an oracle misses a round (unreliable oracles)
+    eval_interval: int = 1  # rounds between validations
     timeout_s: float = 1800.0  # torchrun: a rank silent this long is treated as dead
 
 

@@ -72,9 +72,15 @@ def write_embedded_corpora(dest: Path) -> list[OracleConfig]:
             if doc:
                 splits["valid" if i % VALID_EVERY == VALID_EVERY - 1 else "train"].append(doc)
         for split, items in splits.items():
-            write_text(dest / name / f"{split}.txt", "\n\n".join(items) + "\n")
+            _write_if_changed(dest / name / f"{split}.txt", "\n\n".join(items) + "\n")
         oracles.append(OracleConfig(name=name, train=[str(dest / name / "train.txt")], valid=[str(dest / name / "valid.txt")]))
     return oracles
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Leave an identical file untouched: its mtime is part of the fingerprint that lets `prepare` reuse work."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text(path, text)
 
 
 def _docstrings(module_names: list[str]) -> Iterator[str]:

@@ -133,18 +133,22 @@ def load_split(
     manifest = read_manifest(oracle_dir)
     if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
         raise DgptError(f"shards in {oracle_dir} were made with a different tokenizer; run `dgpt prepare` again")
-    if split not in manifest["splits"]:
+    if not isinstance(manifest["splits"], dict) or split not in manifest["splits"]:
         raise DgptError(f"{oracle_dir / MANIFEST}: no split '{split}'")
     dtype = np.dtype(manifest["dtype"])
+    try:
+        records = [(r["file"], int(r["tokens"]), r["sha256"]) for r in manifest["splits"][split]["shards"]]
+    except (KeyError, TypeError, ValueError):
+        raise DgptError(f"{oracle_dir / MANIFEST}: corrupt manifest: bad shard records for split '{split}'") from None
     arrays = []
-    for record in manifest["splits"][split]["shards"]:
-        path = oracle_dir / record["file"]
+    for file, tokens, sha256 in records:
+        path = oracle_dir / file
         if not path.is_file():
             raise DgptError(f"{path}: shard missing")
-        expected = record["tokens"] * dtype.itemsize
+        expected = tokens * dtype.itemsize
         if path.stat().st_size != expected:
             raise DgptError(f"{path}: shard has {path.stat().st_size} bytes; the manifest says {expected} (truncated or replaced)")
-        if verify and sha256_file(path) != record["sha256"]:
+        if verify and sha256_file(path) != sha256:
             raise DgptError(f"{path}: sha256 checksum does not match the manifest (the shard is corrupt)")
-        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(record["tokens"],)))
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(tokens,)))
     return arrays

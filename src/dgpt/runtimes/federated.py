@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from tqdm import tqdm
 
 from dgpt.config import Config, FederationConfig
@@ -144,9 +144,9 @@ def train_federated(
         outcome = transport.aggregate(updates, fed, weights, sum(segments))
         if outcome.update is not None:
             outer.step(outcome.update)
-        with torch.no_grad():
-            vector_to_parameters(outer.theta.detach(), params)
-        valid = validate()
+        copy_into(params, outer.theta.detach())
+        evaluated = rnd % fed.eval_interval == 0 or rnd == fed.rounds
+        valid = validate() if evaluated else {}
         seen = sum(transport.gather_scalars({n: float(loops[n].tokens) for n in local_names}).values())
         ledger.record_round(participants, outcome.bytes_sent, fed.inner_steps)
         for name in outcome.rejected:
@@ -155,7 +155,8 @@ def train_federated(
             _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, time.perf_counter() - t0)
         if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
             _save_round(run_dir, rnd, model, setup.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
-        bar.set_postfix({n[:12]: f"{v:.3f}" for n, v in valid.items()})
+        if valid:
+            bar.set_postfix({n[:12]: f"{v:.3f}" for n, v in valid.items()})
         bar.update()
         if stop_after_round is not None and rnd >= stop_after_round:
             break
@@ -172,8 +173,7 @@ def train_federated(
 
 def _local_round(loop, params, theta, fed, segments, device, parked) -> LocalUpdate:
     """One oracle's share of a round: H inner steps from Theta, then its pseudo-gradient."""
-    with torch.no_grad():
-        vector_to_parameters(theta, params)
+    copy_into(params, theta)
     move_optimizer_state(loop.optimizer, device)
     losses = [loop.train_step() for _ in range(fed.inner_steps)]
     move_optimizer_state(loop.optimizer, parked)  # idle oracles keep their state off the accelerator
@@ -183,20 +183,29 @@ def _local_round(loop, params, theta, fed, segments, device, parked) -> LocalUpd
     return LocalUpdate(received, nbytes, sum(losses) / len(losses))
 
 
+@torch.no_grad()
+def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
+    """Write a flat vector into the parameters (a copy: torch's vector_to_parameters would alias it)."""
+    for p, chunk in zip(params, vector.split([p.numel() for p in params])):
+        p.copy_(chunk.view_as(p))
+
+
 def _weighted(losses: dict[str, float], weights: dict[str, float]) -> float:
     names = [n for n in losses if losses[n] == losses[n]]  # skip NaN (oracle without validation data)
     return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
 
 
 def _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, seconds) -> None:
+    """A `round` row (global validation loss when validated) and one `oracle` row per oracle."""
+    evaluated = {"loss": _weighted(valid, tokens), "oracles": valid} if valid else {}
     metrics.log(
-        round=rnd, kind="round", loss=_weighted(valid, tokens), oracles=valid, participants=participants,
-        accepted=outcome.accepted, rejected=outcome.rejected, bytes_total=ledger.total,
-        bytes_sent=sum(ledger.sent.values()), dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
+        round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,
+        rejected=outcome.rejected, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
+        dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
     )
-    for name in valid:
+    for name in tokens:
         metrics.log(
-            round=rnd, kind="oracle", oracle=name, valid_loss=valid[name], train_loss=outcome.train_loss.get(name),
+            round=rnd, kind="oracle", oracle=name, valid_loss=valid.get(name), train_loss=outcome.train_loss.get(name),
             bytes_sent=outcome.bytes_sent.get(name, 0), participated=name in participants, accepted=name in outcome.accepted,
         )
 

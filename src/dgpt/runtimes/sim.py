@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from dgpt.config import Config, FederationConfig
 from dgpt.federation.aggregate import aggregate_round
 from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, train_federated
 
 
 class SimTransport:
+    """In-process transport. `tamper(oracle, delta) -> delta` stands in for a faulty or malicious oracle
+    (tests and the robustness benchmark use it); it alters what that oracle sends."""
+
     is_leader = True
     prepares_data = True
+
+    def __init__(self, tamper: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+        self.tamper = tamper
 
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
         return dict(local)
@@ -19,7 +27,7 @@ class SimTransport:
     def aggregate(
         self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
     ) -> RoundOutcome:
-        deltas = {name: u.delta for name, u in updates.items()}
+        deltas = {name: self.tamper(name, u.delta) if self.tamper else u.delta for name, u in updates.items()}
         update, accepted, rejected = aggregate_round(deltas, fed.aggregator, weights, fed.trim_fraction, fed.clip_norm)
         return RoundOutcome(
             update, accepted, rejected,
@@ -30,5 +38,8 @@ class SimTransport:
         pass
 
 
-def pretrain_sim(config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print) -> dict:
-    return train_federated(config, SimTransport(), config.oracle_names(), stop_after_round=stop_after_round, log=log)
+def pretrain_sim(
+    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, tamper=None
+) -> dict:
+    transport = SimTransport(tamper)
+    return train_federated(config, transport, config.oracle_names(), stop_after_round=stop_after_round, log=log)

@@ -1,0 +1,69 @@
+"""Shared fixtures: small synthetic oracles, tiny model configs, and the real data when present."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgpt.config import Config, config_from_dict
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# three "domains" with different vocabularies so that oracles are non-IID
+_WORDS = {
+    "alpha": "the king queen castle sword knight lord lady crown battle horse".split(),
+    "beta": "function return value list dict string integer error module class".split(),
+    "gamma": "hello thanks yes no maybe movie music game friend weekend".split(),
+}
+
+
+def write_corpus(root: Path, name: str, docs: int, seed: int) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    words = _WORDS[name]
+    paths = []
+    for split, count in (("train", docs), ("valid", max(docs // 8, 4))):
+        text = "\n\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "." for _ in range(count)
+        )
+        path = root / name / f"{split}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def tiny_config(tmp_path: Path, names=("alpha", "beta", "gamma"), docs=(120, 80, 160), **sections) -> Config:
+    """A 2-layer, d_model 32 model on small synthetic oracles of unequal size; sections override."""
+    oracle_rows = []
+    for i, (name, n) in enumerate(zip(names, docs)):
+        train, valid = write_corpus(tmp_path / "corpus", name, n, seed=i)
+        oracle_rows.append({"name": name, "train": [str(train)], "valid": [str(valid)]})
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "seed": 7,
+        "model": {"preset": "tiny", "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "n_ctx": 32},
+        "tokenizer": {"vocab_size": 300},
+        "oracles": oracle_rows,
+        "pretrain": {"steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_windows": 4,
+                     "log_interval": 1, "eval_interval": 4, "checkpoint_interval": 4},
+        "federation": {"runtime": "sim", "rounds": 3, "inner_steps": 2},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return config_from_dict(data, "<test>")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
+    yield
+
+
+def quiet(_msg: str) -> None:
+    pass

@@ -1,0 +1,215 @@
+"""Federation arithmetic and the sim runtime: FedAvg and data-parallel equivalences, robustness, resume."""
+
+import pytest
+import torch
+from conftest import quiet, tiny_config
+from safetensors.torch import load_file
+
+from dgpt import api
+from dgpt.config import load_config
+from dgpt.data.loader import WindowSampler
+from dgpt.errors import DgptError
+from dgpt.federation.aggregate import aggregate_round, clip_to_norm, coordinate_median, trimmed_mean
+from dgpt.federation.compression import transmit
+from dgpt.federation.outer import OuterOptimizer
+from dgpt.model.gpt import GPT
+from dgpt.objectives import lm_loss
+from dgpt.runtimes.federated import oracle_seed
+from dgpt.runtimes.setup import load_run
+from dgpt.runtimes.sim import pretrain_sim
+from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, weights_of
+from dgpt.train.local import InnerLoop, lr_at, make_optimizer
+from dgpt.train.metrics import read_metrics
+
+NO_DROPOUT = {"embd_dropout": 0.0, "attn_dropout": 0.0, "resid_dropout": 0.0}
+
+
+def final_weights(config):
+    return load_file(str(latest_checkpoint(config.run_path) / WEIGHTS))
+
+
+def rounds(config, kind="round"):
+    return [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == kind]
+
+
+# --- pure federation arithmetic ---------------------------------------------------------------------
+
+
+def test_outer_sgd_lr1_no_momentum_is_fedavg():
+    theta = torch.randn(10)
+    locals_ = [theta - torch.randn(10) * 0.1 for _ in range(3)]
+    weights = {"a": 1.0, "b": 2.0, "c": 5.0}
+    deltas = dict(zip("abc", (theta - t for t in locals_)))
+    update, accepted, _ = aggregate_round(deltas, "mean", weights, 0.0, 0.0)
+    new = OuterOptimizer(theta, lr=1.0, momentum=0.0, nesterov=True).step(update)
+    expected = sum(w * t for w, t in zip(weights.values(), locals_)) / 8.0
+    torch.testing.assert_close(new, expected)
+    assert accepted == ["a", "b", "c"]
+
+
+def test_outer_nesterov_momentum_accumulates():
+    outer = OuterOptimizer(torch.zeros(1), lr=0.7, momentum=0.9, nesterov=True)
+    outer.step(torch.ones(1))  # buf = 1; step = g + 0.9 buf = 1.9
+    torch.testing.assert_close(outer.theta.detach(), torch.tensor([-0.7 * 1.9]))
+    outer.step(torch.ones(1))  # buf = 1.9; step = 1 + 0.9 * 1.9 = 2.71
+    torch.testing.assert_close(outer.theta.detach(), torch.tensor([-0.7 * 1.9 - 0.7 * 2.71]))
+
+
+def test_robust_aggregators_resist_a_poisoned_update():
+    torch.manual_seed(0)
+    honest = [torch.randn(1000) * 0.01 + 1.0 for _ in range(4)]
+    poisoned = honest + [-10 * honest[0]]
+    assert (coordinate_median(poisoned) - 1.0).abs().max() < 0.05
+    assert (trimmed_mean(poisoned, 0.2) - 1.0).abs().max() < 0.05
+    mean, _, _ = aggregate_round(dict(enumerate(poisoned)), "mean", dict.fromkeys(range(5), 1.0), 0.0, 0.0)
+    assert (mean - 1.0).abs().mean() > 1.0  # the mean is dragged away
+    torch.testing.assert_close(coordinate_median([torch.tensor([1.0, 5.0]), torch.tensor([3.0, 1.0])]), torch.tensor([2.0, 3.0]))
+
+
+def test_norm_clipping_and_non_finite_rejection():
+    big = torch.full((4,), 10.0)
+    assert clip_to_norm(big, 1.0).norm().item() == pytest.approx(1.0)
+    assert torch.equal(clip_to_norm(big, 0.0), big)
+    deltas = {"good": torch.ones(4), "nan": torch.tensor([1.0, float("nan"), 0, 0]), "inf": torch.full((4,), float("inf"))}
+    update, accepted, rejected = aggregate_round(deltas, "mean", {"good": 1.0, "nan": 1.0, "inf": 1.0}, 0.0, 0.0)
+    assert accepted == ["good"] and rejected == ["nan", "inf"]
+    torch.testing.assert_close(update, torch.ones(4))
+    assert aggregate_round({"nan": deltas["nan"]}, "mean", {"nan": 1.0}, 0.0, 0.0)[0] is None
+
+
+@pytest.mark.parametrize("kind, block, max_rel_err", [("bf16", 0, 1e-2), ("int8", 0, 2e-2), ("int8", 64, 1e-2)])
+def test_compression_error_and_bytes(kind, block, max_rel_err):
+    torch.manual_seed(0)
+    delta = torch.randn(4096) * 1e-3
+    received, nbytes = transmit(delta, kind, block, segments=[1024, 3072])
+    assert (received - delta).norm() / delta.norm() < max_rel_err
+    expected = {"bf16": 2 * 4096, "int8": 4096 + 4 * (4096 // block if block else 2)}[kind]
+    assert nbytes == expected
+    assert transmit(delta, "none")[1] == 4 * 4096
+
+
+# --- the sim runtime end to end ---------------------------------------------------------------------
+
+
+def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path):
+    fed = {"rounds": 1, "inner_steps": 3, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "tokens"}
+    config = tiny_config(tmp_path, federation=fed)
+    pretrain_sim(config, log=quiet)
+    setup = load_run(config, log=quiet)
+    total, expected = 0, None
+    for j, name in enumerate(config.oracle_names()):
+        torch.manual_seed(config.seed)
+        model = GPT(setup.model_config)
+        seed = oracle_seed(config.seed, j)
+        loop = InnerLoop(model, config.pretrain, WindowSampler(setup.train[name], 32, seed), 3, torch.device("cpu"), seed)
+        for _ in range(3):
+            loop.train_step()
+        n = loop.sampler.num_tokens
+        total += n
+        w = {k: v * n for k, v in weights_of(model).items()}
+        expected = w if expected is None else {k: expected[k] + w[k] for k in w}
+    got = final_weights(config)
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key] / total, rtol=1e-5, atol=1e-6)
+
+
+def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
+    fed = {"rounds": 4, "inner_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "uniform"}
+    pre = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0, "grad_clip": 0.0}
+    config = tiny_config(tmp_path, federation=fed, pretrain=pre, model=NO_DROPOUT)
+    pretrain_sim(config, log=quiet)
+    # the reference: one model, each step the mean of every oracle's gradient on its own batch
+    setup = load_run(config, log=quiet)
+    torch.manual_seed(config.seed)
+    model = GPT(setup.model_config)
+    names = config.oracle_names()
+    samplers = [WindowSampler(setup.train[n], 32, oracle_seed(config.seed, j)) for j, n in enumerate(names)]
+    optimizer = make_optimizer(model, config.pretrain)
+    for step in range(4):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.pretrain, 4)
+        for sampler in samplers:
+            x, y = sampler.sample(config.pretrain.batch_size)
+            (lm_loss(model(x), y) / len(samplers)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    got = final_weights(config)
+    for key, value in weights_of(model).items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_sim_exact_resume(tmp_path):
+    fed = {"rounds": 3, "inner_steps": 2}
+    full = tiny_config(tmp_path / "a", federation=fed)
+    pretrain_sim(full, log=quiet)
+    cut = tiny_config(tmp_path / "b", federation=fed)
+    pretrain_sim(cut, stop_after_round=1, log=quiet)
+    pretrain_sim(cut, log=quiet)
+    assert [r["oracles"] for r in rounds(full)] == [r["oracles"] for r in rounds(cut)]
+    a, b = final_weights(full), final_weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path):
+    config = tiny_config(tmp_path, federation={"rounds": 2, "inner_steps": 1})
+    lines = []
+    pretrain_sim(config, log=lines.append, tamper=lambda name, d: d * float("nan") if name == "beta" else d)
+    assert any("oracle 'beta'" in line and "NaN" in line for line in lines)
+    for row in rounds(config)[1:]:
+        assert row["rejected"] == ["beta"] and row["accepted"] == ["alpha", "gamma"]
+    assert all(torch.isfinite(t).all() for t in final_weights(config).values())
+
+
+def test_sim_drops_oracles_and_counts_bytes(tmp_path):
+    config = tiny_config(tmp_path, federation={"rounds": 6, "inner_steps": 1, "drop_prob": 0.5, "compression": "int8"})
+    pretrain_sim(config, log=quiet)
+    rows = rounds(config)[1:]
+    assert any(len(r["participants"]) < 3 for r in rows)
+    per_oracle = rounds(config, "oracle")
+    sat_out = [r for r in per_oracle if not r["participated"]]
+    assert sat_out and all(r["bytes_sent"] == 0 for r in sat_out)
+    sent = sum(r["bytes_sent"] for r in per_oracle)
+    assert rows[-1]["bytes_sent"] == sent
+    n_params = sum(t.numel() for t in final_weights(config).values())
+    assert 0 < sent < len(per_oracle) * n_params  # int8: about one byte per parameter per upload
+
+
+def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
+    poison = lambda name, d: -10 * d if name == "gamma" else d  # noqa: E731
+    fed = {"rounds": 3, "inner_steps": 2, "aggregator": "median"}
+    robust = tiny_config(tmp_path / "robust", federation=fed)
+    pretrain_sim(robust, log=quiet, tamper=poison)
+    naive = tiny_config(tmp_path / "naive", federation={**fed, "aggregator": "mean"})
+    pretrain_sim(naive, log=quiet, tamper=poison)
+    assert rounds(robust)[-1]["loss"] < rounds(naive)[-1]["loss"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("federation.aggregator=\"krum\"", "federation.aggregator' is 'krum'"),
+        ("federation.inner_steps=0", "inner_steps' must be >= 1"),
+        ("federation.compression=\"fp8\"", "federation.compression' is 'fp8'"),
+        ("federation.mean_weights=\"given\"", "have no weight"),
+    ],
+)
+def test_bad_federation_settings(tmp_path, override, message):
+    path = tmp_path / "c.toml"
+    path.write_text('[[oracles]]\nname = "a"\ntrain = ["x.txt"]\n')
+    with pytest.raises(DgptError, match=message):
+        load_config(path, [override])
+
+
+def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
+    config = tiny_config(tmp_path)
+    api.prepare(config, log=quiet)
+    other = tiny_config(tmp_path / "other", tokenizer={"vocab_size": 280})
+    api.prepare(other, log=quiet)
+    alien = other.run_path / "data" / "beta"
+    target = config.run_path / "data" / "beta"
+    for f in target.iterdir():
+        f.unlink()
+    for f in alien.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DgptError, match="different tokenizer"):
+        load_run(config, prepare_data=False, log=quiet)
