@@ -81,6 +81,18 @@ def cmd_info(args) -> None:
         print(f"checkpoint  {ckpt}")
 
 
+def cmd_export(args) -> None:
+    from dgpt.interop.hf import export_hf
+
+    print(f"exported {export_hf(Path(args.run_dir), Path(args.out_dir))}")
+
+
+def cmd_import(args) -> None:
+    from dgpt.interop.hf import import_hf
+
+    print(f"imported into {import_hf(Path(args.hf_dir), Path(args.out_run_dir))}")
+
+
 def cmd_demo(args) -> None:
     from dgpt.demo import run_demo
 
@@ -120,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameters, oracles and their tokens, checkpoints")
     _config_args(p, "CONFIG_OR_RUN")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a run's newest checkpoint in another format")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="make a dgpt run from a local Hugging Face GPT-1 / GPT-2 directory")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("out_run_dir", metavar="OUT_RUN_DIR")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
     p.add_argument("--run-dir", default="runs/demo")
