@@ -1,0 +1,94 @@
+"""The `dgpt` command line end to end, and its one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_config
+
+from dgpt.cli import main
+from dgpt.config import dump_config
+from dgpt.train.metrics import read_metrics
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    config = tiny_config(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(dump_config(config))
+    return path, config
+
+
+def test_prepare_pretrain_eval_generate_info(config_file, capsys):
+    path, config = config_file
+    assert main(["prepare", str(path)]) == 0
+    assert "alpha: train" in capsys.readouterr().out
+    assert main(["pretrain", str(path), "--set", "federation.rounds=2", "--set", "federation.inner_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "final global validation loss" in out and "synchronous data parallel would have moved" in out
+    rows = read_metrics(config.run_path / "metrics.jsonl")
+    assert [r["round"] for r in rows if r["kind"] == "round"] == [0, 1, 2]
+    assert (config.run_path / "config.toml").is_file() and (config.run_path / "tokenizer.json").is_file()
+
+    assert main(["eval", str(config.run_path)]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in ("alpha", "beta", "gamma")) and "perplexity" in table
+
+    assert main(["generate", str(config.run_path), "--prompt", "the king", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the king")
+
+    assert main(["info", str(config.run_path)]) == 0
+    info = capsys.readouterr().out
+    assert "parameters" in info and "alpha: train" in info and "round_0000002" in info
+
+
+def test_central_runtime_from_the_command_line(config_file, capsys):
+    path, config = config_file
+    assert main(["pretrain", str(path), "--set", "federation.runtime=central", "--set", "pretrain.steps=3"]) == 0
+    steps = [r["step"] for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "pretrain.stepz=3"], "unknown config key 'pretrain.stepz'"),
+        (["--set", "pretrain.steps=\"many\""], "'pretrain.steps' must be int"),
+        (["--set", "model.preset=huge"], "unknown model preset 'huge'"),
+        (["--set", "federation.runtime=cloud"], "'federation.runtime' is 'cloud'"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_2(config_file, capsys, args, message):
+    path, _ = config_file
+    assert main(["pretrain", str(path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dgpt: error:") and message in err and "\n" not in err
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model]\nn_layers = 3\n")
+    assert main(["info", str(path)]) == 2
+    assert f"{path}: unknown config key 'model.n_layers'" in capsys.readouterr().err
+
+
+def test_missing_config_and_missing_run(tmp_path, capsys):
+    assert main(["pretrain", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: config file not found" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    run = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "dgpt", "demo", "--run-dir", str(run), "--rounds", "2", "--inner-steps", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for oracle in ("stdlib_text_net", "stdlib_numeric_data", "stdlib_source"):
+        assert oracle in out
+    assert "valid loss before" in out and "samples:" in out and "synchronous data parallel" in out
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "round"]
+    assert all(rows[-1]["oracles"][n] < rows[0]["oracles"][n] for n in rows[0]["oracles"])
