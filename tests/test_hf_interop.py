@@ -212,3 +212,26 @@ def test_import_bad_input_names_the_file(tmp_path, tokenizer):
     (hf_dir / "tokenizer.json").unlink()
     with pytest.raises(DgptError, match="tokenizer.json: not found"):
         import_hf(hf_dir, tmp_path / "run")
+
+
+def test_imported_run_continues_pretraining(tmp_path, tokenizer):
+    from conftest import write_corpus
+
+    from dgpt.train.checkpoint import latest_checkpoint
+    from dgpt.train.metrics import read_metrics
+
+    hf = hf_model("pre", tokenizer.vocab_size)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf" / "tokenizer.json")
+    run_dir = import_hf(tmp_path / "hf", tmp_path / "run")
+    train, valid = write_corpus(tmp_path / "corpus", "alpha", 40, seed=0)
+    with open(run_dir / "config.toml", "a") as f:
+        f.write(f'\n[[oracles]]\nname = "alpha"\ntrain = ["{train}"]\nvalid = ["{valid}"]\n')
+    config = load_config(run_dir / "config.toml", ["federation.runtime=central", "pretrain.steps=3",
+                                                    "pretrain.batch_size=2", "pretrain.eval_windows=2"])
+    api.pretrain(config, log=lambda _m: None)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
+    assert latest_checkpoint(run_dir).name == "step_0000003"
+    initial = [r["loss"] for r in rows if r["kind"] == "valid"][0]  # the imported weights, before any step
+    assert initial == pytest.approx(api.evaluate(config, max_windows=2)["alpha"], rel=0.5)

@@ -87,3 +87,23 @@ def test_torchrun_runtime_without_launch_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dgpt", "pretrain", str(path)], capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert "needs a torchrun launch" in result.stderr
+
+
+def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
+    sim = tiny_config(tmp_path / "sim", federation=FED)
+    api.pretrain(sim, log=quiet)
+    dist = tiny_config(tmp_path / "dist", federation=FED)
+    api.prepare(dist, log=quiet)
+    path = write_config(dist, tmp_path / "dist.toml")
+    assert torchrun(path, "--stop-after", "1").returncode == 0
+    shard = dist.run_path / "data" / "beta" / "train_0000.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-2] + bytes([good[-2] ^ 0xFF]) + good[-1:])  # one flipped byte
+    failed = torchrun(path)
+    assert failed.returncode != 0
+    assert f"{shard}: sha256 mismatch" in failed.stderr or "beta" in failed.stderr, failed.stderr[-2000:]
+    shard.write_bytes(good)
+    resumed = torchrun(path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_model(sim, dist)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -20,10 +21,12 @@ from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.model.generate import generate
 from dgpt.model.gpt import GPT
-from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_weights_into, read_model_config
+from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import pick_device
 
-__all__ = ["load_config", "load_run_config", "prepare", "pretrain", "load_pretrained", "generate_text", "evaluate"]
+__all__ = [
+    "load_config", "load_run_config", "prepare", "pretrain", "finetune", "predict", "load_pretrained", "generate_text", "evaluate",
+]
 
 
 def load_run_config(config_or_run: str | Path, overrides: list[str] = ()) -> Config:
@@ -50,36 +53,79 @@ def pretrain(config: Config, *, stop_after: int | None = None, log: Callable[[st
     Under a torchrun launch a `sim` config runs on the torchrun runtime: one config for both.
     `stop_after` ends the run early after that step (central) or round (federated), checkpointed.
     """
-    runtime = config.federation.runtime
-    if launched_by_torchrun() and runtime == "sim":
-        runtime = "torchrun"
-    if runtime == "central":
+    if config.federation.runtime == "central":
         from dgpt.runtimes.central import pretrain_central
 
         return pretrain_central(config, stop_after=stop_after, log=log)
-    if runtime == "sim":
-        from dgpt.runtimes.sim import pretrain_sim
+    return _federated(config, stop_after, log)
 
-        return pretrain_sim(config, stop_after_round=stop_after, log=log)
-    from dgpt.runtimes.torchrun import pretrain_torchrun
 
-    return pretrain_torchrun(config, stop_after_round=stop_after, log=log)
+def _federated(config: Config, stop_after: int | None, log: Callable[[str], None], **work) -> dict:
+    """The torchrun runtime when asked for, or when a `sim` config is launched by torchrun; else sim."""
+    if config.federation.runtime == "torchrun" or launched_by_torchrun():
+        from dgpt.runtimes.torchrun import pretrain_torchrun
+
+        return pretrain_torchrun(config, stop_after_round=stop_after, log=log, **work)
+    from dgpt.runtimes.sim import pretrain_sim
+
+    return pretrain_sim(config, stop_after_round=stop_after, log=log, **work)
+
+
+def finetune(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """DSFT: fine-tune the body across oracles (sim, or torchrun), one head per oracle; see docs/finetune.md.
+
+    Returns {"valid": loss per oracle, "metrics": {oracle: {accuracy, f1, pearson, spearman}}, ...}.
+    """
+    from dgpt.runtimes.finetune import finetune_work
+
+    if config.federation.runtime == "central":
+        raise DgptError("fine-tuning runs on the sim or torchrun runtime; federation.runtime = 'central' is for pre-training")
+    return _federated(config, stop_after, log, work=finetune_work)
+
+
+def predict(
+    run_dir: str | Path, oracle: str, input_path: str | Path, output_path: str | Path, *, device: str = "auto",
+    batch_size: int = 64, log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Label every row of a JSONL file with a fine-tuned run's body and `oracle`'s head.
+
+    Writes one JSON object per input line: {"label": ..., "probabilities": ...} (class label -> probability,
+    or one probability per choice); a regression task writes {"label": score}. Returns the rows written.
+    """
+    from dgpt.data.tasks import encode_examples, read_rows
+    from dgpt.fileio import write_text
+    from dgpt.runtimes.finetune import load_task_model
+    from dgpt.train.task_eval import task_outputs
+
+    target = pick_device(device)
+    model, spec, tokenizer = load_task_model(Path(run_dir), oracle, target)
+    rows = read_rows([str(input_path)], spec, oracle, need_label=False)
+    examples = encode_examples(rows, spec, tokenizer, oracle, with_labels=False)
+    if examples.truncated:
+        log(f"{input_path}: {examples.truncated} of {len(examples)} inputs truncated to {spec.max_len} tokens")
+    outputs = task_outputs(model, examples, batch_size, target)
+    results = []
+    for out in outputs:
+        if spec.regression:
+            results.append({"label": float(out)})
+            continue
+        probs = torch.softmax(out, dim=-1)
+        k = int(probs.argmax())
+        if spec.type == "multiple_choice":
+            results.append({"label": k, "probabilities": probs.tolist()})
+        else:
+            results.append({"label": spec.labels[k], "probabilities": {str(v): p for v, p in zip(spec.labels, probs.tolist())}})
+    write_text(output_path, "".join(json.dumps(r) + "\n" for r in results))
+    return results
 
 
 def load_pretrained(run_dir: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]:
     """The newest checkpoint of a run and its tokenizer, ready for generation or evaluation."""
-    run_dir = Path(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise DgptError(f"{run_dir}: no checkpoint; train first with `dgpt pretrain`")
-    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-    model_config = read_model_config(checkpoint / WEIGHTS)
-    if model_config.vocab_size != tokenizer.vocab_size:
-        raise DgptError(
-            f"{run_dir / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {model_config.vocab_size}"
-        )
+    from dgpt.runtimes.setup import newest_weights
+
+    tokenizer, model_config, weights = newest_weights(Path(run_dir))
     model = GPT(model_config)
-    load_weights_into(model, checkpoint / WEIGHTS, model_config)
+    load_weights_into(model, weights, model_config)
     return model.to(pick_device(device)).eval(), tokenizer
 
 

@@ -93,6 +93,18 @@ def cmd_import(args) -> None:
     print(f"imported into {import_hf(Path(args.hf_dir), Path(args.out_run_dir))}")
 
 
+def cmd_finetune(args) -> None:
+    config = api.load_run_config(args.config, args.overrides)
+    result = api.finetune(config, stop_after=args.stop_after)
+    for name, scores in sorted((result or {}).get("metrics", {}).items()):
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+def cmd_predict(args) -> None:
+    rows = api.predict(args.run_dir, args.oracle, args.input, args.output, device=args.device, batch_size=args.batch_size)
+    print(f"wrote {len(rows)} predictions to {args.output}")
+
+
 def cmd_demo(args) -> None:
     from dgpt.demo import run_demo
 
@@ -143,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", metavar="HF_DIR")
     p.add_argument("out_run_dir", metavar="OUT_RUN_DIR")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("finetune", help="fine-tune across oracles, one task head each (DSFT; sim or torchrun runtime)")
+    _config_args(p)
+    p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this round")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="label a JSONL file with a fine-tuned run and one oracle's head")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--oracle", required=True, help="whose head to use")
+    p.add_argument("--input", required=True, metavar="IN.jsonl", help="rows with the task's fields (a label is not needed)")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="one {label, probabilities} object per input row")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
     p.add_argument("--run-dir", default="runs/demo")

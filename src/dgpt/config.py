@@ -54,12 +54,26 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """An oracle's labeled set C(O_j) for fine-tuning (`[oracles.task]`); docs/finetune.md has the field names."""
+
+    type: str = "classification"  # classification | entailment | similarity | multiple_choice
+    train: list[str] = field(default_factory=list)  # .jsonl files or hf:NAME[:CONFIG]:SPLIT
+    valid: list[str] = field(default_factory=list)  # evaluated every federation.eval_interval rounds
+    columns: dict[str, str] = field(default_factory=dict)  # standard field -> field in the data, e.g. {text = "sentence"}
+    labels: list[str] = field(default_factory=list)  # the label set in output order; [] = sorted labels of train
+    regression: bool = False  # a real-valued label: one output, squared error, Pearson/Spearman
+    num_choices: int = 0  # multiple_choice: choices per example; 0 = as many as the first training row has
+
+
+@dataclass
 class OracleConfig:
     name: str = ""
     train: list[str] = field(default_factory=list)  # files, directories, globs, .jsonl, or hf:NAME[:CONFIG]:SPLIT
     valid: list[str] = field(default_factory=list)
     text_field: str = "text"  # the field read from JSONL lines and Hugging Face rows
     weight: float | None = None  # this oracle's weight under federation.mean_weights = "given"
+    task: TaskConfig | None = None  # fine-tuning only: this oracle's labeled task
 
 
 @dataclass
@@ -71,6 +85,7 @@ class PretrainConfig:
     lr: float = 2.5e-4
     min_lr: float = 0.0
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after the linear warmup: cosine | linear decay to min_lr
     weight_decay: float = 0.01  # decoupled, on weights of rank >= 2 only
     beta1: float = 0.9
     beta2: float = 0.999
@@ -105,6 +120,26 @@ class FederationConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """DSFT: supervised fine-tuning of the shared body, one head per oracle (GPT-1's defaults)."""
+
+    init_from: str = ""  # a DUPT run directory (newest checkpoint + tokenizer); "" = from scratch (needs tokenizer.path)
+    lr: float = 6.25e-5
+    batch_size: int = 32  # examples per optimizer step
+    epochs: float = 3.0  # passes over the largest oracle's labeled set; sets the rounds when rounds = 0
+    rounds: int = 0  # federated rounds; 0 = enough for `epochs`
+    inner_steps: int = 50  # H: optimizer steps per oracle per round
+    warmup: float = 0.002  # fraction of all steps with linear warmup; then linear decay to 0
+    lambda_lm: float = 0.5  # L3 = L2 + lambda_lm * L1 (auxiliary LM loss on the same inputs); 0 = off
+    classifier_dropout: float = 0.1  # dropout on the extract token's activation before the head
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # 0 disables clipping
+    shared_head: bool = False  # one head aggregated like the body (every oracle must have the same task)
+    max_len: int = 0  # tokens per input sequence; 0 = the model's n_ctx
+    eval_batch_size: int = 64
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 1337
@@ -114,6 +149,7 @@ class Config:
     oracles: list[OracleConfig] = field(default_factory=list)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def run_path(self) -> Path:
@@ -133,6 +169,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _check_value(value, inner[0], key, source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DgptError(f"{source}: '{key}' must be a table, got {value!r}")
+        _, item_tp = typing.get_args(tp)
+        return {k: _check_value(v, item_tp, f"{key}.{k}", source) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -216,6 +257,7 @@ _CHOICES = {
     "data.doc_separator": ("blank_line", "line", "file"),
     "pretrain.optimizer": ("adamw", "sgd"),
     "pretrain.dtype": ("float32", "bfloat16"),
+    "pretrain.schedule": ("cosine", "linear"),
     "federation.runtime": ("central", "sim", "torchrun"),
     "federation.aggregator": ("mean", "median", "trimmed_mean"),
     "federation.mean_weights": ("tokens", "uniform", "given"),
@@ -250,6 +292,38 @@ def validate(config: Config, source: str) -> None:
             raise DgptError(f"{source}: mean_weights = 'given' but oracle(s) {', '.join(missing)} have no weight")
     if config.pretrain.steps < 1 or config.pretrain.batch_size < 1 or config.pretrain.grad_accum < 1:
         raise DgptError(f"{source}: pretrain.steps, batch_size and grad_accum must be >= 1")
+    _validate_finetune(config, source)
+
+
+TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
+
+
+def _validate_finetune(config: Config, source: str) -> None:
+    ft = config.finetune
+    if ft.batch_size < 1 or ft.inner_steps < 1 or ft.rounds < 0 or ft.epochs <= 0 or ft.eval_batch_size < 1:
+        raise DgptError(f"{source}: finetune.batch_size, inner_steps, eval_batch_size and epochs must be > 0, rounds >= 0")
+    if ft.lambda_lm < 0 or not 0.0 <= ft.warmup < 1.0 or not 0.0 <= ft.classifier_dropout < 1.0:
+        raise DgptError(f"{source}: finetune.lambda_lm must be >= 0, warmup and classifier_dropout in [0, 1)")
+    if ft.max_len != 0 and ft.max_len < 4:
+        raise DgptError(f"{source}: 'finetune.max_len' must be 0 (n_ctx) or >= 4, got {ft.max_len}")
+    for oracle in config.oracles:
+        task, where = oracle.task, f"{source}: oracle '{oracle.name}' task"
+        if task is None:
+            continue
+        if task.type not in TASK_TYPES:
+            raise DgptError(f"{where}: type is {task.type!r}; expected one of {', '.join(TASK_TYPES)}")
+        if task.regression and (task.type == "multiple_choice" or task.labels):
+            raise DgptError(f"{where}: regression needs a non-multiple-choice type and no labels")
+        if task.num_choices < 0 or task.num_choices == 1:
+            raise DgptError(f"{where}: num_choices must be 0 (from the data) or >= 2, got {task.num_choices}")
+    if ft.shared_head:
+        kinds = {(t.type, t.regression, tuple(t.labels), t.num_choices) if t else None for t in (o.task for o in config.oracles)}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        if kind is None or (kind[0] != "multiple_choice" and not kind[1] and not kind[2]):
+            raise DgptError(
+                f"{source}: finetune.shared_head needs every oracle to have the same task type, regression, "
+                "num_choices and an explicit, identical labels list"
+            )
 
 
 # --- writing the resolved config back as TOML -----------------------------------------------------
@@ -264,6 +338,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -11,3 +11,29 @@ IGNORE_INDEX = -100  # targets with this value (padding) contribute nothing
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """L1 as a mean: -1/N sum_i log P(u_i | u_<i), over every target that is not IGNORE_INDEX."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def lm_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Next-token targets of right-padded sequences [N, T] -> [N, T - 1]; padding is IGNORE_INDEX."""
+    targets = ids[:, 1:].clone()
+    positions = torch.arange(1, ids.size(1), device=ids.device)
+    targets[positions.unsqueeze(0) >= lengths.unsqueeze(1)] = IGNORE_INDEX
+    return targets
+
+
+def task_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L2 as a mean: -1/|C| sum log P(y | x) (cross-entropy); squared error for a float (regression) label."""
+    if labels.is_floating_point():
+        return F.mse_loss(outputs.float(), labels)
+    return F.cross_entropy(outputs.float(), labels)
+
+
+def finetune_loss(
+    outputs: torch.Tensor, labels: torch.Tensor, lm_logits: torch.Tensor | None, ids: torch.Tensor, lengths: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(L3, L2, L1) with L3 = L2 + lam * L1; L1 is on the same input tokens [N, T] (None when lam = 0)."""
+    l2 = task_loss(outputs, labels)
+    if lam == 0 or lm_logits is None:
+        return l2, l2, None
+    l1 = lm_loss(lm_logits[:, :-1], lm_targets(ids, lengths))
+    return l2 + lam * l1, l2, l1

@@ -85,7 +85,8 @@ def _text_documents(path: Path, separator: str) -> Iterator[str]:
         yield text
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON) for every non-blank line of a JSONL file."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -93,7 +94,12 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DgptError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        yield _text_of(row, field, f"{path}:{number}")
+        yield f"{path}:{number}", row
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for where, row in iter_jsonl_rows(path):
+        yield _text_of(row, field, where)
 
 
 def _text_of(row: object, field: str, where: str) -> str:
@@ -106,6 +112,12 @@ def _text_of(row: object, field: str, where: str) -> str:
 
 
 def _hf_documents(spec: str, field: str) -> Iterator[str]:
+    for where, row in iter_hf_rows(spec):
+        yield _text_of(row, field, where)
+
+
+def iter_hf_rows(spec: str) -> Iterator[tuple[str, dict]]:
+    """("SPEC row i", row) for a Hugging Face dataset spec hf:NAME[:CONFIG]:SPLIT, streamed."""
     parts = spec[3:].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise DgptError(f"{spec}: expected hf:NAME[:CONFIG]:SPLIT")
@@ -119,4 +131,4 @@ def _hf_documents(spec: str, field: str) -> Iterator[str]:
     except Exception as e:  # the hub raises many types; the user needs one line
         raise DgptError(f"{spec}: cannot load dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for i, row in enumerate(rows):
-        yield _text_of(row, field, f"{spec} row {i}")
+        yield f"{spec} row {i}", row

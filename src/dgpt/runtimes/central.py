@@ -10,7 +10,7 @@ from tqdm import tqdm
 from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
 from dgpt.runtimes.setup import build_model, load_run
-from dgpt.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of, WEIGHTS
+from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of
 from dgpt.train.evaluate import Validator
 from dgpt.train.local import InnerLoop
 from dgpt.train.metrics import MetricsLog
@@ -27,12 +27,16 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
     validator = Validator(setup.valid, n_ctx, cfg.eval_windows, cfg.batch_size)
 
     start, checkpoint = 0, latest_checkpoint(run_dir)
+    resuming = False
     if checkpoint is not None:
         load_weights_into(model, checkpoint / WEIGHTS, setup.model_config)
-        loop.load_state_dict(load_state(checkpoint)["loop"])
-        start = loop.step
-        log(f"resumed from {checkpoint} at step {start}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if checkpoint else None)
+        state = load_state(checkpoint)
+        resuming = "loop" in state  # an imported checkpoint has weights only: training starts from them
+        if resuming:
+            loop.load_state_dict(state["loop"])
+            start = loop.step
+        log(f"{'resumed' if resuming else 'initialised'} from {checkpoint} at step {start}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if resuming else None)
 
     def validate(step: int) -> dict:
         losses = validator(model, setup.device, cfg.dtype)

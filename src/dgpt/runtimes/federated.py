@@ -5,6 +5,10 @@ participating local oracle starts from the global parameters Theta, runs H inner
 optimizer and data, and hands its pseudo-gradient Delta_j = Theta - Theta_j (as it would arrive after
 compression) to the transport, which aggregates across processes with `dgpt.federation`. The outer
 optimizer then moves Theta identically in every process. Only the transport differs between runtimes.
+
+What is trained comes from a `LocalWork` factory: pre-training (the default, below) or fine-tuning
+(`dgpt.runtimes.finetune`). Only `LocalWork.params` are flattened, sent and aggregated; whatever else
+an oracle's loop trains (its task head) stays in that loop and in the oracle's own state file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 from tqdm import tqdm
 
@@ -25,6 +30,7 @@ from dgpt.federation.aggregate import is_finite, mean_weights
 from dgpt.federation.compression import transmit
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.fileio import atomic_path
+from dgpt.model.gpt import GPTConfig
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.train.checkpoint import (
     WEIGHTS,
@@ -69,12 +75,52 @@ class Transport(Protocol):
     def barrier(self) -> None: ...
 
 
+@dataclass
+class LocalWork:
+    """What the round driver trains in this process."""
+
+    config: Config  # as run: federation.rounds / inner_steps and the inner loops' settings
+    run_dir: Path
+    model: nn.Module  # written to the round checkpoints
+    model_config: GPTConfig
+    params: list[torch.Tensor]  # exactly what every oracle sends and the aggregator sees
+    device: torch.device
+    loops: dict[str, InnerLoop]  # this process's oracles
+    sizes: dict[str, float]  # every oracle's training tokens (or examples): the weights of the mean
+    evaluate: Callable[[], dict[str, dict[str, float]]]  # this process's oracles -> {metric: value}, "loss" first
+    metric_names: tuple[str, ...] = ("loss",)
+    unit: str = "tokens"
+
+
+def pretraining_work(config: Config, transport: Transport, local_names: list[str], log: Callable[[str], None]) -> LocalWork:
+    """DUPT: the whole GPT is shared; each oracle's loop samples windows of its own shards."""
+    fed, cfg = config.federation, config.pretrain
+    setup = load_run(config, oracles=local_names, prepare_data=transport.prepares_data, log=log)
+    n_ctx = setup.model_config.n_ctx
+    model, forward = build_model(setup)
+    all_names = config.oracle_names()
+    loops = {
+        name: InnerLoop(
+            model, cfg, WindowSampler(setup.train[name], n_ctx, oracle_seed(config.seed, all_names.index(name)), name),
+            fed.rounds * fed.inner_steps, setup.device, oracle_seed(config.seed, all_names.index(name)), forward,
+        )
+        for name in local_names
+    }
+    sizes = transport.gather_scalars({n: float(loops[n].sampler.num_tokens) for n in local_names})
+    validator = Validator({n: setup.valid[n] for n in local_names}, n_ctx, cfg.eval_windows, cfg.batch_size)
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        return {name: {"loss": loss} for name, loss in validator(model, setup.device, cfg.dtype).items()}
+
+    return LocalWork(config, setup.run_dir, model, setup.model_config, list(model.parameters()), setup.device, loops, sizes, evaluate)
+
+
 def oracle_seed(seed: int, index: int) -> int:
     """Each oracle's own stream of batches and dropout masks, the same in every runtime."""
     return seed * 1009 + 7919 * (index + 1)
 
 
-def _oracle_state_path(run_dir: Path, name: str, rnd: int) -> Path:
+def oracle_state_path(run_dir: Path, name: str, rnd: int) -> Path:
     return run_dir / "oracles" / name / f"round_{rnd:07d}.pt"
 
 
@@ -85,53 +131,49 @@ def train_federated(
     *,
     stop_after_round: int | None = None,
     log: Callable[[str], None] = print,
+    work: Callable[[Config, Transport, list[str], Callable[[str], None]], LocalWork] = pretraining_work,
 ) -> dict:
     """Run config.federation.rounds rounds (resuming from the newest round checkpoint)."""
+    local = work(config, transport, local_names, log)
+    config, run_dir, model, params, loops = local.config, local.run_dir, local.model, local.params, local.loops
     fed, cfg = config.federation, config.pretrain
-    setup = load_run(config, oracles=local_names, prepare_data=transport.prepares_data, log=log)
-    run_dir, n_ctx = setup.run_dir, setup.model_config.n_ctx
-    model, forward = build_model(setup)
-    params = list(model.parameters())
     segments = [p.numel() for p in params]
     all_names = config.oracle_names()
-    loops = {
-        name: InnerLoop(
-            model, cfg, WindowSampler(setup.train[name], n_ctx, oracle_seed(config.seed, all_names.index(name)), name),
-            fed.rounds * fed.inner_steps, setup.device, oracle_seed(config.seed, all_names.index(name)), forward,
-        )
-        for name in local_names
-    }
     parked = torch.device("cpu")
-    tokens = transport.gather_scalars({n: float(loops[n].sampler.num_tokens) for n in local_names})
+    tokens = local.sizes
     weights = mean_weights(fed.mean_weights, tokens, {o.name: o.weight for o in config.oracles})
     outer = OuterOptimizer(parameters_to_vector(params), fed.outer_lr, fed.outer_momentum, fed.nesterov)
     ledger = ByteLedger(param_bytes=4 * sum(segments))
     drops = torch.Generator().manual_seed(config.seed + 17)  # identical draws in every process
-    validator = Validator({n: setup.valid[n] for n in local_names}, n_ctx, cfg.eval_windows, cfg.batch_size)
 
     start, checkpoint = 0, latest_checkpoint(run_dir)
     if checkpoint is not None:
-        load_weights_into(model, checkpoint / WEIGHTS, setup.model_config)
+        load_weights_into(model, checkpoint / WEIGHTS, local.model_config)
         state = load_state(checkpoint)
         start = state["round"]
-        outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
         ledger.load_state_dict(state["ledger"])
         drops.set_state(state["drops"])
         for name in local_names:
-            path = _oracle_state_path(run_dir, name, start)
+            path = oracle_state_path(run_dir, name, start)
             loops[name].load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             move_optimizer_state(loops[name].optimizer, parked)
+        outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
         log(f"resumed from {checkpoint} at round {start}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if checkpoint else None, key="round") if transport.is_leader else None
 
-    def validate() -> dict[str, float]:
-        return transport.gather_scalars(validator(model, setup.device, cfg.dtype))
+    def validate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""
+        mine = local.evaluate()
+        scores = {k: transport.gather_scalars({n: m[k] for n, m in mine.items() if k in m}) for k in local.metric_names}
+        extra = {n: {k: v[n] for k, v in scores.items() if k != "loss" and n in v and v[n] == v[n]} for n in all_names}
+        return scores["loss"], {n: m for n, m in extra.items() if m}
 
-    valid = validate()
+    valid, scores = validate()
     if metrics is not None and start == 0:
-        metrics.log(round=0, kind="round", tokens=0, loss=_weighted(valid, tokens), oracles=valid, bytes_total=0, dp_bytes=0)
+        extra = {"metrics": scores} if scores else {}
+        metrics.log(round=0, kind="round", tokens=0, loss=_weighted(valid, tokens), oracles=valid, **extra, bytes_total=0, dp_bytes=0)
     if transport.is_leader:
-        log(f"model: {model.num_params():,} parameters; oracles: " + ", ".join(f"{n} ({int(tokens[n]):,} tokens)" for n in all_names))
+        log(f"model: {sum(segments):,} shared parameters; oracles: " + ", ".join(f"{n} ({int(tokens[n]):,} {local.unit})" for n in all_names))
     bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True, disable=not transport.is_leader)
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -140,21 +182,21 @@ def train_federated(
         theta = outer.theta.detach()
         updates = {}
         for name in [n for n in local_names if n in participants]:
-            updates[name] = _local_round(loops[name], params, theta, fed, segments, setup.device, parked)
+            updates[name] = _local_round(loops[name], params, theta, fed, segments, local.device, parked)
         outcome = transport.aggregate(updates, fed, weights, sum(segments))
         if outcome.update is not None:
             outer.step(outcome.update)
         copy_into(params, outer.theta.detach())
         evaluated = rnd % fed.eval_interval == 0 or rnd == fed.rounds
-        valid = validate() if evaluated else {}
+        valid, scores = validate() if evaluated else ({}, {})
         seen = sum(transport.gather_scalars({n: float(loops[n].tokens) for n in local_names}).values())
         ledger.record_round(participants, outcome.bytes_sent, fed.inner_steps)
         for name in outcome.rejected:
             log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
         if metrics is not None:
-            _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, time.perf_counter() - t0)
+            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, participants, ledger, time.perf_counter() - t0)
         if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
-            _save_round(run_dir, rnd, model, setup.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
+            _save_round(run_dir, rnd, model, local.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
         if valid:
             bar.set_postfix({n[:12]: f"{v:.3f}" for n, v in valid.items()})
         bar.update()
@@ -168,7 +210,9 @@ def train_federated(
             f"({human_bytes(sum(ledger.sent.values()))} sent by oracles); synchronous data parallel would have "
             f"moved {human_bytes(ledger.dp_bytes)} ({ledger.dp_bytes / max(ledger.total, 1):.0f}x more)"
         )
-    return {"valid": valid, "global": _weighted(valid, tokens), "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes}
+    return {
+        "valid": valid, "global": _weighted(valid, tokens), "metrics": scores, "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes,
+    }
 
 
 def _local_round(loop, params, theta, fed, segments, device, parked) -> LocalUpdate:
@@ -195,9 +239,10 @@ def _weighted(losses: dict[str, float], weights: dict[str, float]) -> float:
     return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
 
 
-def _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger, seconds) -> None:
-    """A `round` row (global validation loss when validated) and one `oracle` row per oracle."""
+def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, participants, ledger, seconds) -> None:
+    """A `round` row (global validation loss, and other metrics, when validated) and one `oracle` row per oracle."""
     evaluated = {"loss": _weighted(valid, tokens), "oracles": valid} if valid else {}
+    evaluated.update({"metrics": scores} if scores else {})
     metrics.log(
         round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,
         rejected=outcome.rejected, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
@@ -213,7 +258,7 @@ def _log_round(metrics, rnd, valid, tokens, seen, outcome, participants, ledger,
 def _save_round(run_dir, rnd, model, model_config, loops, outer, ledger, drops, transport, keep) -> None:
     """Each process saves its oracles' inner state; then the leader commits the round checkpoint."""
     for name, loop in loops.items():
-        with atomic_path(_oracle_state_path(run_dir, name, rnd)) as tmp:
+        with atomic_path(oracle_state_path(run_dir, name, rnd)) as tmp:
             torch.save(loop.state_dict(), tmp)
     transport.barrier()
     if transport.is_leader:

@@ -15,6 +15,7 @@ from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.model.gpt import GPT, GPTConfig, resolve_config
+from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, read_model_config
 from dgpt.train.local import pick_device
 
 
@@ -71,3 +72,18 @@ def build_model(setup: RunSetup) -> tuple[GPT, Callable[[torch.Tensor], torch.Te
     model = GPT(setup.model_config).to(setup.device)
     forward = torch.compile(model) if setup.config.pretrain.compile else model
     return model, forward
+
+
+def newest_weights(run_dir: Path) -> tuple[TextTokenizer, GPTConfig, Path]:
+    """A run's tokenizer, and its newest checkpoint's model config and weight file (vocabularies checked)."""
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DgptError(f"{run_dir}: no checkpoint; train first with `dgpt pretrain`")
+    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")  # refuses one without dgpt's special tokens
+    model_config = read_model_config(checkpoint / WEIGHTS)
+    if model_config.vocab_size != tokenizer.vocab_size:
+        raise DgptError(
+            f"{run_dir / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {model_config.vocab_size}"
+        )
+    return tokenizer, model_config, checkpoint / WEIGHTS

@@ -8,7 +8,7 @@ import torch
 
 from dgpt.config import Config, FederationConfig
 from dgpt.federation.aggregate import aggregate_round
-from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, train_federated
+from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, pretraining_work, train_federated
 
 
 class SimTransport:
@@ -39,7 +39,8 @@ class SimTransport:
 
 
 def pretrain_sim(
-    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, tamper=None
+    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, tamper=None, work=pretraining_work
 ) -> dict:
+    """Every oracle in this process; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
     transport = SimTransport(tamper)
-    return train_federated(config, transport, config.oracle_names(), stop_after_round=stop_after_round, log=log)
+    return train_federated(config, transport, config.oracle_names(), stop_after_round=stop_after_round, log=log, work=work)

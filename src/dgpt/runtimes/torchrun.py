@@ -18,7 +18,7 @@ import torch.distributed as dist
 from dgpt.config import Config, FederationConfig
 from dgpt.errors import DgptError
 from dgpt.federation.aggregate import aggregate_round, clip_to_norm, is_finite, normalise
-from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, train_federated
+from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, pretraining_work, train_federated
 
 
 class DistTransport:
@@ -67,9 +67,13 @@ class DistTransport:
         dist.barrier()
 
 
-def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print) -> dict:
+def pretrain_torchrun(
+    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, work=pretraining_work
+) -> dict:
+    """One oracle per rank; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
     if "RANK" not in os.environ:
-        raise DgptError("federation.runtime = 'torchrun' needs a torchrun launch: torchrun --nproc-per-node N -m dgpt pretrain CONFIG")
+        command = "pretrain" if work is pretraining_work else "finetune"
+        raise DgptError(f"federation.runtime = 'torchrun' needs a torchrun launch: torchrun --nproc-per-node N -m dgpt {command} CONFIG")
     names = config.oracle_names()
     world = int(os.environ["WORLD_SIZE"])
     if world != len(names):
@@ -87,7 +91,7 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, lo
     rank_log("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
     try:
         transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"))
-        return train_federated(config, transport, [name], stop_after_round=stop_after_round, log=rank_log)
+        return train_federated(config, transport, [name], stop_after_round=stop_after_round, log=rank_log, work=work)
     except (RuntimeError, dist.DistBackendError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DgptError(

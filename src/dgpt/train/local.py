@@ -42,11 +42,13 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at total_steps."""
+    """Linear warmup to cfg.lr, then cosine (or, with schedule = "linear", linear) decay to cfg.min_lr at total_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -59,7 +61,11 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device)
 
 
 class InnerLoop:
-    """Optimizer steps on one stream of batches; owns its dropout RNG so that trainers interleave exactly."""
+    """Optimizer steps on one stream of batches; owns its dropout RNG so that trainers interleave exactly.
+
+    `sampler.sample(batch_size)` gives a tuple of tensors; `objective(*batch)` returns (loss, tokens in the
+    batch). The default objective is L1 on (inputs, targets) windows through `forward`.
+    """
 
     def __init__(
         self,
@@ -70,10 +76,12 @@ class InnerLoop:
         device: torch.device,
         seed: int,
         forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        objective: Callable[..., tuple[torch.Tensor, int]] | None = None,
     ):
         self.model, self.cfg, self.sampler = model, cfg, sampler
         self.total_steps, self.device = total_steps, device
         self.forward = forward or model
+        self.objective = objective or (lambda x, y: (lm_loss(self.forward(x), y), y.numel()))
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.tokens = 0
@@ -98,13 +106,12 @@ class InnerLoop:
         total = 0.0
         with self._own_rng():
             for _ in range(cfg.grad_accum):
-                x, y = self.sampler.sample(cfg.batch_size)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                batch = [t.to(self.device, non_blocking=True) for t in self.sampler.sample(cfg.batch_size)]
                 with autocast(self.device, cfg.dtype):
-                    loss = lm_loss(self.forward(x), y)
+                    loss, tokens = self.objective(*batch)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item()
-                self.tokens += y.numel()
+                self.tokens += tokens
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()

@@ -1,0 +1,141 @@
+"""DSFT: what the round driver trains when fine-tuning (`LocalWork` for `train_federated`).
+
+The body (the GPT: decoder + tied LM head used by the auxiliary L1) starts from a DUPT checkpoint
+(`finetune.init_from`) or from scratch, and is aggregated every round exactly like pre-training.
+Each oracle keeps its own head W_y(O_j) in its loop: it is never part of the sent vector, unless
+`finetune.shared_head` asks for one head aggregated with the body (every oracle has the same task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dgpt.config import Config, OracleConfig, dump_config
+from dgpt.data.tasks import ExampleSampler, TaskExamples, TaskSpec, encode_examples, load_split, read_rows, task_spec
+from dgpt.data.tokenizer import TextTokenizer
+from dgpt.errors import DgptError
+from dgpt.fileio import write_text
+from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.heads import TaskHead, TaskModel
+from dgpt.runtimes.federated import LocalWork, Transport, oracle_seed, oracle_state_path
+from dgpt.runtimes.setup import model_config_for, newest_weights
+from dgpt.train.checkpoint import load_weights_into
+from dgpt.train.local import pick_device
+from dgpt.train.task_eval import METRICS, evaluate_task
+from dgpt.train.task_loop import TaskLoop
+
+
+def starting_point(config: Config) -> tuple[TextTokenizer, GPTConfig, Path | None]:
+    """Tokenizer, model config and the DUPT weights to start from (None: from scratch)."""
+    if config.finetune.init_from:
+        return newest_weights(Path(config.finetune.init_from))
+    if not config.tokenizer.path:
+        raise DgptError("finetune.init_from is empty (from scratch): set tokenizer.path to the tokenizer.json to use")
+    tokenizer = TextTokenizer.load(config.tokenizer.path)
+    return tokenizer, model_config_for(config, tokenizer.vocab_size), None
+
+
+def load_task(oracle: OracleConfig, tokenizer: TextTokenizer, max_len: int, log: Callable[[str], None]) -> tuple[TaskSpec, TaskExamples, TaskExamples | None]:
+    """An oracle's head spec, training examples and validation examples (None without a valid split)."""
+    task, name = oracle.task, oracle.name
+    base = TaskSpec(task.type, list(task.labels), task.regression, task.num_choices, dict(task.columns), max_len)
+    rows = read_rows(task.train, base, name)
+    if not rows:
+        raise DgptError(f"oracle '{name}': no labeled training examples in {', '.join(task.train) or 'task.train (empty)'}")
+    spec = task_spec(task, rows, max_len, name)
+    train = encode_examples(rows, spec, tokenizer, name)
+    valid = load_split(task.valid, spec, tokenizer, name) if task.valid else None
+    for split, examples in (("training", train), ("validation", valid)):
+        if examples is not None and examples.truncated:
+            log(f"oracle '{name}': {examples.truncated} of {len(examples)} {split} examples truncated to {max_len} tokens")
+    return spec, train, valid
+
+
+def finetune_work(config: Config, transport: Transport, local_names: list[str], log: Callable[[str], None]) -> LocalWork:
+    ft, run_dir = config.finetune, Path(config.run_dir)
+    untasked = [o.name for o in config.oracles if o.task is None]
+    if not config.oracles or untasked:
+        raise DgptError(f"fine-tuning needs an [oracles.task] for every oracle; missing for: {', '.join(untasked) or '(no oracles)'}")
+    tokenizer, model_config, init = starting_point(config)
+    max_len = ft.max_len or model_config.n_ctx
+    if max_len > model_config.n_ctx:
+        raise DgptError(f"finetune.max_len {max_len} exceeds the model's n_ctx {model_config.n_ctx}")
+    oracles = {o.name: o for o in config.oracles}
+    data = {name: load_task(oracles[name], tokenizer, max_len, log) for name in local_names}
+    sizes = transport.gather_scalars({name: float(len(train)) for name, (_, train, _) in data.items()})
+    if transport.is_leader:
+        tokenizer.save(run_dir / "tokenizer.json")
+        write_text(run_dir / "config.toml", dump_config(config))
+    config = _as_run(config, max(sizes.values()))
+    fed, cfg = config.federation, config.pretrain
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(config.seed)
+    gpt = GPT(model_config)
+    if init is not None:
+        load_weights_into(gpt, init, model_config)
+    gpt.to(device)
+    names = config.oracle_names()
+    shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None
+    loops = {}
+    for name, (spec, train, _) in data.items():
+        seed = oracle_seed(config.seed, names.index(name))
+        head = shared or _head(spec, model_config, ft.classifier_dropout, seed, device)
+        sampler = ExampleSampler(train, seed, name)
+        loops[name] = TaskLoop(TaskModel(gpt, head), spec, cfg, sampler, fed.rounds * fed.inner_steps, device, seed, ft.lambda_lm)
+    params = list(gpt.parameters()) + (list(shared.parameters()) if shared is not None else [])
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        return {
+            name: evaluate_task(loops[name].model, valid, spec, ft.eval_batch_size, device, cfg.dtype)
+            for name, (spec, _, valid) in data.items() if valid is not None and len(valid)
+        }
+
+    return LocalWork(config, run_dir, gpt, model_config, params, device, loops, sizes, evaluate, METRICS, "examples")
+
+
+def _head(spec: TaskSpec, model_config: GPTConfig, dropout: float, seed: int, device: torch.device) -> TaskHead:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same head in every runtime
+        head = TaskHead(model_config.d_model, spec.type, spec.num_outputs, dropout, spec.regression)
+    return head.to(device)
+
+
+def _as_run(config: Config, largest: float) -> Config:
+    """The config as the round driver runs it: rounds and inner steps, and GPT-1's fine-tuning schedule."""
+    ft = config.finetune
+    steps = math.ceil(ft.epochs * largest / ft.batch_size)
+    rounds = ft.rounds or max(1, math.ceil(steps / ft.inner_steps))
+    total = rounds * ft.inner_steps
+    pretrain = dataclasses.replace(
+        config.pretrain, lr=ft.lr, min_lr=0.0, batch_size=ft.batch_size, grad_accum=1, warmup_steps=round(ft.warmup * total),
+        schedule="linear", weight_decay=ft.weight_decay, grad_clip=ft.grad_clip, compile=False,
+    )
+    federation = dataclasses.replace(config.federation, rounds=rounds, inner_steps=ft.inner_steps)
+    return dataclasses.replace(config, pretrain=pretrain, federation=federation)
+
+
+def load_task_model(run_dir: Path, oracle: str, device: torch.device) -> tuple[TaskModel, TaskSpec, TextTokenizer]:
+    """A fine-tuning run's newest body with one oracle's head (read from that oracle's own state file)."""
+    tokenizer, model_config, weights = newest_weights(run_dir)
+    path = oracle_state_path(run_dir, oracle, int(weights.parent.name.split("_")[1]))
+    if not path.is_file():
+        known = sorted(p.name for p in (run_dir / "oracles").glob("*") if p.is_dir()) if (run_dir / "oracles").is_dir() else []
+        raise DgptError(f"{run_dir}: no oracle '{oracle}' in this run (oracles: {', '.join(known) or 'none'})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise DgptError(f"{path}: unreadable oracle state ({type(e).__name__})") from None
+    if "head" not in state or "task" not in state:
+        raise DgptError(f"{path}: oracle '{oracle}' has no task head; is {run_dir} a fine-tuning run?")
+    spec = TaskSpec(**state["task"])
+    gpt = GPT(model_config)
+    load_weights_into(gpt, weights, model_config)
+    head = TaskHead(model_config.d_model, spec.type, spec.num_outputs, 0.0, spec.regression)
+    head.load_state_dict(state["head"])
+    return TaskModel(gpt, head).to(device).eval(), spec, tokenizer

@@ -1,0 +1,68 @@
+"""Fine-tuning evaluation: a task model's outputs on a labeled split, and its metrics.
+
+accuracy (classification and multiple choice), F1 of label index 1 (two-label classification tasks),
+Pearson and Spearman correlation (regression), and the mean L2 loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dgpt.data.tasks import TaskExamples, TaskSpec
+from dgpt.objectives import task_loss
+from dgpt.train.local import autocast
+
+METRICS = ("loss", "accuracy", "f1", "pearson", "spearman")  # every key any task may report
+
+
+@torch.no_grad()
+def task_outputs(model: torch.nn.Module, examples: TaskExamples, batch_size: int, device: torch.device, dtype: str = "float32") -> torch.Tensor:
+    """Head outputs for every example, in order (eval mode; padding does not change them)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in examples.batches(batch_size):
+        with autocast(device, dtype):
+            outputs, _ = model(batch.ids.to(device), batch.lengths.to(device))
+        out.append(outputs.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> dict[str, float]:
+    if not len(labels):
+        return {}
+    metrics = {"loss": task_loss(outputs, labels).item()}
+    if spec.regression:
+        x, y = outputs.double().numpy(), labels.double().numpy()
+        metrics["pearson"] = _correlation(x, y)
+        metrics["spearman"] = _correlation(_ranks(x), _ranks(y))
+        return metrics
+    predicted = outputs.argmax(dim=-1)
+    metrics["accuracy"] = (predicted == labels).double().mean().item()
+    if spec.type != "multiple_choice" and len(spec.labels) == 2:
+        tp = ((predicted == 1) & (labels == 1)).sum().item()
+        fp_fn = (predicted != labels).sum().item()
+        metrics["f1"] = 2 * tp / (2 * tp + fp_fn) if tp else 0.0
+    return metrics
+
+
+def evaluate_task(model, examples: TaskExamples, spec: TaskSpec, batch_size: int, device, dtype: str = "float32") -> dict[str, float]:
+    return task_metrics(task_outputs(model, examples, batch_size, device, dtype), examples.labels, spec)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, tied values sharing their mean rank (Spearman's convention)."""
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="mergesort")] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]

@@ -1,0 +1,38 @@
+"""One oracle's fine-tuning loop: the shared `InnerLoop` with the L3 objective and the oracle's own head.
+
+The head's weights and its task spec are part of the loop's state, so they are saved in the oracle's
+own state file (`run_dir/oracles/<name>/round_N.pt`) and never in what the oracle sends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgpt.config import PretrainConfig
+from dgpt.data.tasks import ExampleSampler, TaskSpec
+from dgpt.model.heads import TaskModel
+from dgpt.objectives import finetune_loss
+from dgpt.train.local import InnerLoop
+
+
+class TaskLoop(InnerLoop):
+    def __init__(
+        self, model: TaskModel, spec: TaskSpec, cfg: PretrainConfig, sampler: ExampleSampler, total_steps: int,
+        device: torch.device, seed: int, lambda_lm: float,
+    ):
+        super().__init__(model, cfg, sampler, total_steps, device, seed, objective=self.loss)
+        self.spec, self.lambda_lm = spec, lambda_lm
+
+    def loss(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """L3 = L2 + lambda * L1 on one batch, and the number of (non-pad) input tokens."""
+        outputs, lm_logits = self.model(ids, lengths, with_lm=self.lambda_lm > 0)
+        l3, _, _ = finetune_loss(outputs, labels, lm_logits, ids.flatten(0, 1), lengths.flatten(), self.lambda_lm)
+        return l3, int(lengths.sum())
+
+    def state_dict(self) -> dict:
+        head = {k: v.detach().cpu().clone() for k, v in self.model.head.state_dict().items()}
+        return {**super().state_dict(), "head": head, "task": self.spec.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.model.head.load_state_dict(state["head"])
