@@ -105,6 +105,13 @@ def cmd_predict(args) -> None:
     print(f"wrote {len(rows)} predictions to {args.output}")
 
 
+def cmd_plot(args) -> None:
+    from dgpt.plot import plot_run
+
+    for path in plot_run(Path(args.run_dir)):
+        print(f"wrote {path}")
+
+
 def cmd_demo(args) -> None:
     from dgpt.demo import run_demo
 
@@ -169,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
     p.add_argument("--run-dir", default="runs/demo")

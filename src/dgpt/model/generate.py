@@ -56,16 +56,16 @@ def generate(
     cache, fed = None, 0  # `fed`: tokens of idx already in the cache
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(idx[:, -n_ctx:])
+            hidden = model.transformer(idx[:, -n_ctx:])
         elif cache is not None and idx.size(1) <= n_ctx:
-            logits = model(idx[:, fed:], cache)
+            hidden = model.transformer(idx[:, fed:], cache)
         else:  # first step, or the window slid: start a fresh cache on the last n_ctx tokens
-            window = idx[:, -n_ctx:]
             dtype = next(model.parameters()).dtype
             cache = KVCache(model.config, idx.size(0), idx.device, dtype)
-            logits = model(window, cache)
+            hidden = model.transformer(idx[:, -n_ctx:], cache)
         fed = idx.size(1)
-        token = next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        logits = model.lm_head(hidden[:, -1, :])  # only the last position is sampled from
+        token = next_token(logits.float(), temperature, top_k, top_p, generator)
         if eot_id is not None:
             token = torch.where(done[:, None], torch.full_like(token, eot_id), token)
             done |= token[:, 0] == eot_id

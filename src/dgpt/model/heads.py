@@ -26,7 +26,8 @@ class TaskHead(nn.Module):
         super().__init__()
         self.task_type, self.regression = task_type, regression
         self.drop = nn.Dropout(dropout)
-        self.linear = nn.Linear(d_model, num_outputs)
+        # a bias shared by every choice cancels in the softmax over choices (Adam would only amplify its noise)
+        self.linear = nn.Linear(d_model, num_outputs, bias=task_type != "multiple_choice")
         self.apply(init_weights)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class InnerLoop:
     ):
         self.model, self.cfg, self.sampler = model, cfg, sampler
         self.total_steps, self.device = total_steps, device
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model
         self.objective = objective or (lambda x, y: (lm_loss(self.forward(x), y), y.numel()))
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0

@@ -1,0 +1,290 @@
+"""DUPT benchmark: centralised vs decentralised (DiLoCo) pre-training of one GPT-1 decoder, side by side.
+
+Run (from the project root, venv active; ~35 min on 2 free CPU cores, far longer when they are shared; ~1-3 min
+with --quick):
+
+    python benchmarks/dupt.py [--steps 600] [--quick] [--jobs 2] [--out benchmarks/results] [--runs runs/bench_dupt]
+    python benchmarks/dupt.py --replot        # rewrite dupt.md and the plots from dupt_runs.json
+
+Four non-IID oracles of unequal size (Shakespeare, WikiText-2, Python docs, Topical-Chat from
+../shared/data/pretrain) pre-train one model. Every arm trains on the same number of tokens:
+`--steps` optimizer steps of batch B per oracle (decentralised), or `--steps` steps of batch 4B on
+the pooled data (centralised). Arms:
+  central                 pooled data, global batch 4B                   (the baseline)
+  H=1, 10, 50, 200        sim runtime, DiLoCo outer Nesterov SGD (lr 0.7, momentum 0.9)
+  H=50 int8               int8 pseudo-gradients (per-tensor scales)
+  H=50 drop 0.5           each oracle misses each round with probability 0.5 (fewer tokens trained)
+  H=50 poison <agg>       one oracle sends -10 x its pseudo-gradient; mean, trimmed_mean (0.25), median
+Measured per arm: global validation loss (per-oracle losses weighted by training tokens, the same
+weights for every arm) and its ratio to central, per-oracle validation losses, bytes moved (total and
+sent by oracles) against what synchronous data parallel would move for the same steps, wall time.
+Writes dupt.md, dupt_runs.json, dupt_loss_vs_tokens.png and dupt_loss_vs_bytes.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("TQDM_MININTERVAL", "30")  # keep the nohup log readable; read when tqdm is imported
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from dgpt import api  # noqa: E402
+from dgpt.config import config_from_dict  # noqa: E402
+from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
+from dgpt.federation.accounting import human_bytes  # noqa: E402
+from dgpt.model.gpt import GPT  # noqa: E402
+from dgpt.runtimes.setup import model_config_for  # noqa: E402
+from dgpt.runtimes.sim import pretrain_sim  # noqa: E402
+from dgpt.train.metrics import read_metrics  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
+ORACLES = ["literature_shakespeare", "encyclopedia_wikitext2", "technical_python_docs", "dialogue_topical_chat"]
+SHORT = {"literature_shakespeare": "shakesp.", "encyclopedia_wikitext2": "wiki", "technical_python_docs": "pydocs",
+         "dialogue_topical_chat": "dialogue"}
+POISONED = "dialogue_topical_chat"  # the largest oracle: the heaviest weight under the token-weighted mean
+POISON_SCALE = -10.0
+VOCAB = 4096
+FULL = dict(model={"preset": "tiny", "n_layer": 2, "d_model": 128, "n_head": 4, "d_ff": 512, "n_ctx": 64},
+            batch=8, eval_windows=48, evals=12)
+QUICK = dict(model={"preset": "tiny", "n_layer": 1, "d_model": 64, "n_head": 2, "d_ff": 256, "n_ctx": 32},
+             batch=4, eval_windows=8, evals=4)
+
+# name, kind, federation overrides, poisoned?
+ARMS = [
+    ("central", "central", {}, False),
+    ("H=1", "sim", {"inner_steps": 1}, False),
+    ("H=10", "sim", {"inner_steps": 10}, False),
+    ("H=50", "sim", {"inner_steps": 50}, False),
+    ("H=200", "sim", {"inner_steps": 200}, False),
+    ("H=50 int8", "sim", {"inner_steps": 50, "compression": "int8"}, False),
+    ("H=50 drop 0.5", "sim", {"inner_steps": 50, "drop_prob": 0.5}, False),
+    ("H=50 poison mean", "sim", {"inner_steps": 50, "aggregator": "mean"}, True),
+    ("H=50 poison trimmed", "sim", {"inner_steps": 50, "aggregator": "trimmed_mean", "trim_fraction": 0.25}, True),
+    ("H=50 poison median", "sim", {"inner_steps": 50, "aggregator": "median"}, True),
+]
+
+
+def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, eval_interval: int) -> dict:
+    return {
+        "run_dir": str(run_dir), "seed": 1337, "model": setup["model"], "tokenizer": {"vocab_size": VOCAB},
+        "oracles": [{"name": n, "train": [str(DATA / n / "train.txt")], "valid": [str(DATA / n / "valid.txt")]}
+                    for n in ORACLES],
+        "pretrain": {"steps": steps, "batch_size": batch, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, steps // 20),
+                     "eval_interval": eval_interval, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
+                     "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
+        "federation": {"outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True, **fed},
+    }
+
+
+def fresh_run_dir(runs: Path, name: str) -> Path:
+    """An empty run dir holding a copy of the shared tokenizer and shards (prepare verifies and reuses them)."""
+    run_dir = runs / name.replace(" ", "_").replace("=", "")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shared = runs / "_data"
+    shutil.copytree(shared / "data", run_dir / "data")
+    for f in ("tokenizer.json", "tokenizer.fingerprint.json"):
+        shutil.copy2(shared / f, run_dir / f)
+    return run_dir
+
+
+def run_central(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool) -> list[dict]:
+    """Pooled data, global batch = 4 x the per-oracle batch, `steps` steps."""
+    config = config_from_dict(base_config(run_dir, setup, steps, 4 * setup["batch"], {"runtime": "central"},
+                                          max(1, steps // setup["evals"])))
+    api.pretrain(config, log=lambda s: print(f"  [central] {s}"))
+    return [{"tokens": r["tokens"], "oracles": r["oracles"], "step": r["step"]}
+            for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "valid"]
+
+
+def run_sim(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool) -> list[dict]:
+    """The sim runtime with `steps` inner steps per oracle in total: steps / H rounds."""
+    rounds = steps // fed["inner_steps"]
+    fed = {"runtime": "sim", "rounds": rounds, "eval_interval": max(1, rounds // setup["evals"]), **fed}
+    config = config_from_dict(base_config(run_dir, setup, steps, setup["batch"], fed, 1))
+    tamper = (lambda name, delta: delta * POISON_SCALE if name == POISONED else delta) if poisoned else None
+    pretrain_sim(config, log=lambda s: print(f"  [{run_dir.name}] {s}"), tamper=tamper)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "round"]
+    return [{k: r.get(k, 0) for k in ("round", "tokens", "oracles", "bytes_total", "bytes_sent", "dp_bytes")}
+            for r in rows if "oracles" in r]
+
+
+RUNNERS = {"central": run_central, "sim": run_sim}
+
+
+def run_arm(arm: tuple, runs: Path, setup: dict, steps: int) -> tuple[list[dict], float]:
+    """One arm in a worker process (one torch thread: much faster than two when the cores are shared)."""
+    torch.set_num_threads(1)
+    name, kind, fed, poisoned = arm
+    print(f"=== {name}: start", flush=True)
+    t0 = time.perf_counter()
+    curve = RUNNERS[kind](fresh_run_dir(runs, name), setup, steps, fed, poisoned)
+    seconds = time.perf_counter() - t0
+    print(f"=== {name}: done in {seconds:.0f} s", flush=True)
+    return curve, seconds
+
+
+def global_loss(oracles: dict[str, float], weights: dict[str, int]) -> float:
+    return sum(oracles[n] * weights[n] for n in oracles) / sum(weights[n] for n in oracles)
+
+
+def summarise(name: str, curve: list[dict], weights: dict, dp_per_step: int, seconds: float) -> dict:
+    """Final numbers of one arm; the central arm gets the bytes data parallel across the 4 oracles would move."""
+    for row in curve:
+        row["loss"] = global_loss(row["oracles"], weights)
+        if "step" in row:  # central: no communication of its own; DP-equivalent bytes at this step
+            row["bytes_total"] = row["dp_bytes"] = dp_per_step * row["step"]
+            row["bytes_sent"] = row["dp_bytes"] // 2
+    last = curve[-1]
+    return {"name": name, "loss": last["loss"], "oracles": last["oracles"], "tokens": last["tokens"],
+            "bytes_total": last["bytes_total"], "bytes_sent": last["bytes_sent"], "dp_bytes": last["dp_bytes"],
+            "seconds": round(seconds, 1), "curve": curve}
+
+
+def table(results: list[dict]) -> str:
+    central = results[0]["loss"]
+    head = ["arm", "tokens", "global loss", "vs central"] + [SHORT[n] for n in ORACLES] + \
+        ["bytes total", "sent by oracles", "DP bytes", "DP / total", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        comm = r["name"] == "central"
+        cells = [r["name"], f"{r['tokens'] / 1e6:.2f}M", f"{r['loss']:.4f}", f"{100 * r['loss'] / central:.1f}%"]
+        cells += [f"{r['oracles'][n]:.3f}" for n in ORACLES]
+        cells += ["(DP) " + human_bytes(r["bytes_total"]) if comm else human_bytes(r["bytes_total"]),
+                  "(DP) " + human_bytes(r["bytes_sent"]) if comm else human_bytes(r["bytes_sent"]),
+                  human_bytes(r["dp_bytes"]), "1x" if comm else f"{r['dp_bytes'] / r['bytes_total']:.1f}x",
+                  f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(results: list[dict]) -> str:
+    by = {r["name"]: r for r in results}
+    central, h50 = by["central"], by["H=50"]
+    gap = 100 * (h50["loss"] / central["loss"] - 1)
+    factor = h50["dp_bytes"] / h50["bytes_total"]
+    ok1 = gap <= 3 and factor >= 50
+    lines = [f"**Target 1** — at H = 50 the final global validation loss is within 3% of centralised while sending "
+             f">= 50x fewer bytes than synchronous data parallel: loss {h50['loss']:.4f} vs {central['loss']:.4f} "
+             f"({gap:+.1f}%), {factor:.1f}x fewer bytes -> **{'met' if ok1 else 'not met'}**"
+             + ("." if ok1 else f" (loss gap exceeds 3% by {gap - 3:.1f} points)." if factor >= 50 else ".")]
+    h1_gap = 100 * (by["H=1"]["loss"] / central["loss"] - 1)
+    if not ok1 and h1_gap > 3:
+        lines.append(f"Even H = 1, which communicates after every step, ends {h1_gap:+.1f}% from central, so the gap "
+                     f"is not caused by communicating rarely: with the same inner optimiser, the outer step "
+                     f"(lr 0.7, Nesterov momentum 0.9) is what differs from pooled training at this short horizon.")
+    for agg in ("trimmed", "median", "mean"):
+        p = by[f"H=50 poison {agg}"]
+        d = 100 * (p["loss"] / h50["loss"] - 1)
+        robust = agg != "mean"
+        status = ("met" if d <= 3 else "not met") if robust else "reference: the non-robust mean"
+        lines.append(f"**Target 2 ({agg})** — poisoned run ({POISONED} sends {POISON_SCALE:g} x Delta) within 3% of "
+                     f"clean H=50: {p['loss']:.4f} vs {h50['loss']:.4f} ({d:+.1f}%) -> **{status}**.")
+    drop = by["H=50 drop 0.5"]
+    lines.append(f"Dropping each oracle with probability 0.5 trained {drop['tokens'] / h50['tokens']:.0%} of the tokens "
+                 f"of the clean H=50 arm ({drop['tokens']:,} vs {h50['tokens']:,}); its loss is "
+                 f"{100 * (drop['loss'] / h50['loss'] - 1):+.1f}% vs clean H=50.")
+    return "\n\n".join(lines)
+
+
+STYLES = {  # arms that overlap get hollow markers or a different line so that both stay visible
+    "central": dict(color="black", lw=2.4, marker="s"),
+    "H=50 int8": dict(ls="-.", marker="o", mfc="none", ms=7),
+    "H=50 poison mean": dict(ls="--", marker="x"),
+    "H=50 poison trimmed": dict(ls="--", marker="^", ms=5),
+    "H=50 poison median": dict(ls=":", marker="^", mfc="none", ms=9, lw=2),
+}
+
+
+def plot(results: list[dict], out: Path) -> None:
+    top = results[0]["curve"][0]["loss"] + 0.05  # every arm starts from the same initial model
+    bottom = min(row["loss"] for r in results for row in r["curve"]) - 0.1
+    for key, xlabel, fname, log in [("tokens", "training tokens, all oracles", "dupt_loss_vs_tokens.png", False),
+                                    ("bytes_total", "bytes communicated, uploads + downloads (central: what synchronous "
+                                     "data parallel would move)", "dupt_loss_vs_bytes.png", True)]:
+        fig, ax = plt.subplots(figsize=(10, 6))
+        for i, r in enumerate(results):
+            pts = [(row[key] / (1 if log else 1e6), row["loss"]) for row in r["curve"] if not log or row[key] > 0]
+            label = r["name"] + (f" (final {r['loss']:.1f}, off scale)" if r["loss"] > top else "")
+            style = {"color": plt.cm.tab10(i % 10), "lw": 1.5, "marker": "o", "ms": 4, **STYLES.get(r["name"], {})}
+            ax.plot(*zip(*pts), label=label, **style)
+        ax.set_xscale("log" if log else "linear")
+        ax.set_ylim(bottom, top)
+        ax.set(xlabel=xlabel if log else xlabel + " (millions)", ylabel="global validation loss (nats / token)",
+               title=f"DUPT, 4 non-IID oracles, equal training tokens: validation loss vs {'bytes' if log else 'tokens'}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8.5, ncol=2, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def write_outputs(run: dict, out: Path) -> None:
+    """dupt.md, dupt_runs.json and the two plots from one run's results; prints the markdown."""
+    setup, steps, results = run["setup"], run["steps"], run["arms"]
+    md = (f"# DUPT benchmark: centralised vs decentralised pre-training\n\n"
+          f"`python benchmarks/dupt.py --steps {steps}{' --quick' if run.get('quick') else ''}`: model "
+          f"{json.dumps(setup['model'])} ({run['params']:,} parameters, vocab {VOCAB}); {steps} inner steps x batch "
+          f"{setup['batch']} per oracle (central: {steps} steps x batch {4 * setup['batch']}); AdamW lr 1e-3 "
+          f"(warmup {max(1, steps // 20)}, cosine to 1e-4), outer Nesterov SGD lr 0.7 / momentum 0.9 for every H. "
+          f"Global loss = per-oracle validation losses ({setup['eval_windows']} windows of {setup['model']['n_ctx']} "
+          f"tokens each) weighted by training tokens {run['weights']}, the same weights for every arm. Bytes: total = "
+          f"oracle uploads + downloads (the fp32 global model each round); DP = what synchronous data parallel would "
+          f"move for the same steps (one fp32 gradient up and down per participant per step), so DP / total is H for "
+          f"fp32 pseudo-gradients by construction. With 4 oracles, trimmed_mean(0.25) and median are the same rule "
+          f"(the mean of the two middle values per coordinate). Wall time: {run.get('jobs', 2)} arm(s) at a time, one "
+          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results)}\n")
+    (out / "dupt.md").write_text(md)
+    (out / "dupt_runs.json").write_text(json.dumps(run, indent=1))
+    plot(results, out)
+    print(md)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=600, help="inner steps per oracle in total (a multiple of 200)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version (~1 minute)")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process, one thread each)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench_dupt"), help="run directories (scratch)")
+    parser.add_argument("--replot", action="store_true", help="only rewrite dupt.md and the plots from dupt_runs.json")
+    args = parser.parse_args()
+    if args.replot:
+        return write_outputs(json.loads((args.out / "dupt_runs.json").read_text()), args.out)
+    setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
+    if steps % 200:
+        parser.error("--steps must be a multiple of 200 (the largest H)")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    shared = config_from_dict(base_config(args.runs / "_data", setup, steps, setup["batch"], {}, 1))
+    stats = api.prepare(shared, log=lambda s: print(f"  [prepare] {s}"))
+    weights = {n: stats[n]["train"]["tokens"] for n in ORACLES}
+    vocab = TextTokenizer.load(args.runs / "_data" / "tokenizer.json").vocab_size
+    params = GPT(model_config_for(shared, vocab)).num_params()
+    dp_per_step = 2 * 4 * params * len(ORACLES)  # each of 4 oracles sends and receives one fp32 gradient per step
+    print(f"model {params:,} parameters; {steps} steps x {setup['batch']} windows x {setup['model']['n_ctx']} tokens "
+          f"per oracle; oracle training tokens {weights}")
+
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_arm, arm, args.runs, setup, steps) for arm in ARMS]
+        results = []
+        for arm, future in zip(ARMS, futures):
+            curve, seconds = future.result()
+            results.append(summarise(arm[0], curve, weights, dp_per_step, seconds))
+    write_outputs({"steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
+                   "weights": weights, "arms": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()

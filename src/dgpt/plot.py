@@ -1,0 +1,140 @@
+"""`dgpt plot RUN_DIR`: PNG curves from a run's `metrics.jsonl`, written to RUN_DIR/plots/.
+
+    central runs      train loss vs step; validation loss per oracle (and global) vs step
+    federated runs    validation loss per oracle and global vs round, vs tokens trained, vs bytes
+                      communicated (log x); train loss per oracle vs round
+    fine-tuning runs  every score per oracle (accuracy, F1, ...) vs round, from rows that carry
+                      `metrics: {oracle: {name: value}}` or an `accuracy` field (per oracle or a dict)
+
+matplotlib is optional (`pip install 'dgpt[plot]'`) and imported only here, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from dgpt.errors import DgptError
+from dgpt.train.metrics import read_metrics
+
+Series = dict[str, list[tuple[float, float]]]  # label -> [(x, y), ...]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise DgptError("matplotlib is not installed: pip install 'dgpt[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise DgptError(f"{path}: not found; is {run_dir} a run directory that has trained?")
+    try:
+        rows = [r for r in read_metrics(path) if isinstance(r, dict)]
+    except ValueError as e:
+        raise DgptError(f"{path}: not valid JSON lines ({e})") from None
+    if not rows:
+        raise DgptError(f"{path}: no metrics rows to plot")
+    return rows
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _add(series: Series, label: str, x, y) -> None:
+    if _number(x) and _number(y):
+        series[label].append((float(x), float(y)))
+
+
+def _plot(plt, series: Series, path: Path, xlabel: str, ylabel: str, title: str, logx: bool = False) -> Path | None:
+    series = {k: [(x, y) for x, y in v if x > 0 or not logx] for k, v in series.items()}  # log x: drop x = 0
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(series.items(), key=lambda kv: (kv[0] != "global", kv[0])):
+        xs, ys = zip(*sorted(points))
+        style = dict(color="black", linewidth=2.2) if label == "global" else {}
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label, **style)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _scores(row: dict) -> dict[str, dict[str, float]]:
+    """{oracle: {score: value}} from a row: `metrics` dict, per-oracle `accuracy`, or an `accuracy` dict."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for oracle, scores in (row.get("metrics") or {}).items() if isinstance(row.get("metrics"), dict) else ():
+        if isinstance(scores, dict):
+            out[oracle].update({k: v for k, v in scores.items() if _number(v)})
+    accuracy = row.get("accuracy")
+    if isinstance(accuracy, dict):
+        for oracle, value in accuracy.items():
+            if _number(value):
+                out[oracle]["accuracy"] = value
+    elif _number(accuracy):
+        out[row.get("oracle", "global")]["accuracy"] = accuracy
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the run's PNGs into run_dir/plots/ and return their paths."""
+    run_dir = Path(run_dir)
+    rows = _read(run_dir)
+    plt = _pyplot()
+    out = run_dir / "plots"
+    federated = any("round" in r for r in rows)
+    written: list[Path | None] = []
+    if not federated:
+        train, valid = defaultdict(list), defaultdict(list)
+        for r in rows:
+            if r.get("kind") == "train":
+                _add(train, "train", r.get("step"), r.get("loss"))
+            elif r.get("kind") == "valid":
+                _add(valid, "global", r.get("step"), r.get("loss"))
+                for oracle, loss in (r.get("oracles") or {}).items():
+                    _add(valid, oracle, r.get("step"), loss)
+        written += [_plot(plt, train, out / "train_loss.png", "step", "training loss", "Training loss"),
+                    _plot(plt, valid, out / "valid_loss.png", "step", "validation loss", "Validation loss per oracle")]
+    else:
+        by_x = {axis: defaultdict(list) for axis in ("round", "tokens", "bytes_total")}
+        train, scores = defaultdict(list), defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            rnd = r.get("round", r.get("step"))
+            if r.get("kind") == "round":
+                for axis, series in by_x.items():
+                    _add(series, "global", r.get(axis), r.get("loss"))
+                    for oracle, loss in (r.get("oracles") or {}).items():
+                        _add(series, oracle, r.get(axis), loss)
+            elif r.get("kind") == "oracle":
+                _add(train, r.get("oracle", "?"), rnd, r.get("train_loss"))
+            for oracle, values in _scores(r).items():
+                for name, value in values.items():
+                    _add(scores[name], oracle, rnd, value)
+        labels = {"round": ("round", "", False), "tokens": ("tokens trained (all oracles)", "_vs_tokens", False),
+                  "bytes_total": ("bytes communicated", "_vs_bytes", True)}
+        for axis, (xlabel, suffix, logx) in labels.items():
+            written.append(_plot(plt, by_x[axis], out / f"valid_loss{suffix}.png", xlabel, "validation loss",
+                                 f"Validation loss per oracle vs {xlabel}", logx))
+        written.append(_plot(plt, train, out / "train_loss.png", "round", "training loss (mean over inner steps)",
+                             "Training loss per oracle"))
+        for name, series in sorted(scores.items()):
+            written.append(_plot(plt, series, out / f"{name}.png", "round", name, f"{name} per oracle"))
+    paths = [p for p in written if p is not None]
+    if not paths:
+        raise DgptError(f"{run_dir / 'metrics.jsonl'}: no loss or score rows that can be plotted")
+    return paths
