@@ -84,7 +84,7 @@ def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, e
         "pretrain": {"steps": steps, "batch_size": batch, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, steps // 20),
                      "eval_interval": eval_interval, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
                      "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
-        "federation": {"outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True, **fed},
+        "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True, **fed},
     }
 
 
@@ -169,7 +169,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(results: list[dict]) -> str:
+def outer_name(setup: dict) -> str:
+    if setup["outer_momentum"] == 0:
+        return f"SGD lr {setup['outer_lr']:g} without momentum" + (" (FedAvg)" if setup["outer_lr"] == 1 else "")
+    return f"Nesterov SGD lr {setup['outer_lr']:g} / momentum {setup['outer_momentum']:g}"
+
+
+def verdict(results: list[dict], setup: dict) -> str:
     by = {r["name"]: r for r in results}
     central, h50 = by["central"], by["H=50"]
     gap = 100 * (h50["loss"] / central["loss"] - 1)
@@ -183,7 +189,7 @@ def verdict(results: list[dict]) -> str:
     if not ok1 and h1_gap > 3:
         lines.append(f"Even H = 1, which communicates after every step, ends {h1_gap:+.1f}% from central, so the gap "
                      f"is not caused by communicating rarely: with the same inner optimiser, the outer step "
-                     f"(lr 0.7, Nesterov momentum 0.9) is what differs from pooled training at this short horizon.")
+                     f"({outer_name(setup)}) is what differs from pooled training at this short horizon.")
     for agg in ("trimmed", "median", "mean"):
         p = by[f"H=50 poison {agg}"]
         d = 100 * (p["loss"] / h50["loss"] - 1)
@@ -207,12 +213,12 @@ STYLES = {  # arms that overlap get hollow markers or a different line so that b
 }
 
 
-def plot(results: list[dict], out: Path) -> None:
+def plot(results: list[dict], out: Path, stem: str, outer: str) -> None:
     top = results[0]["curve"][0]["loss"] + 0.05  # every arm starts from the same initial model
     bottom = min(row["loss"] for r in results for row in r["curve"]) - 0.1
-    for key, xlabel, fname, log in [("tokens", "training tokens, all oracles", "dupt_loss_vs_tokens.png", False),
+    for key, xlabel, fname, log in [("tokens", "training tokens, all oracles", f"{stem}_loss_vs_tokens.png", False),
                                     ("bytes_total", "bytes communicated, uploads + downloads (central: what synchronous "
-                                     "data parallel would move)", "dupt_loss_vs_bytes.png", True)]:
+                                     "data parallel would move)", f"{stem}_loss_vs_bytes.png", True)]:
         fig, ax = plt.subplots(figsize=(10, 6))
         for i, r in enumerate(results):
             pts = [(row[key] / (1 if log else 1e6), row["loss"]) for row in r["curve"] if not log or row[key] > 0]
@@ -222,9 +228,10 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_xscale("log" if log else "linear")
         ax.set_ylim(bottom, top)
         ax.set(xlabel=xlabel if log else xlabel + " (millions)", ylabel="global validation loss (nats / token)",
-               title=f"DUPT, 4 non-IID oracles, equal training tokens: validation loss vs {'bytes' if log else 'tokens'}")
+               title=f"DUPT, 4 non-IID oracles, equal training tokens, outer {outer}:\n"
+                     f"validation loss vs {'bytes' if log else 'tokens'}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8.5, ncol=2, loc="upper right")
+        ax.legend(fontsize=8.5, ncol=2, loc="lower left")  # the empty corner below the plateau
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
@@ -237,17 +244,18 @@ def write_outputs(run: dict, out: Path) -> None:
           f"`python benchmarks/dupt.py --steps {steps}{' --quick' if run.get('quick') else ''}`: model "
           f"{json.dumps(setup['model'])} ({run['params']:,} parameters, vocab {VOCAB}); {steps} inner steps x batch "
           f"{setup['batch']} per oracle (central: {steps} steps x batch {4 * setup['batch']}); AdamW lr 1e-3 "
-          f"(warmup {max(1, steps // 20)}, cosine to 1e-4), outer Nesterov SGD lr 0.7 / momentum 0.9 for every H. "
+          f"(warmup {max(1, steps // 20)}, cosine to 1e-4), outer {outer_name(setup)} for every H. "
           f"Global loss = per-oracle validation losses ({setup['eval_windows']} windows of {setup['model']['n_ctx']} "
           f"tokens each) weighted by training tokens {run['weights']}, the same weights for every arm. Bytes: total = "
           f"oracle uploads + downloads (the fp32 global model each round); DP = what synchronous data parallel would "
           f"move for the same steps (one fp32 gradient up and down per participant per step), so DP / total is H for "
           f"fp32 pseudo-gradients by construction. With 4 oracles, trimmed_mean(0.25) and median are the same rule "
           f"(the mean of the two middle values per coordinate). Wall time: {run.get('jobs', 2)} arm(s) at a time, one "
-          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results)}\n")
-    (out / "dupt.md").write_text(md)
-    (out / "dupt_runs.json").write_text(json.dumps(run, indent=1))
-    plot(results, out)
+          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup)}\n")
+    stem = run.get("stem", "dupt")
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}_runs.json").write_text(json.dumps(run, indent=1))
+    plot(results, out, stem, outer_name(setup))
     print(md)
 
 
@@ -258,11 +266,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process, one thread each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench_dupt"), help="run directories (scratch)")
-    parser.add_argument("--replot", action="store_true", help="only rewrite dupt.md and the plots from dupt_runs.json")
+    parser.add_argument("--replot", action="store_true", help="only rewrite STEM.md and the plots from STEM_runs.json")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (DiLoCo: 0.7)")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (DiLoCo: 0.9)")
+    parser.add_argument("--stem", default="dupt", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png")
     args = parser.parse_args()
     if args.replot:
-        return write_outputs(json.loads((args.out / "dupt_runs.json").read_text()), args.out)
+        return write_outputs(json.loads((args.out / f"{args.stem}_runs.json").read_text()), args.out)
     setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
+    setup = {**setup, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
     if steps % 200:
         parser.error("--steps must be a multiple of 200 (the largest H)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +294,7 @@ def main() -> None:
         for arm, future in zip(ARMS, futures):
             curve, seconds = future.result()
             results.append(summarise(arm[0], curve, weights, dp_per_step, seconds))
-    write_outputs({"steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
+    write_outputs({"stem": args.stem, "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
                    "weights": weights, "arms": results}, args.out)
 
 

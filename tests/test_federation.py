@@ -213,3 +213,9 @@ def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
         (target / f.name).write_bytes(f.read_bytes())
     with pytest.raises(DgptError, match="different tokenizer"):
         load_run(config, prepare_data=False, log=quiet)
+
+
+def test_trimmed_mean_cuts_at_least_one_from_each_end_with_three_updates():
+    values = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([100.0])]
+    assert trimmed_mean(values, 0.2).item() == 2.0  # int(0.2 * 3) = 0, yet the outlier is cut
+    assert trimmed_mean(values, 0.0).item() == pytest.approx(103 / 3)

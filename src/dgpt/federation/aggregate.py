@@ -51,9 +51,15 @@ def coordinate_median(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 
 def trimmed_mean(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Per-coordinate mean after dropping the `fraction` largest and smallest values."""
+    """Per-coordinate mean after dropping the `fraction` largest and smallest values.
+
+    With three or more updates at least one is cut from each end whenever fraction > 0, so that a
+    round that lost oracles does not silently become a plain mean.
+    """
     k = len(deltas)
     cut = int(fraction * k)
+    if fraction > 0 and cut == 0 and k >= 3:
+        cut = 1
     ordered = torch.stack(deltas).sort(dim=0).values
     return ordered[cut : k - cut].mean(dim=0)
 

@@ -11,7 +11,7 @@ from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of
-from dgpt.train.evaluate import Validator
+from dgpt.train.evaluate import Validator, weighted_loss
 from dgpt.train.local import InnerLoop
 from dgpt.train.metrics import MetricsLog
 
@@ -25,6 +25,7 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
     pooled = [a for arrays in setup.train.values() for a in arrays]
     loop = InnerLoop(model, cfg, WindowSampler(pooled, n_ctx, config.seed, "pooled"), cfg.steps, setup.device, config.seed, forward)
     validator = Validator(setup.valid, n_ctx, cfg.eval_windows, cfg.batch_size)
+    train_tokens = {name: sum(len(a) for a in arrays) for name, arrays in setup.train.items()}
 
     start, checkpoint = 0, latest_checkpoint(run_dir)
     resuming = False
@@ -40,7 +41,7 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
 
     def validate(step: int) -> dict:
         losses = validator(model, setup.device, cfg.dtype)
-        metrics.log(step=step, tokens=loop.tokens, kind="valid", loss=validator.global_loss(losses), oracles=losses)
+        metrics.log(step=step, tokens=loop.tokens, kind="valid", loss=weighted_loss(losses, train_tokens), oracles=losses)
         return losses
 
     losses = validate(0) if start == 0 else {}

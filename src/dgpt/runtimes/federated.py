@@ -41,7 +41,7 @@ from dgpt.train.checkpoint import (
     save_checkpoint,
     weights_of,
 )
-from dgpt.train.evaluate import Validator
+from dgpt.train.evaluate import Validator, weighted_loss
 from dgpt.train.local import InnerLoop, move_optimizer_state
 from dgpt.train.metrics import MetricsLog
 
@@ -171,7 +171,7 @@ def train_federated(
     valid, scores = validate()
     if metrics is not None and start == 0:
         extra = {"metrics": scores} if scores else {}
-        metrics.log(round=0, kind="round", tokens=0, loss=_weighted(valid, tokens), oracles=valid, **extra, bytes_total=0, dp_bytes=0)
+        metrics.log(round=0, kind="round", tokens=0, loss=weighted_loss(valid, tokens), oracles=valid, **extra, bytes_total=0, dp_bytes=0)
     if transport.is_leader:
         log(f"model: {sum(segments):,} shared parameters; oracles: " + ", ".join(f"{n} ({int(tokens[n]):,} {local.unit})" for n in all_names))
     bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True, disable=not transport.is_leader)
@@ -182,6 +182,7 @@ def train_federated(
         theta = outer.theta.detach()
         updates = {}
         for name in [n for n in local_names if n in participants]:
+            loops[name].step = (rnd - 1) * fed.inner_steps  # an oracle that missed rounds keeps to the schedule
             updates[name] = _local_round(loops[name], params, theta, fed, segments, local.device, parked)
         outcome = transport.aggregate(updates, fed, weights, sum(segments))
         if outcome.update is not None:
@@ -211,7 +212,7 @@ def train_federated(
             f"moved {human_bytes(ledger.dp_bytes)} ({ledger.dp_bytes / max(ledger.total, 1):.0f}x more)"
         )
     return {
-        "valid": valid, "global": _weighted(valid, tokens), "metrics": scores, "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes,
+        "valid": valid, "global": weighted_loss(valid, tokens), "metrics": scores, "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes,
     }
 
 
@@ -234,14 +235,9 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def _weighted(losses: dict[str, float], weights: dict[str, float]) -> float:
-    names = [n for n in losses if losses[n] == losses[n]]  # skip NaN (oracle without validation data)
-    return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
-
-
 def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, participants, ledger, seconds) -> None:
     """A `round` row (global validation loss, and other metrics, when validated) and one `oracle` row per oracle."""
-    evaluated = {"loss": _weighted(valid, tokens), "oracles": valid} if valid else {}
+    evaluated = {"loss": weighted_loss(valid, tokens), "oracles": valid} if valid else {}
     evaluated.update({"metrics": scores} if scores else {})
     metrics.log(
         round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,

@@ -34,10 +34,14 @@ class Validator:
         model.train(was_training)
         return losses
 
-    def global_loss(self, losses: dict[str, float]) -> float:
-        """Token-weighted mean over oracles (each window holds the same number of tokens)."""
-        counts = {name: len(self.windows[name]) for name in losses}
-        return sum(losses[n] * counts[n] for n in losses) / sum(counts.values())
+
+def weighted_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
+    """The global validation loss: oracles' losses weighted by their training tokens (every runtime).
+
+    Oracles without a loss (NaN: no validation data) are left out.
+    """
+    names = [n for n in losses if losses[n] == losses[n]]
+    return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
 
 
 def perplexity(loss: float) -> float:
