@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULT = ROOT / "benchmarks" / "results" / "dsft_ablation.md"
 CORPORA = ("literature_shakespeare", "encyclopedia_wikitext2", "technical_python_docs", "dialogue_topical_chat")
-MODEL = {"preset": "tiny", "n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": 512, "n_ctx": 128}
+# pre-LN: at this budget (a few hundred steps) the post-LN GPT-1 stack stays on the unigram plateau (~6.7 nats)
+MODEL = {"preset": "tiny", "n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": 512, "n_ctx": 128, "ln": "pre"}
 VARIANTS = {"a": ("pre-trained, lambda 0.5", True, 0.5), "b": ("pre-trained, lambda 0", True, 0.0), "c": ("from scratch, lambda 0.5", False, 0.5)}
 
 
@@ -61,7 +62,7 @@ def pretrain_config(work: Path, args) -> dict:
         "run_dir": str(work / "pretrain"), "seed": 1337, "model": MODEL, "tokenizer": {"vocab_size": args.vocab},
         "oracles": oracles,
         "pretrain": {"batch_size": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30, "eval_windows": 32, "checkpoint_interval": 1000},
-        "federation": {"runtime": "sim", "rounds": args.pretrain_rounds, "inner_steps": args.pretrain_inner_steps},
+        "federation": {"runtime": "sim", "rounds": args.pretrain_rounds, "inner_steps": args.pretrain_inner_steps, **outer(args)},
     }
 
 
@@ -80,7 +81,18 @@ def finetune_config(work: Path, variant: str, sst: tuple[Path, Path], args) -> d
     finetune = {"lr": args.lr, "epochs": args.epochs, "inner_steps": args.inner_steps, "lambda_lm": lam}
     start = {"finetune": {**finetune, "init_from": str(work / "pretrain")}} if pretrained else {
         "finetune": finetune, "model": MODEL, "tokenizer": {"path": str(work / "pretrain" / "tokenizer.json")}}
-    return {"run_dir": str(work / f"finetune_{variant}"), "seed": 2024, "oracles": oracles, "federation": {"runtime": "sim"}, **start}
+    return {"run_dir": str(work / f"finetune_{variant}"), "seed": 2024, "oracles": oracles,
+            "federation": {"runtime": "sim", **outer(args)}, **start}
+
+
+def outer(args) -> dict:
+    return {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+
+
+def outer_name(args) -> str:
+    if args.outer_momentum == 0:
+        return f"SGD lr {args.outer_lr:g} without momentum" + (" (FedAvg)" if args.outer_lr == 1 else "")
+    return f"Nesterov SGD lr {args.outer_lr:g} / momentum {args.outer_momentum:g}"
 
 
 def majority(train: list[Path], valid: Path) -> float:
@@ -107,12 +119,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="/tmp/dgpt_dsft_ablation", help="runs and the SST-2 halves (outside the project)")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--pretrain-rounds", type=int, default=8)
+    parser.add_argument("--pretrain-rounds", type=int, default=12)
     parser.add_argument("--pretrain-inner-steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--epochs", type=float, default=1.0, help="GPT-1: 3 (about 3x the time)")
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="1 is much faster on a shared, busy 2-core machine")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="outer SGD lr (1 with momentum 0 = FedAvg)")
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="outer Nesterov momentum (DiLoCo: 0.9)")
     args = parser.parse_args()
     if not (SHARED / "tasks").is_dir() or not (SHARED / "pretrain").is_dir():
         print(f"shared data not found at {SHARED}; nothing to do", file=sys.stderr)
@@ -177,14 +191,14 @@ def report(accuracy: dict, seconds: dict, pre_result: dict, config, rounds: int,
         "",
         "Settings:",
         f"- model: {MODEL['n_layer']} layers, d_model {MODEL['d_model']}, {MODEL['n_head']} heads, d_ff {MODEL['d_ff']}, "
-        f"n_ctx {MODEL['n_ctx']}, GPT-1 post-LN; byte-level BPE with {args.vocab} tokens trained on the pre-training corpora.",
+        f"n_ctx {MODEL['n_ctx']}, {MODEL['ln']}-LN; byte-level BPE with {args.vocab} tokens trained on the pre-training corpora.",
         f"- pre-training (DUPT, sim): 4 oracles ({', '.join(CORPORA)}), {args.pretrain_rounds} rounds x "
-        f"{args.pretrain_inner_steps} inner steps x 16 windows of 128 tokens, outer Nesterov SGD lr 0.7 / momentum 0.9; "
+        f"{args.pretrain_inner_steps} inner steps x 16 windows of 128 tokens, outer {outer_name(args)}; "
         f"final global validation loss {pre_result['global']:.3f}.",
         f"- fine-tuning (DSFT, sim): lr {ft.lr} (GPT-1: 6.25e-5, for a far larger, longer pre-trained model), batch {ft.batch_size}, "
         f"{ft.epochs:g} epochs of the largest oracle = {rounds} rounds x {ft.inner_steps} inner steps, "
         f"linear warmup {ft.warmup:.1%} then linear decay, classifier dropout {ft.classifier_dropout}, max_len {MODEL['n_ctx']}, "
-        "outer Nesterov SGD lr 0.7 / momentum 0.9. (c) uses the same tokenizer and architecture with random weights.",
+        f"outer {outer_name(args)}. (c) uses the same tokenizer and architecture with random weights.",
         "- (d) predicts each training set's most frequent label (COPA: the most frequent correct choice index).",
         "",
         f"Wall-clock ({args.threads} thread(s), on a 2-core CPU shared with other jobs): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from dgpt import api
-from dgpt.errors import DgptError
+# Before torch loads: OpenMP threads that spin while waiting make steps several times slower when the
+# cores are shared (other jobs, torchrun ranks); passive waiting costs nothing measurable otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from dgpt import api  # noqa: E402
+from dgpt.errors import DgptError  # noqa: E402
 
 
 def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
