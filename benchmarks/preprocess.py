@@ -18,6 +18,8 @@ Writes benchmarks/results/preprocess.md.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import shutil
 import statistics
 import sys
@@ -28,7 +30,8 @@ from pathlib import Path
 from _timing import interleaved, machine_load, python_child, run_measured, table, write_report
 import torch  # after _timing, which sets OMP_WAIT_POLICY
 
-from dgpt.config import PretrainConfig, config_from_dict, dump_config
+from dgpt.config import PretrainConfig, config_from_dict, dump_config, load_config
+from dgpt.data.prepare import prepare
 from dgpt.data.loader import WindowSampler
 from dgpt.data.shards import load_split
 from dgpt.data.tokenizer import TextTokenizer
@@ -104,6 +107,20 @@ def loader_rows(oracle_dir: Path, repeats: int) -> list[list]:
     return rows
 
 
+def profile_rows(root: Path, train: Path, valid: Path, tokenizer: Path, top: int = 6) -> tuple[float, list[list]]:
+    """cProfile of one in-process prepare of the 1x corpus: (seconds, top functions by own time)."""
+    config = load_config(write_config(root, "profiled", train, valid, tokenizer))
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.runcall(prepare, config, log=lambda _msg: None)
+    seconds = time.perf_counter() - t0
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, own s, cumulative s, callers)}
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    rows = [[f"`{Path(f).name}:{line}({name})`" if f != "~" else f"`{name}`", f"{own:.2f}", f"{own / seconds:.0%}"]
+            for (f, line, name), (_, _, own, _, _) in ranked]
+    return seconds, rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1x and 2x, one round")
@@ -127,6 +144,7 @@ def main() -> None:
         prep = prepare_runs(root, corpus, valid, root / "tokenizer.json", rounds)
         loader = loader_rows(root / "x1_r0" / "data" / "corpus", 2 if args.quick else 5)
         size = corpus[1].stat().st_size / 1e6
+        prof_s, prof = profile_rows(root, corpus[1], valid, root / "tokenizer.json")
     sections = [
         "## `dgpt prepare` (sharding pipeline; tokenizer given via `tokenizer.path`)", "",
         f"Tokenizer training (BPE, 8192 tokens) on the 1x corpus ({size:.1f} MB), once, in this process: "
@@ -135,6 +153,11 @@ def main() -> None:
                f">= {MB_S_TARGET:.0f} MB/s", f"RSS within {RSS_SLACK:.0%}"], prep), "",
         f"Median of {rounds} alternating rounds; each run is `python -m dgpt prepare CONFIG` in a fresh process "
         "(seconds include interpreter start-up and imports).", "",
+        f"## Where the time goes: cProfile of one in-process `prepare` of the 1x corpus ({prof_s:.1f} s, "
+        f"{prep[0][1]} MB: {float(prep[0][1]) / prof_s:.1f} MB/s without process start-up)", "",
+        table(["function", "own seconds", "share"], prof), "",
+        "`encode_batch_fast` is the Rust BPE encoder of Hugging Face `tokenizers` (parallel over the batch); "
+        "reading, cleaning and writing shards are the remaining rows.", "",
         f"## Loader vs training (batch {BATCH}, eager fp32, 2 threads; target >= {LOADER_TARGET:.0f}x)", "",
         table(["model", "loader batches/s", "train steps/s", "loader / train", "target"], loader),
     ]

@@ -140,6 +140,11 @@ class FinetuneConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 1337
@@ -150,6 +155,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_path(self) -> Path:

@@ -37,7 +37,7 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
             loop.load_state_dict(state["loop"])
             start = loop.step
         log(f"{'resumed' if resuming else 'initialised'} from {checkpoint} at step {start}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if resuming else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if resuming else None, tensorboard=config.log.tensorboard)
 
     def validate(step: int) -> dict:
         losses = validator(model, setup.device, cfg.dtype)

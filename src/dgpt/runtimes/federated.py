@@ -159,7 +159,10 @@ def train_federated(
             move_optimizer_state(loops[name].optimizer, parked)
         outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
         log(f"resumed from {checkpoint} at round {start}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if checkpoint else None, key="round") if transport.is_leader else None
+    metrics = None
+    if transport.is_leader:
+        resume_after = start if checkpoint else None
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after, key="round", tensorboard=config.log.tensorboard)
 
     def validate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""

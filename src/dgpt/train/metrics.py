@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dgpt.errors import DgptError
+
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_after: int | None = None, key: str = "step"):
-        """Open for appending; on resume, rows past the checkpoint (`key` > resume_after) are dropped."""
-        self.path = Path(path)
+    def __init__(self, path: Path, resume_after: int | None = None, key: str = "step", tensorboard: bool = False):
+        """Open for appending; on resume, rows past the checkpoint (`key` > resume_after) are dropped.
+
+        With `tensorboard`, every numeric field is also a scalar `<kind>/<field>[/<oracle>]` at step `row[key]`
+        in `<run_dir>/tensorboard` (needs the `tensorboard` package).
+        """
+        self.path, self.key = Path(path), key
+        self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
             self.path.write_text("")
@@ -21,9 +28,33 @@ class MetricsLog:
     def log(self, **row) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self._board is not None:
+            kind, step = row.get("kind", "metrics"), row.get(self.key, 0)
+            prefix = f"{kind}/{row['oracle']}" if "oracle" in row else kind
+            for tag, value in _scalars(row, prefix):
+                self._board.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
+
+
+def _scalars(row: dict, prefix: str):
+    """(tag, number) pairs of a row, nested dicts ({oracle: loss}, {oracle: {metric: value}}) flattened."""
+    for name, value in row.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}/{name}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            yield f"{prefix}/{name}", value
+
+
+def _summary_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DgptError("[log] tensorboard = true needs the tensorboard package: pip install 'dgpt[tensorboard]'") from None
+    return SummaryWriter(str(log_dir))
 
 
 def read_metrics(path: Path) -> list[dict]:
