@@ -170,12 +170,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
 
 
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
-    kinds = ("classification", "similarity", "multiple_choice")  # entailment's layout is similarity's first order
+    kinds = ("classification", "entailment", "similarity", "multiple_choice")  # one rank per task type
     sim = ft_config(tmp_path / "sim", pretrained, kinds=kinds)
     api.finetune(sim, log=quiet)
     dist = ft_config(tmp_path / "dist", pretrained, kinds=kinds, federation={"runtime": "torchrun"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(kinds)}",
            "-m", "dgpt", "finetune", write_config(dist, tmp_path / "dist.toml")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -188,7 +188,7 @@ def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     flat = [[(n, k, v) for r in rs for n, m in r["metrics"].items() for k, v in m.items()] for rs in rows]
     assert [x[:2] for x in flat[0]] == [x[:2] for x in flat[1]]
     assert [x[2] for x in flat[0]] == pytest.approx([x[2] for x in flat[1]])
-    outputs = [api.predict(c.run_path, "similarity", c.oracles[1].task.valid[0], tmp_path / f"{i}.jsonl", log=quiet) for i, c in enumerate((sim, dist))]
+    outputs = [api.predict(c.run_path, "similarity", c.oracles[2].task.valid[0], tmp_path / f"{i}.jsonl", log=quiet) for i, c in enumerate((sim, dist))]
     assert [o["label"] for o in outputs[0]] == [o["label"] for o in outputs[1]]
 
 
