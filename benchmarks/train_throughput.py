@@ -142,6 +142,15 @@ def cpu_cells(args) -> tuple[list[str], float]:
            "Per-round ratio: dgpt/HF speed within one round (the two sides ran next to each other); its spread shows "
            "how much background load moved between the sides. Ratio of best steps: fastest dgpt step against fastest "
            "HF step (the least disturbed estimate)."]
+    if failing:
+        out += ["", "What stands in the way where the target is missed (read from the profiles below): compiled, both "
+                "models spend most of their time in the same matrix multiplies (`mm`, `addmm`: identical shapes and "
+                "weights), and `torch.compile` fuses HF's separate GELU / mask / scale kernels, which is where dgpt "
+                "wins in eager mode. What remains different is attention: with attention dropout > 0 the fused CPU "
+                "kernel of `scaled_dot_product_attention` cannot apply dropout and the math fallback runs (`bmm` + "
+                "`bernoulli_`), which compiled code does not fuse as well as HF's explicit attention. Writing attention "
+                "out explicitly when training with attention dropout is the change to try; the gain is at most ~10%, "
+                "so >= 1.1x over compiled HF is probably out of reach on CPU, where the shared matmuls dominate."]
     for key in failing if not args.quick else []:
         out += ["", f"### Profile of `{key}` (2 steps, top ops by self CPU time)", ""]
         for side in ("dgpt", "HF"):
