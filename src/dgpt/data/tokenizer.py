@@ -6,6 +6,7 @@ a special token encodes to that token's id and decodes back to the same text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -78,8 +79,11 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        """Hash of the canonical JSON (sorted keys), so equal tokenizers hash equal wherever they were saved."""
+        """Hash of the canonical JSON (sorted keys), so equal tokenizers hash equal wherever they were saved.
+
+        Cached: a tokenizer is never changed after it is built, and the hash is asked for once per shard check.
+        """
         canonical = json.dumps(json.loads(self.hf.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
