@@ -5,6 +5,7 @@ with --quick):
 
     python benchmarks/dupt.py [--steps 600] [--quick] [--jobs 2] [--out benchmarks/results] [--runs runs/bench_dupt]
     python benchmarks/dupt.py --replot        # rewrite dupt.md and the plots from dupt_runs.json
+    python benchmarks/dupt.py --arms central,H=50 --outer-lr 2 --outer-momentum 0 --runs /tmp/sweep  # a sweep: prints only
 
 Four non-IID oracles of unequal size (Shakespeare, WikiText-2, Python docs, Topical-Chat from
 ../shared/data/pretrain) pre-train one model. Every arm trains on the same number of tokens:
@@ -136,7 +137,8 @@ def run_arm(arm: tuple, runs: Path, setup: dict, steps: int) -> tuple[list[dict]
 
 
 def global_loss(oracles: dict[str, float], weights: dict[str, int]) -> float:
-    return sum(oracles[n] * weights[n] for n in oracles) / sum(weights[n] for n in oracles)
+    """Token-weighted mean of per-oracle losses over the oracles in `weights`."""
+    return sum(oracles[n] * weights[n] for n in weights) / sum(weights.values())
 
 
 def summarise(name: str, curve: list[dict], weights: dict, dp_per_step: int, seconds: float) -> dict:
@@ -175,7 +177,7 @@ def outer_name(setup: dict) -> str:
     return f"Nesterov SGD lr {setup['outer_lr']:g} / momentum {setup['outer_momentum']:g}"
 
 
-def verdict(results: list[dict], setup: dict) -> str:
+def verdict(results: list[dict], setup: dict, weights: dict) -> str:
     by = {r["name"]: r for r in results}
     central, h50 = by["central"], by["H=50"]
     gap = 100 * (h50["loss"] / central["loss"] - 1)
@@ -192,13 +194,23 @@ def verdict(results: list[dict], setup: dict) -> str:
                      f"gradients and keeps its own moments, and the outer step ({outer_name(setup)}) combines the "
                      f"resulting updates, which is not one AdamW step on the pooled batch; at this short horizon "
                      f"(600 steps) that difference dominates.")
+    honest = {n: w for n, w in weights.items() if n != POISONED}
+    lines.append(f"Target 2 is read on two losses: the global one (all four domains, the attacker's included: a robust "
+                 f"rule that discards the attacker's updates cannot learn its domain, so no rule can keep this one "
+                 f"within 3% when the attacker holds {weights[POISONED] / sum(weights.values()):.0%} of the tokens), and "
+                 f"the honest oracles' token-weighted loss on their own validation data (what the three honest "
+                 f"participants get; the usual measure for Byzantine-robust federated training).")
     for agg in ("trimmed", "median", "mean"):
         p = by[f"H=50 poison {agg}"]
         d = 100 * (p["loss"] / h50["loss"] - 1)
-        robust = agg != "mean"
-        status = ("met" if d <= 3 else "not met") if robust else "reference: the non-robust mean"
+        ph, ch = global_loss(p["oracles"], honest), global_loss(h50["oracles"], honest)
+        dh = 100 * (ph / ch - 1)
+
+        def status(gap: float) -> str:
+            return "reference: the non-robust mean" if agg == "mean" else "met" if gap <= 3 else "not met"
         lines.append(f"**Target 2 ({agg})** — poisoned run ({POISONED} sends {POISON_SCALE:g} x Delta) within 3% of "
-                     f"clean H=50: {p['loss']:.4f} vs {h50['loss']:.4f} ({d:+.1f}%) -> **{status}**.")
+                     f"clean H=50: global {p['loss']:.4f} vs {h50['loss']:.4f} ({d:+.1f}%) -> **{status(d)}**; honest "
+                     f"oracles {ph:.4f} vs {ch:.4f} ({dh:+.1f}%) -> **{status(dh)}**.")
     drop = by["H=50 drop 0.5"]
     lines.append(f"Dropping each oracle with probability 0.5 trained {drop['tokens'] / h50['tokens']:.0%} of the tokens "
                  f"of the clean H=50 arm ({drop['tokens']:,} vs {h50['tokens']:,}); its loss is "
@@ -253,7 +265,7 @@ def write_outputs(run: dict, out: Path) -> None:
           f"move for the same steps (one fp32 gradient up and down per participant per step), so DP / total is H for "
           f"fp32 pseudo-gradients by construction. With 4 oracles, trimmed_mean(0.25) and median are the same rule "
           f"(the mean of the two middle values per coordinate). Wall time: {run.get('jobs', 2)} arm(s) at a time, one "
-          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup)}\n")
+          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup, run['weights'])}\n")
     stem = run.get("stem", "dupt")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}_runs.json").write_text(json.dumps(run, indent=1))
@@ -271,12 +283,15 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only rewrite STEM.md and the plots from STEM_runs.json")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (DiLoCo: 0.7)")
     parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (DiLoCo: 0.9)")
+    parser.add_argument("--arms", help="comma-separated subset of the arms (a sweep; the report needs all of them)")
+    parser.add_argument("--ln", choices=("pre", "post"), default="post", help="layer-norm placement (GPT-1: post)")
     parser.add_argument("--stem", default="dupt", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png")
     args = parser.parse_args()
     if args.replot:
         return write_outputs(json.loads((args.out / f"{args.stem}_runs.json").read_text()), args.out)
     setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
-    setup = {**setup, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+    setup = {**setup, "model": {**setup["model"], "ln": args.ln}, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+    arms = [a for a in ARMS if not args.arms or a[0] in args.arms.split(",")]
     if steps % 200:
         parser.error("--steps must be a multiple of 200 (the largest H)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -291,11 +306,14 @@ def main() -> None:
           f"per oracle; oracle training tokens {weights}")
 
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_arm, arm, args.runs, setup, steps) for arm in ARMS]
+        futures = [pool.submit(run_arm, arm, args.runs, setup, steps) for arm in arms]
         results = []
-        for arm, future in zip(ARMS, futures):
+        for arm, future in zip(arms, futures):
             curve, seconds = future.result()
             results.append(summarise(arm[0], curve, weights, dp_per_step, seconds))
+            print(f"{arm[0]}: global loss {results[-1]['loss']:.4f}", flush=True)
+    if len(arms) < len(ARMS):
+        return
     write_outputs({"stem": args.stem, "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
                    "weights": weights, "arms": results}, args.out)
 
