@@ -65,7 +65,11 @@ def trimmed_mean(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
 
 
 def combine(rule: str, deltas: list[torch.Tensor], weights: list[float], trim_fraction: float) -> torch.Tensor:
-    """Aggregate accepted pseudo-gradients; `weights` (normalised) are used by `mean` only."""
+    """Aggregate accepted pseudo-gradients; `weights` (normalised) are used by `mean` only.
+
+    The robust rules count every oracle once on purpose: token counts are reported by the oracles
+    themselves, so a rule that trusted them would let one attacker claim the majority of the weight.
+    """
     if not deltas:
         raise DgptError("no pseudo-gradient to aggregate this round")
     if rule == "mean":
