@@ -154,12 +154,13 @@ def main() -> int:
     pre_result = api.pretrain(pre, log=quiet)  # resumes (or reuses) a finished run in the same work dir
     seconds["pretrain"] = time.perf_counter() - t0
     accuracy = {}
+    raw = {v: finetune_config(work, v, sst, args) for v in VARIANTS}
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {v: pool.submit(run_variant, finetune_config(work, v, sst, args), args.threads) for v in VARIANTS}
+        futures = {v: pool.submit(run_variant, raw[v], args.threads) for v in VARIANTS}
         for variant, future in futures.items():
             accuracy[variant], seconds[variant] = future.result()
             print(f"({variant}) {VARIANTS[variant][0]}: {accuracy[variant]} in {seconds[variant]:.0f} s", flush=True)
-    config = config_from_dict(finetune_config(work, "c", sst, args), "<benchmark>")
+    config = config_from_dict(raw["c"], "<benchmark>")  # the fine-tuning settings every variant shares
     tasks = SHARED / "tasks"
     accuracy["d"] = {
         "sst2_a": (majority([sst[0]], tasks / "sst2" / "validation.jsonl"),) * 2,

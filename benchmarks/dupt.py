@@ -177,6 +177,11 @@ def outer_name(setup: dict) -> str:
     return f"Nesterov SGD lr {setup['outer_lr']:g} / momentum {setup['outer_momentum']:g}"
 
 
+def target_status(aggregator: str, gap: float) -> str:
+    """Target 2 for a robust aggregator (a gap in %); the plain mean is only the reference."""
+    return "reference: the non-robust mean" if aggregator == "mean" else "met" if gap <= 3 else "not met"
+
+
 def verdict(results: list[dict], setup: dict, weights: dict) -> str:
     by = {r["name"]: r for r in results}
     central, h50 = by["central"], by["H=50"]
@@ -206,11 +211,9 @@ def verdict(results: list[dict], setup: dict, weights: dict) -> str:
         ph, ch = global_loss(p["oracles"], honest), global_loss(h50["oracles"], honest)
         dh = 100 * (ph / ch - 1)
 
-        def status(gap: float) -> str:
-            return "reference: the non-robust mean" if agg == "mean" else "met" if gap <= 3 else "not met"
         lines.append(f"**Target 2 ({agg})** — poisoned run ({POISONED} sends {POISON_SCALE:g} x Delta) within 3% of "
-                     f"clean H=50: global {p['loss']:.4f} vs {h50['loss']:.4f} ({d:+.1f}%) -> **{status(d)}**; honest "
-                     f"oracles {ph:.4f} vs {ch:.4f} ({dh:+.1f}%) -> **{status(dh)}**.")
+                     f"clean H=50: global {p['loss']:.4f} vs {h50['loss']:.4f} ({d:+.1f}%) -> **{target_status(agg, d)}**; honest "
+                     f"oracles {ph:.4f} vs {ch:.4f} ({dh:+.1f}%) -> **{target_status(agg, dh)}**.")
     drop = by["H=50 drop 0.5"]
     lines.append(f"Dropping each oracle with probability 0.5 trained {drop['tokens'] / h50['tokens']:.0%} of the tokens "
                  f"of the clean H=50 arm ({drop['tokens']:,} vs {h50['tokens']:,}); its loss is "

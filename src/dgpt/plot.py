@@ -78,7 +78,8 @@ def _plot(plt, series: Series, path: Path, xlabel: str, ylabel: str, title: str,
 def _scores(row: dict) -> dict[str, dict[str, float]]:
     """{oracle: {score: value}} from a row: `metrics` dict, per-oracle `accuracy`, or an `accuracy` dict."""
     out: dict[str, dict[str, float]] = defaultdict(dict)
-    for oracle, scores in (row.get("metrics") or {}).items() if isinstance(row.get("metrics"), dict) else ():
+    metrics = row.get("metrics")
+    for oracle, scores in metrics.items() if isinstance(metrics, dict) else ():
         if isinstance(scores, dict):
             out[oracle].update({k: v for k, v in scores.items() if _number(v)})
     accuracy = row.get("accuracy")
