@@ -1,11 +1,12 @@
 """DUPT benchmark: centralised vs decentralised (DiLoCo) pre-training of one GPT-1 decoder, side by side.
 
-Run (from the project root, venv active; ~35 min on 2 free CPU cores, far longer when they are shared; ~1-3 min
+Run (from the project root, venv active; ~20 min on 2 free CPU cores, far longer when they are shared; ~1 min
 with --quick):
 
-    python benchmarks/dupt.py [--steps 600] [--quick] [--jobs 2] [--out benchmarks/results] [--runs runs/bench_dupt]
+    python benchmarks/dupt.py [--steps 600] [--batch 8] [--quick] [--jobs 2] [--out benchmarks/results] [--runs runs/bench_dupt]
     python benchmarks/dupt.py --replot        # rewrite dupt.md and the plots from dupt_runs.json
     python benchmarks/dupt.py --arms central,H=50 --outer-lr 2 --outer-momentum 0 --runs /tmp/sweep  # a sweep: prints only
+    python benchmarks/dupt.py --steps 2400 --arms "central,H=50,central batch 8,H=50 IID" --stem dupt_horizon_2400
 
 Four non-IID oracles of unequal size (Shakespeare, WikiText-2, Python docs, Topical-Chat from
 ../shared/data/pretrain) pre-train one model. Every arm trains on the same number of tokens:
@@ -16,6 +17,9 @@ the pooled data (centralised). Arms:
   H=50 int8               int8 pseudo-gradients (per-tensor scales)
   H=50 drop 0.5           each oracle misses each round with probability 0.5 (fewer tokens trained)
   H=50 poison <agg>       one oracle sends -10 x its pseudo-gradient; mean, trimmed_mean (0.25), median
+Two controls say where the gap to central comes from:
+  central batch 8         one trainer with one oracle's batch (a quarter of the tokens): what one oracle gets alone
+  H=50 IID                every oracle holds the pooled corpus: H=50 without non-IID data
 Measured per arm: global validation loss (per-oracle losses weighted by training tokens, the same
 weights for every arm) and its ratio to central, per-oracle validation losses, bytes moved (total and
 sent by oracles) against what synchronous data parallel would move for the same steps, wall time.
@@ -27,9 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -74,6 +81,8 @@ ARMS = [
     ("H=50 poison mean", "sim", {"inner_steps": 50, "aggregator": "mean"}, True),
     ("H=50 poison trimmed", "sim", {"inner_steps": 50, "aggregator": "trimmed_mean", "trim_fraction": 0.25}, True),
     ("H=50 poison median", "sim", {"inner_steps": 50, "aggregator": "median"}, True),
+    ("central batch 8", "central_one_batch", {}, False),
+    ("H=50 IID", "sim_iid", {"inner_steps": 50}, False),
 ]
 
 
@@ -100,28 +109,35 @@ def fresh_run_dir(runs: Path, name: str) -> Path:
     return run_dir
 
 
-def run_central(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool) -> list[dict]:
-    """Pooled data, global batch = 4 x the per-oracle batch, `steps` steps."""
-    config = config_from_dict(base_config(run_dir, setup, steps, 4 * setup["batch"], {"runtime": "central"},
+def run_central(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool, oracles_per_batch: int = 4) -> list[dict]:
+    """Pooled data, global batch = 4 x the per-oracle batch (the control: 1 x), `steps` steps."""
+    config = config_from_dict(base_config(run_dir, setup, steps, oracles_per_batch * setup["batch"], {"runtime": "central"},
                                           max(1, steps // setup["evals"])))
     api.pretrain(config, log=lambda s: print(f"  [central] {s}"))
     return [{"tokens": r["tokens"], "oracles": r["oracles"], "step": r["step"]}
             for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "valid"]
 
 
-def run_sim(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool) -> list[dict]:
-    """The sim runtime with `steps` inner steps per oracle in total: steps / H rounds."""
+def run_sim(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool, iid: bool = False) -> list[dict]:
+    """The sim runtime with `steps` inner steps per oracle in total: steps / H rounds. `iid`: every oracle
+    trains on the pooled corpus (and keeps its own validation set), with the shared tokenizer."""
     rounds = steps // fed["inner_steps"]
     fed = {"runtime": "sim", "rounds": rounds, "eval_interval": max(1, rounds // setup["evals"]), **fed}
-    config = config_from_dict(base_config(run_dir, setup, steps, setup["batch"], fed, 1))
+    raw = base_config(run_dir, setup, steps, setup["batch"], fed, 1)
+    if iid:
+        pooled = [o["train"][0] for o in raw["oracles"]]
+        raw["oracles"] = [{**o, "train": pooled} for o in raw["oracles"]]
+        raw["tokenizer"] = {"vocab_size": VOCAB, "path": str(run_dir / "tokenizer.json")}
+    config = config_from_dict(raw)
     tamper = (lambda name, delta: delta * POISON_SCALE if name == POISONED else delta) if poisoned else None
     pretrain_sim(config, log=lambda s: print(f"  [{run_dir.name}] {s}"), tamper=tamper)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "round"]
-    return [{k: r.get(k, 0) for k in ("round", "tokens", "oracles", "bytes_total", "bytes_sent", "dp_bytes")}
+    return [{k: r.get(k, 0) for k in ("round", "tokens", "oracles", "bytes_total", "bytes_sent", "dp_bytes", "agreement")}
             for r in rows if "oracles" in r]
 
 
-RUNNERS = {"central": run_central, "sim": run_sim}
+RUNNERS = {"central": run_central, "central_one_batch": partial(run_central, oracles_per_batch=1), "sim": run_sim,
+           "sim_iid": partial(run_sim, iid=True)}
 
 
 def run_arm(arm: tuple, runs: Path, setup: dict, steps: int) -> tuple[list[dict], float]:
@@ -142,31 +158,37 @@ def global_loss(oracles: dict[str, float], weights: dict[str, int]) -> float:
 
 
 def summarise(name: str, curve: list[dict], weights: dict, dp_per_step: int, seconds: float) -> dict:
-    """Final numbers of one arm; the central arm gets the bytes data parallel across the 4 oracles would move."""
+    """Final numbers of one arm; a central arm gets the bytes data parallel across the 4 oracles would move
+    (dp_per_step; 0 for the one-batch control, which stands for one oracle alone)."""
     for row in curve:
         row["loss"] = global_loss(row["oracles"], weights)
         if "step" in row:  # central: no communication of its own; DP-equivalent bytes at this step
             row["bytes_total"] = row["dp_bytes"] = dp_per_step * row["step"]
             row["bytes_sent"] = row["dp_bytes"] // 2
     last = curve[-1]
+    agreement = [row["agreement"] for row in curve if row.get("agreement")]
     return {"name": name, "loss": last["loss"], "oracles": last["oracles"], "tokens": last["tokens"],
             "bytes_total": last["bytes_total"], "bytes_sent": last["bytes_sent"], "dp_bytes": last["dp_bytes"],
-            "seconds": round(seconds, 1), "curve": curve}
+            "agreement": (agreement[0], agreement[-1]) if agreement else None, "seconds": round(seconds, 1), "curve": curve}
 
 
 def table(results: list[dict]) -> str:
     central = results[0]["loss"]
     head = ["arm", "tokens", "global loss", "vs central"] + [SHORT[n] for n in ORACLES] + \
-        ["bytes total", "sent by oracles", "DP bytes", "DP / total", "wall s"]
+        ["agreement first / last round", "bytes total", "sent by oracles", "DP bytes", "DP / total", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        comm = r["name"] == "central"
+        comm, alone = r["name"] == "central", r["dp_bytes"] == 0
         cells = [r["name"], f"{r['tokens'] / 1e6:.2f}M", f"{r['loss']:.4f}", f"{100 * r['loss'] / central:.1f}%"]
         cells += [f"{r['oracles'][n]:.3f}" for n in ORACLES]
-        cells += ["(DP) " + human_bytes(r["bytes_total"]) if comm else human_bytes(r["bytes_total"]),
-                  "(DP) " + human_bytes(r["bytes_sent"]) if comm else human_bytes(r["bytes_sent"]),
-                  human_bytes(r["dp_bytes"]), "1x" if comm else f"{r['dp_bytes'] / r['bytes_total']:.1f}x",
-                  f"{r['seconds']:.0f}"]
+        cells.append("%.2f / %.2f" % tuple(r["agreement"]) if r.get("agreement") else "-")
+        if alone:
+            cells += ["-", "-", "-", "-"]
+        else:
+            cells += ["(DP) " + human_bytes(r["bytes_total"]) if comm else human_bytes(r["bytes_total"]),
+                      "(DP) " + human_bytes(r["bytes_sent"]) if comm else human_bytes(r["bytes_sent"]),
+                      human_bytes(r["dp_bytes"]), "1x" if comm else f"{r['dp_bytes'] / r['bytes_total']:.1f}x"]
+        cells.append(f"{r['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -182,7 +204,8 @@ def target_status(aggregator: str, gap: float) -> str:
     return "reference: the non-robust mean" if aggregator == "mean" else "met" if gap <= 3 else "not met"
 
 
-def verdict(results: list[dict], setup: dict, weights: dict) -> str:
+def verdict(results: list[dict], setup: dict, weights: dict, steps: int) -> str:
+    """The targets and what the controls say, for the arms that were run."""
     by = {r["name"]: r for r in results}
     central, h50 = by["central"], by["H=50"]
     gap = 100 * (h50["loss"] / central["loss"] - 1)
@@ -192,13 +215,16 @@ def verdict(results: list[dict], setup: dict, weights: dict) -> str:
              f">= 50x fewer bytes than synchronous data parallel: loss {h50['loss']:.4f} vs {central['loss']:.4f} "
              f"({gap:+.1f}%), {factor:.1f}x fewer bytes -> **{'met' if ok1 else 'not met'}**"
              + ("." if ok1 else f" (loss gap exceeds 3% by {gap - 3:.1f} points)." if factor >= 50 else ".")]
-    h1_gap = 100 * (by["H=1"]["loss"] / central["loss"] - 1)
-    if not ok1 and h1_gap > 3:
+    if "H=1" in by and not ok1 and (h1_gap := 100 * (by["H=1"]["loss"] / central["loss"] - 1)) > 3:
         lines.append(f"Even H = 1, which communicates after every step, ends {h1_gap:+.1f}% from central, so the gap "
                      f"is not caused by communicating rarely: each oracle's AdamW normalises its own small-batch "
                      f"gradients and keeps its own moments, and the outer step ({outer_name(setup)}) combines the "
                      f"resulting updates, which is not one AdamW step on the pooled batch; at this short horizon "
-                     f"(600 steps) that difference dominates.")
+                     f"({steps} steps) that difference dominates.")
+    if "central batch 8" in by and "H=50 IID" in by:
+        lines.append(controls(by, setup, weights))
+    if "H=50 poison mean" not in by:
+        return "\n\n".join(lines)
     honest = {n: w for n, w in weights.items() if n != POISONED}
     lines.append(f"Target 2 is read on two losses: the global one (all four domains, the attacker's included: a robust "
                  f"rule that discards the attacker's updates cannot learn its domain, so no rule can keep this one "
@@ -221,6 +247,29 @@ def verdict(results: list[dict], setup: dict, weights: dict) -> str:
     return "\n\n".join(lines)
 
 
+def controls(by: dict, setup: dict, weights: dict) -> str:
+    """Where the H = 50 arms sit between one oracle alone and central: the share of central's gain they recover."""
+    alone, central, iid, h50 = by["central batch 8"], by["central"], by["H=50 IID"], by["H=50"]
+    gain = alone["loss"] - central["loss"]  # what central's 4x batch buys over one oracle's batch
+
+    def recovered(r: dict) -> float:
+        return 100 * (alone["loss"] - r["loss"]) / gain if gain > 0 else float("nan")
+
+    share = sum(w * w for w in weights.values()) ** 0.5 / sum(weights.values())
+    text = (f"**Controls.** One oracle's batch alone (central, batch {setup['batch']}, a quarter of the tokens) ends at "
+            f"{alone['loss']:.4f}; H = 50 with IID oracles (each holds the pooled corpus) at {iid['loss']:.4f}. Of what "
+            f"central's 4x batch gains over one oracle alone, H = 50 recovers {recovered(iid):.0f}% with IID oracles and "
+            f"{recovered(h50):.0f}% with the four non-IID ones")
+    if recovered(iid) < 50:
+        text += (", so most of the gap to central is there without any non-IID split: averaging four oracles' "
+                 "H-step AdamW trajectories is worth far less than one AdamW step on the pooled batch at this horizon")
+    text += (f". Agreement of the pseudo-gradients (||sum_j w_j Delta_j|| / sum_j w_j ||Delta_j||, logged every round; "
+             f"1 when every oracle moved the same way, {share:.2f} for orthogonal updates with these token weights), "
+             f"first / last round: non-IID {h50['agreement'][0]:.2f} / {h50['agreement'][1]:.2f}, IID "
+             f"{iid['agreement'][0]:.2f} / {iid['agreement'][1]:.2f}.")
+    return text
+
+
 STYLES = {  # arms that overlap get hollow markers or a different line so that both stay visible
     "central": dict(color="black", lw=2.4, marker="s"),
     "H=50 int8": dict(ls="-.", marker="o", mfc="none", ms=7),
@@ -239,6 +288,8 @@ def plot(results: list[dict], out: Path, stem: str, outer: str) -> None:
         fig, ax = plt.subplots(figsize=(10, 6))
         for i, r in enumerate(results):
             pts = [(row[key] / (1 if log else 1e6), row["loss"]) for row in r["curve"] if not log or row[key] > 0]
+            if not pts:  # the one-batch control communicates nothing
+                continue
             label = r["name"] + (f" (final {r['loss']:.1f}, off scale)" if r["loss"] > top else "")
             style = {"color": plt.cm.tab10(i % 10), "lw": 1.5, "marker": "o", "ms": 4, **STYLES.get(r["name"], {})}
             ax.plot(*zip(*pts), label=label, **style)
@@ -258,7 +309,7 @@ def write_outputs(run: dict, out: Path) -> None:
     """dupt.md, dupt_runs.json and the two plots from one run's results; prints the markdown."""
     setup, steps, results = run["setup"], run["steps"], run["arms"]
     md = (f"# DUPT benchmark: centralised vs decentralised pre-training\n\n"
-          f"`python benchmarks/dupt.py --steps {steps}{' --quick' if run.get('quick') else ''}`: model "
+          f"`python benchmarks/dupt.py {run.get('command', f'--steps {steps}')}`: model "
           f"{json.dumps(setup['model'])} ({run['params']:,} parameters, vocab {VOCAB}); {steps} inner steps x batch "
           f"{setup['batch']} per oracle (central: {steps} steps x batch {4 * setup['batch']}); AdamW lr 1e-3 "
           f"(warmup {max(1, steps // 20)}, cosine to 1e-4), outer {outer_name(setup)} for every H. "
@@ -268,7 +319,7 @@ def write_outputs(run: dict, out: Path) -> None:
           f"move for the same steps (one fp32 gradient up and down per participant per step), so DP / total is H for "
           f"fp32 pseudo-gradients by construction. With 4 oracles, trimmed_mean(0.25) and median are the same rule "
           f"(the mean of the two middle values per coordinate). Wall time: {run.get('jobs', 2)} arm(s) at a time, one "
-          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup, run['weights'])}\n")
+          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup, run['weights'], steps)}\n")
     stem = run.get("stem", "dupt")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}_runs.json").write_text(json.dumps(run, indent=1))
@@ -286,14 +337,17 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only rewrite STEM.md and the plots from STEM_runs.json")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate (DiLoCo: 0.7)")
     parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (DiLoCo: 0.9)")
-    parser.add_argument("--arms", help="comma-separated subset of the arms (a sweep; the report needs all of them)")
+    parser.add_argument("--arms", help="comma-separated subset of the arms (central and H=50 among them); prints only, "
+                        "unless --stem names a report for it")
     parser.add_argument("--ln", choices=("pre", "post"), default="post", help="layer-norm placement (GPT-1: post)")
-    parser.add_argument("--stem", default="dupt", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png")
+    parser.add_argument("--batch", type=int, help="windows per oracle step (default 8; central: 4x)")
+    parser.add_argument("--stem", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png (default: dupt)")
     args = parser.parse_args()
     if args.replot:
-        return write_outputs(json.loads((args.out / f"{args.stem}_runs.json").read_text()), args.out)
+        return write_outputs(json.loads((args.out / f"{args.stem or 'dupt'}_runs.json").read_text()), args.out)
     setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
-    setup = {**setup, "model": {**setup["model"], "ln": args.ln}, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+    setup = {**setup, "model": {**setup["model"], "ln": args.ln}, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+             "batch": args.batch or setup["batch"]}
     arms = [a for a in ARMS if not args.arms or a[0] in args.arms.split(",")]
     if steps % 200:
         parser.error("--steps must be a multiple of 200 (the largest H)")
@@ -313,11 +367,11 @@ def main() -> None:
         results = []
         for arm, future in zip(arms, futures):
             curve, seconds = future.result()
-            results.append(summarise(arm[0], curve, weights, dp_per_step, seconds))
+            results.append(summarise(arm[0], curve, weights, 0 if arm[1] == "central_one_batch" else dp_per_step, seconds))
             print(f"{arm[0]}: global loss {results[-1]['loss']:.4f}", flush=True)
-    if len(arms) < len(ARMS):
+    if len(arms) < len(ARMS) and not args.stem:
         return
-    write_outputs({"stem": args.stem, "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
+    write_outputs({"stem": args.stem or "dupt", "command": " ".join(shlex.quote(a) for a in sys.argv[1:]), "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
                    "weights": weights, "arms": results}, args.out)
 
 

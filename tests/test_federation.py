@@ -4,12 +4,13 @@ import pytest
 import torch
 from conftest import quiet, tiny_config
 from safetensors.torch import load_file
+from torch.nn.utils import parameters_to_vector
 
 from dgpt import api
 from dgpt.config import load_config
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.federation.aggregate import aggregate_round, clip_to_norm, coordinate_median, trimmed_mean
+from dgpt.federation.aggregate import agreement, aggregate_round, clip_to_norm, coordinate_median, trimmed_mean
 from dgpt.federation.compression import transmit
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.model.gpt import GPT
@@ -55,6 +56,21 @@ def test_outer_nesterov_momentum_accumulates():
     torch.testing.assert_close(outer.theta.detach(), torch.tensor([-0.7 * 1.9 - 0.7 * 2.71]))
 
 
+def test_agreement_of_aligned_orthogonal_and_opposite_updates():
+    e = torch.eye(3)
+    same = {"a": 1.0, "b": 1.0, "c": 1.0}
+    norms = dict.fromkeys("abc", 1.0)
+    assert agreement(e[0], norms, same, "mean", 0.0) == pytest.approx(1.0)  # all moved along e0
+    mean = (e[0] + e[1] + e[2]) / 3  # three orthogonal unit updates, equal weights
+    assert agreement(mean, norms, same, "mean", 0.0) == pytest.approx(3**-0.5)
+    assert agreement(torch.zeros(3), {"a": 1.0, "b": 1.0}, same, "mean", 0.0) == 0.0  # opposite updates cancel
+    weights = {"a": 3.0, "b": 1.0, "c": 0.0}  # mean weights count for `mean`, not for the robust rules
+    update = 0.75 * e[0] + 0.25 * e[1]
+    assert agreement(update, {"a": 1.0, "b": 1.0}, weights, "mean", 0.0) == pytest.approx(update.norm().item())
+    assert agreement(e[0], {"a": 2.0, "b": 4.0}, weights, "median", 0.0) == pytest.approx(1 / 3)
+    assert agreement(e[0], {"a": 2.0, "b": 4.0}, weights, "median", 1.0) == pytest.approx(1.0)  # norms clipped to 1
+
+
 def test_robust_aggregators_resist_a_poisoned_update():
     torch.manual_seed(0)
     honest = [torch.randn(1000) * 0.01 + 1.0 for _ in range(4)]
@@ -96,10 +112,11 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path):
     config = tiny_config(tmp_path, federation=fed)
     pretrain_sim(config, log=quiet)
     setup = load_run(config, log=quiet)
-    total, expected = 0, None
+    total, expected, deltas = 0, None, []
     for j, name in enumerate(config.oracle_names()):
         torch.manual_seed(config.seed)
         model = GPT(setup.model_config)
+        start = parameters_to_vector(model.parameters()).detach().clone()
         seed = oracle_seed(config.seed, j)
         loop = InnerLoop(model, config.pretrain, WindowSampler(setup.train[name], 32, seed), 3, torch.device("cpu"), seed)
         for _ in range(3):
@@ -108,9 +125,14 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path):
         total += n
         w = {k: v * n for k, v in weights_of(model).items()}
         expected = w if expected is None else {k: expected[k] + w[k] for k in w}
+        deltas.append((n, start - parameters_to_vector(model.parameters()).detach()))
     got = final_weights(config)
     for key in got:
         torch.testing.assert_close(got[key], expected[key] / total, rtol=1e-5, atol=1e-6)
+    # the logged agreement: |sum_j w_j Delta_j| / sum_j w_j |Delta_j| with token weights
+    moved = sum(n * d for n, d in deltas).norm() / sum(n * d.norm() for n, d in deltas)
+    assert rounds(config)[1]["agreement"] == pytest.approx(moved.item(), rel=1e-4)
+    assert 0 < moved < 1
 
 
 def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
@@ -182,6 +204,8 @@ def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
     naive = tiny_config(tmp_path / "naive", federation={**fed, "aggregator": "mean"})
     pretrain_sim(naive, log=quiet, tamper=poison)
     assert rounds(robust)[-1]["loss"] < rounds(naive)[-1]["loss"]
+    # agreement is measured on what the aggregator received (the tampered update): a mean never exceeds 1
+    assert all(0 < r["agreement"] <= 1 + 1e-6 for r in rounds(naive)[1:])
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def test_plot_federated_run(tmp_path, capsys):
     api.prepare(config, log=quiet)
     api.pretrain(config, log=quiet)
     assert_pngs(config.run_path, ["valid_loss.png", "valid_loss_vs_tokens.png", "valid_loss_vs_bytes.png",
-                                  "train_loss.png"], capsys)
+                                  "train_loss.png", "agreement.png"], capsys)
 
 
 def test_plot_central_run(tmp_path, capsys):

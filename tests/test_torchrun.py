@@ -55,6 +55,7 @@ def test_torchrun_equals_sim(tmp_path, aggregator):
     assert [r["bytes_total"] for r in sim_rows] == [r["bytes_total"] for r in dist_rows]
     for a, b in zip(sim_rows, dist_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert [a["agreement"] for a in sim_rows[1:]] == pytest.approx([b["agreement"] for b in dist_rows[1:]], rel=1e-4)
 
 
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):

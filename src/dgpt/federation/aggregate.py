@@ -81,6 +81,21 @@ def combine(rule: str, deltas: list[torch.Tensor], weights: list[float], trim_fr
     raise DgptError(f"unknown aggregator {rule!r}; expected mean, median or trimmed_mean")
 
 
+def agreement(update: torch.Tensor, norms: dict[str, float], weights: dict[str, float], rule: str, clip_norm: float) -> float:
+    """How much of the oracles' movement survives aggregation: ||update|| / sum_j w_j ||Delta_j||.
+
+    `norms` are the accepted oracles' pseudo-gradient norms; w_j their normalised mean weights (`mean`) or
+    1/k (the robust rules, which count every oracle once). 1 when every oracle moved the same way; about
+    sqrt(sum_j w_j^2) (1/sqrt(k) for k equal weights) when their pseudo-gradients are orthogonal; 0 when they
+    cancel (a weighted mean never exceeds 1; a coordinate-wise rule can). A low value says each round keeps only a
+    fraction of what the oracles' inner steps learned.
+    """
+    names = list(norms)
+    w = normalise(weights, names) if rule == "mean" else {n: 1.0 / len(names) for n in names}
+    moved = sum(w[n] * (min(norms[n], clip_norm) if clip_norm > 0 else norms[n]) for n in names)
+    return float(update.norm()) / moved if moved > 0 else 1.0
+
+
 def aggregate_round(
     deltas: dict[str, torch.Tensor], rule: str, weights: dict[str, float], trim_fraction: float, clip_norm: float
 ) -> tuple[torch.Tensor | None, list[str], list[str]]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dgpt.config import Config, FederationConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.federation.accounting import ByteLedger, human_bytes
-from dgpt.federation.aggregate import is_finite, mean_weights
+from dgpt.federation.aggregate import agreement, is_finite, mean_weights
 from dgpt.federation.compression import transmit
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.fileio import atomic_path
@@ -60,6 +60,7 @@ class RoundOutcome:
     rejected: list[str]  # non-finite pseudo-gradients, dropped from the round
     bytes_sent: dict[str, int]
     train_loss: dict[str, float]
+    norms: dict[str, float]  # ||Delta_j|| of each accepted pseudo-gradient, as the aggregator received it
 
 
 class Transport(Protocol):
@@ -188,7 +189,9 @@ def train_federated(
             loops[name].step = (rnd - 1) * fed.inner_steps  # an oracle that missed rounds keeps to the schedule
             updates[name] = _local_round(loops[name], params, theta, fed, segments, local.device, parked)
         outcome = transport.aggregate(updates, fed, weights, sum(segments))
+        agree = None
         if outcome.update is not None:
+            agree = agreement(outcome.update, outcome.norms, weights, fed.aggregator, fed.clip_norm)
             outer.step(outcome.update)
         copy_into(params, outer.theta.detach())
         evaluated = rnd % fed.eval_interval == 0 or rnd == fed.rounds
@@ -198,11 +201,11 @@ def train_federated(
         for name in outcome.rejected:
             log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
         if metrics is not None:
-            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, participants, ledger, time.perf_counter() - t0)
+            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, participants, ledger, time.perf_counter() - t0)
         if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
             _save_round(run_dir, rnd, model, local.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
         if valid:
-            bar.set_postfix({n[:12]: f"{v:.3f}" for n, v in valid.items()})
+            bar.set_postfix({**{n[:12]: f"{v:.3f}" for n, v in valid.items()}, "agreement": f"{agree:.2f}" if agree is not None else "-"})
         bar.update()
         if stop_after_round is not None and rnd >= stop_after_round:
             break
@@ -238,13 +241,14 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, participants, ledger, seconds) -> None:
-    """A `round` row (global validation loss, and other metrics, when validated) and one `oracle` row per oracle."""
+def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, participants, ledger, seconds) -> None:
+    """A `round` row (global validation loss, and other metrics, when validated; the update's agreement) and one
+    `oracle` row per oracle."""
     evaluated = {"loss": weighted_loss(valid, tokens), "oracles": valid} if valid else {}
     evaluated.update({"metrics": scores} if scores else {})
     metrics.log(
         round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,
-        rejected=outcome.rejected, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
+        rejected=outcome.rejected, agreement=agree, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
         dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
     )
     for name in tokens:

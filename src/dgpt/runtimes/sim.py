@@ -32,6 +32,7 @@ class SimTransport:
         return RoundOutcome(
             update, accepted, rejected,
             {n: u.bytes_sent for n, u in updates.items()}, {n: u.train_loss for n, u in updates.items()},
+            {n: float(deltas[n].norm()) for n in accepted},
         )
 
     def barrier(self) -> None:

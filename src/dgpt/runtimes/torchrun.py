@@ -43,16 +43,18 @@ class DistTransport:
     ) -> RoundOutcome:
         name = self.names[self.rank]
         mine = updates.get(name)
-        # status per rank: 0 = sat out, 1 = accepted, 2 = non-finite; plus bytes and loss for the ledger
+        # status per rank: 0 = sat out, 1 = accepted, 2 = non-finite; bytes and loss for the ledger; ||Delta_j||
         status = 0.0 if mine is None else (1.0 if is_finite(mine.delta) else 2.0)
-        info = torch.tensor([status, mine.bytes_sent if mine else 0, mine.train_loss if mine else 0], dtype=torch.float64, device=self.device)
+        values = [status, mine.bytes_sent, mine.train_loss, float(mine.delta.norm())] if mine else [status, 0, 0, 0]
+        info = torch.tensor(values, dtype=torch.float64, device=self.device)
         rows = self._gather(info)
         accepted = [n for n, r in zip(self.names, rows) if r[0] == 1]
         rejected = [n for n, r in zip(self.names, rows) if r[0] == 2]
         sent = {n: int(r[1]) for n, r in zip(self.names, rows) if r[0] > 0}
         losses = {n: float(r[2]) for n, r in zip(self.names, rows) if r[0] > 0}
+        norms = {n: float(r[3]) for n, r in zip(self.names, rows) if r[0] == 1}
         if not accepted:
-            return RoundOutcome(None, accepted, rejected, sent, losses)
+            return RoundOutcome(None, accepted, rejected, sent, losses, norms)
         local = mine.delta if name in accepted else torch.zeros(numel, device=self.device)
         if fed.aggregator == "mean":
             w = normalise(weights, accepted).get(name, 0.0)
@@ -61,7 +63,7 @@ class DistTransport:
         else:
             deltas = dict(zip(self.names, self._gather(local)))
             update, _, _ = aggregate_round({n: deltas[n] for n in accepted}, fed.aggregator, weights, fed.trim_fraction, fed.clip_norm)
-        return RoundOutcome(update, accepted, rejected, sent, losses)
+        return RoundOutcome(update, accepted, rejected, sent, losses, norms)
 
     def barrier(self) -> None:
         dist.barrier()
