@@ -276,6 +276,8 @@ STYLES = {  # arms that overlap get hollow markers or a different line so that b
     "H=50 poison mean": dict(ls="--", marker="x"),
     "H=50 poison trimmed": dict(ls="--", marker="^", ms=5),
     "H=50 poison median": dict(ls=":", marker="^", mfc="none", ms=9, lw=2),
+    "central batch 8": dict(color="dimgray", ls="--", marker="s", ms=4),
+    "H=50 IID": dict(color="saddlebrown", ls="-.", marker="D", ms=4),
 }
 
 
