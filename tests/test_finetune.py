@@ -17,6 +17,7 @@ from dgpt import api
 from dgpt.cli import main
 from dgpt.config import config_from_dict, dump_config
 from dgpt.errors import DgptError
+from dgpt.model.gpt import GPT
 from dgpt.runtimes.federated import oracle_state_path, train_federated
 from dgpt.runtimes.finetune import finetune_work
 from dgpt.runtimes.sim import SimTransport
@@ -84,6 +85,23 @@ def test_finetune_and_predict_every_task_type_via_cli(tmp_path, pretrained, caps
 
 def oracle_labels(name):
     return ["alpha", "beta", "gamma"] if name == "classification" else [0, 1]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_task_tokens_start_from_fresh_embeddings(tmp_path, pretrained, fresh):
+    """GPT-1 adds <|pad|> <|start|> <|delim|> <|extract|> at fine-tuning with random embeddings; every other row is
+    the checkpoint's (finetune.fresh_task_tokens = false keeps all of them)."""
+    config = ft_config(tmp_path, pretrained, kinds=("classification",), finetune={"fresh_task_tokens": fresh})
+    local = finetune_work(config, SimTransport(), config.oracle_names(), quiet)
+    got = local.model.transformer.wte.weight.detach()
+    saved = load_file(str(latest_checkpoint(pretrained) / WEIGHTS))["transformer.wte.weight"]
+    torch.manual_seed(config.seed)
+    drawn = GPT(local.model_config).transformer.wte.weight.detach()
+    task_rows = [1, 2, 3, 4]  # the tokenizer's ids for the four tokens
+    torch.testing.assert_close(got[task_rows], drawn[task_rows] if fresh else saved[task_rows])
+    assert not torch.equal(drawn[task_rows], saved[task_rows])
+    others = [i for i in range(got.size(0)) if i not in task_rows]
+    torch.testing.assert_close(got[others], saved[others])
 
 
 def test_heads_never_leave_their_oracle(tmp_path, pretrained):

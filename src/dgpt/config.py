@@ -136,6 +136,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     shared_head: bool = False  # one head aggregated like the body (every oracle must have the same task)
     max_len: int = 0  # tokens per input sequence; 0 = the model's n_ctx
+    fresh_task_tokens: bool = True  # from a checkpoint: new random embeddings for <|pad|> <|start|> <|delim|> <|extract|> (GPT-1)
     eval_batch_size: int = 64
 
 

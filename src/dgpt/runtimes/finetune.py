@@ -78,7 +78,11 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str], 
     torch.manual_seed(config.seed)
     gpt = GPT(model_config)
     if init is not None:
+        fresh = _task_token_ids(tokenizer) if ft.fresh_task_tokens else []
+        drawn = gpt.transformer.wte.weight.detach()[fresh].clone()
         load_weights_into(gpt, init, model_config)
+        with torch.no_grad():  # GPT-1 adds these tokens at fine-tuning, with new random embeddings
+            gpt.transformer.wte.weight[fresh] = drawn
     gpt.to(device)
     names = config.oracle_names()
     shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None
@@ -97,6 +101,12 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str], 
         }
 
     return LocalWork(config, run_dir, gpt, model_config, params, device, loops, sizes, evaluate, METRICS, "examples")
+
+
+def _task_token_ids(tokenizer: TextTokenizer) -> list[int]:
+    """<|pad|> <|start|> <|delim|> <|extract|>: never inputs in pre-training, so their tied embeddings were only
+    trained as outputs that are never right (pushed away from every hidden state)."""
+    return [tokenizer.pad_id, tokenizer.start_id, tokenizer.delim_id, tokenizer.extract_id]
 
 
 def _head(spec: TaskSpec, model_config: GPTConfig, dropout: float, seed: int, device: torch.device) -> TaskHead:
