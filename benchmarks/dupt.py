@@ -262,9 +262,8 @@ def controls(by: dict, setup: dict, weights: dict) -> str:
             f"{recovered(h50):.0f}% with the four non-IID ones")
     if recovered(iid) < 0:
         gain_outer = setup["outer_lr"] / (1 - setup["outer_momentum"])
-        text += (f". With IID oracles this outer step ends above one oracle alone (near the unigram plateau, ~6.9): "
-                 f"multiplying a steady direction by lr / (1 - momentum) = {gain_outer:.1f} is more than the IID oracles' "
-                 f"updates stand, while the non-IID ones, which agree less, gain from it")
+        text += (f". With IID oracles this outer step ends above one oracle alone: it multiplies a steady direction by "
+                 f"lr / (1 - momentum) = {gain_outer:.1f}, more than the IID oracles' updates stand")
     elif recovered(iid) < 50:
         text += (", so most of the gap to central is there without any non-IID split: averaging four oracles' "
                  "H-step AdamW trajectories is worth far less than one AdamW step on the pooled batch at this horizon")
