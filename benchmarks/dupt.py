@@ -302,7 +302,7 @@ def plot(results: list[dict], out: Path, stem: str, outer: str) -> None:
         ax.set_xscale("log" if log else "linear")
         ax.set_ylim(bottom, top)
         ax.set(xlabel=xlabel if log else xlabel + " (millions)", ylabel="global validation loss (nats / token)",
-               title=f"DUPT, 4 non-IID oracles, equal training tokens, outer {outer}:\n"
+               title=f"DUPT, 4 oracles (non-IID but for the IID arm), equal training tokens, outer {outer}:\n"
                      f"validation loss vs {'bytes' if log else 'tokens'}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8.5, ncol=2, loc="lower left")  # the empty corner below the plateau
