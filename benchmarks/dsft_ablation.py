@@ -135,14 +135,12 @@ def sst_curve(run_dir: Path) -> list[float]:
 def plot_curves(curves: dict, chosen: dict, epochs_per_round: float, path: Path) -> None:
     """SST-2 accuracy against epochs for every run: each variant's chosen lr drawn solid, the others faint."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, variant in enumerate(VARIANTS):
-        for (v, lr), curve in curves.items():
-            if v != variant:
-                continue
-            best = lr == chosen[v]
-            ax.plot([k * epochs_per_round for k in range(len(curve))], [100 * a for a in curve], color=plt.cm.tab10(i),
-                    lw=2 if best else 1, alpha=1 if best else 0.3, marker="o" if best else None, ms=4,
-                    label=f"({v}) {VARIANTS[v][0].replace('lambda', 'λ')}, lr {lr:g}" if best else None)
+    colors = {v: plt.cm.tab10(i) for i, v in enumerate(VARIANTS)}
+    for (v, lr), curve in curves.items():
+        best = lr == chosen[v]
+        ax.plot([k * epochs_per_round for k in range(len(curve))], [100 * a for a in curve], color=colors[v],
+                lw=2 if best else 1, alpha=1 if best else 0.3, marker="o" if best else None, ms=4,
+                label=f"({v}) {VARIANTS[v][0].replace('lambda', 'λ')}, lr {lr:g}" if best else None)
     ax.set(xlabel="epochs of the largest oracle", ylabel="SST-2 validation accuracy, mean of the 2 oracles (%)",
            title="DSFT ablation: SST-2 accuracy during fine-tuning\n(solid: each variant's chosen lr; faint: the rest of the grid)")
     ax.set_ylim(45, None)
