@@ -8,6 +8,7 @@ import os
 # every step many times slower. Passive waiting costs nothing measurable on an idle one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import dataclasses  # noqa: E402
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -63,6 +64,15 @@ def tiny_config(tmp_path: Path, names=("alpha", "beta", "gamma"), docs=(120, 80,
         else:
             data[section] = values
     return config_from_dict(data, "<test>")
+
+
+def host_config(tmp_path: Path, host: str, holds: set[str], **tiny) -> Config:
+    """`tiny_config` as one host sees it: its own run_dir, and no text of the oracles it does not hold."""
+    config = tiny_config(tmp_path, **tiny)
+    absent = tmp_path / f"not_on_{host}"
+    oracles = [o if o.name in holds else dataclasses.replace(o, train=[str(absent / "train.txt")], valid=[str(absent / "valid.txt")])
+               for o in config.oracles]
+    return dataclasses.replace(config, run_dir=str(tmp_path / host), oracles=oracles)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from conftest import SHARED_DATA
 from taskdata import write_jsonl
 
 from dgpt.config import TaskConfig, config_from_dict, dump_config, load_config
-from dgpt.data.tasks import TaskSpec, encode_examples, load_split, read_rows, task_spec, transform
+from dgpt.data.tasks import TaskExamples, TaskSpec, encode_examples, load_split, read_rows, task_spec, transform
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.model.gpt import GPT, GPTConfig
@@ -131,9 +131,6 @@ def tiny_task_model(type_, outputs, regression=False, dropout=0.0):
 def test_padding_never_changes_a_prediction(type_, sequences, outputs):
     model = tiny_task_model(type_, outputs, regression=type_ == "similarity")
     seqs = [[[2] + [10 + i + j for j in range(3 + i + s)] + [4] for s in range(sequences)] for i in range(3)]
-    spec = TaskSpec(type_, labels=[0, 1, 2] if outputs == 3 else [], regression=type_ == "similarity", num_choices=sequences)
-    from dgpt.data.tasks import TaskExamples
-
     ex = TaskExamples(seqs, torch.zeros(3, dtype=torch.long), 0, pad_id=1)
     tight = ex.batch([0, 1, 2])
     padded = tight._replace(ids=torch.nn.functional.pad(tight.ids, (0, 9), value=1))

@@ -1,12 +1,16 @@
 """The torchrun runtime: 3 real processes on localhost with gloo, checked against the sim runtime."""
 
+import dataclasses
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
+from conftest import host_config, quiet, tiny_config
 from safetensors.torch import load_file
 
 from dgpt import api
@@ -108,3 +112,55 @@ def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_same_model(sim, dist)
+
+
+def two_hosts(paths: list, *args, timeout=240) -> list[tuple[int, str]]:
+    """Two torchrun nodes on localhost (static rendezvous: node rank k runs rank k), one rank each, each
+    with its own config file; returns (exit status, output) per node."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logs = [open(Path(path).with_suffix(".log"), "w+") for path in paths]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "dgpt", "pretrain", str(path), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+             for k, (path, log) in enumerate(zip(paths, logs))]
+    results = []
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=timeout)
+        log.seek(0)
+        results.append((proc.returncode, log.read()))
+        log.close()
+    return results
+
+
+def test_two_hosts_without_shared_files_equal_sim(tmp_path):
+    """Each host holds one oracle's text and its own run_dir: the tokenizer comes from pre-token counts,
+    each host prepares only its oracle, both get the round checkpoints, and the resumed run equals sim."""
+    names, docs = ("alpha", "beta"), (120, 80)
+    sim = tiny_config(tmp_path / "sim", names=names, docs=docs, federation=FED)
+    api.pretrain(sim, log=quiet)
+    hosts = {"host0": "alpha", "host1": "beta"}  # node rank k runs rank k, which holds the k-th oracle
+    configs = {h: host_config(tmp_path, h, {o}, names=names, docs=docs, federation=FED) for h, o in hosts.items()}
+    counts = [str(api.count_pretokens(configs[h], o, log=quiet)) for h, o in hosts.items()]  # what the hosts exchange
+    paths = []
+    for host, oracle in hosts.items():
+        config = dataclasses.replace(configs[host], tokenizer=dataclasses.replace(configs[host].tokenizer, counts=counts))
+        api.prepare(config, oracles=[oracle], log=quiet)
+        paths.append(write_config(config, tmp_path / f"{host}.toml"))
+    for status, out in two_hosts(paths, "--stop-after", "1"):
+        assert status == 0, out[-3000:]
+    assert [latest_checkpoint(tmp_path / h).name for h in hosts] == ["round_0000001"] * 2
+
+    lost = latest_checkpoint(tmp_path / "host1")
+    aside = shutil.move(lost, tmp_path / "aside")
+    for status, out in two_hosts(paths):  # host1 lost its checkpoint: it would start over while host0 resumes
+        assert status != 0 and "the oracles would resume from different rounds ('alpha' from round 1, 'beta' from round 0)" in out
+    shutil.move(aside, lost)
+
+    resumed = two_hosts(paths)
+    assert [status for status, _ in resumed] == [0, 0], resumed[1][1][-3000:]
+    assert "resumed from" in resumed[0][1]  # rank 0 speaks for the run
+    for host in hosts:
+        assert_same_model(sim, dataclasses.replace(configs[host], run_dir=str(tmp_path / host)))

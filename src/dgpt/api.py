@@ -37,10 +37,23 @@ def load_run_config(config_or_run: str | Path, overrides: list[str] = ()) -> Con
     return load_config(path, list(overrides))
 
 
-def prepare(config: Config, log: Callable[[str], None] = print) -> dict:
+def prepare(config: Config, oracles: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Tokenizer and token shards of `oracles` (default: all of the config's)."""
     from dgpt.data.prepare import prepare as _prepare
 
-    return _prepare(config, log=log)
+    return _prepare(config, oracles=oracles, log=log)
+
+
+def count_pretokens(
+    config: Config, oracle: str, out: str | Path | None = None, min_count: int = 1, log: Callable[[str], None] = print
+) -> Path:
+    """Write the pre-token count file that `oracle` shares for a tokenizer trained without its text
+    (default: run_dir/pretoken_counts/ORACLE.json); return its path."""
+    from dgpt.data.prepare import count_oracle_pretokens
+
+    path = Path(out) if out else Path(config.run_dir) / "pretoken_counts" / f"{oracle}.json"
+    log(count_oracle_pretokens(config, oracle, path, min_count))
+    return path
 
 
 def launched_by_torchrun() -> bool:

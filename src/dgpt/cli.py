@@ -23,7 +23,11 @@ def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
 
 
 def cmd_prepare(args) -> None:
-    api.prepare(api.load_run_config(args.config, args.overrides))
+    api.prepare(api.load_run_config(args.config, args.overrides), oracles=args.oracles)
+
+
+def cmd_count_pretokens(args) -> None:
+    api.count_pretokens(api.load_run_config(args.config, args.overrides), args.oracle, args.out, args.min_count)
 
 
 def cmd_pretrain(args) -> None:
@@ -129,7 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="train the tokenizer and write every oracle's token shards")
     _config_args(p)
+    p.add_argument("--oracle", dest="oracles", action="append", metavar="NAME",
+                   help="only this oracle's shards (repeatable; the oracles this machine holds); needs "
+                        "tokenizer.counts or tokenizer.path")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("count-pretokens", help="count one oracle's pre-tokens: what it shares to train the tokenizer")
+    _config_args(p)
+    p.add_argument("--oracle", required=True, metavar="NAME", help="the oracle whose training text is counted")
+    p.add_argument("--out", help="count file (default: RUN_DIR/pretoken_counts/NAME.json)")
+    p.add_argument("--min-count", type=int, default=1, metavar="N",
+                   help="leave out pre-tokens seen fewer than N times (default 1: keep all; > 1 changes the tokenizer)")
+    p.set_defaults(func=cmd_count_pretokens)
 
     p = sub.add_parser("pretrain", help="pre-train (central, sim or torchrun runtime, from the config)")
     _config_args(p)

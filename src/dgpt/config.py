@@ -42,6 +42,7 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     path: str = ""  # an existing tokenizer.json to use instead of training one
+    counts: list[str] = field(default_factory=list)  # train from these `dgpt count-pretokens` files, not from text
 
 
 @dataclass
@@ -284,6 +285,8 @@ def validate(config: Config, source: str) -> None:
             raise DgptError(f"{source}: oracles[{i}] has no name")
         if names.count(name) > 1:
             raise DgptError(f"{source}: oracle name '{name}' is used twice")
+    if config.tokenizer.path and config.tokenizer.counts:
+        raise DgptError(f"{source}: set one of 'tokenizer.path' (a ready tokenizer) and 'tokenizer.counts' (train from counts)")
     fed = config.federation
     if fed.inner_steps < 1:
         raise DgptError(f"{source}: 'federation.inner_steps' must be >= 1, got {fed.inner_steps}")

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from dgpt.errors import DgptError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -58,3 +60,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | Path, missing: str = "not found") -> dict:
+    """A JSON object from a file, or one DgptError line naming the file: `missing`, not JSON, not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise DgptError(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DgptError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DgptError(f"{path}: expected a JSON object")
+    return data

@@ -20,27 +20,53 @@ from dgpt.config import Config, DataConfig, OracleConfig
 from dgpt.data.clean import DocumentFilter, clean_text
 from dgpt.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, dtype_for_vocab, load_split, read_manifest
 from dgpt.data.sources import input_files, iter_documents
-from dgpt.data.tokenizer import TextTokenizer
+from dgpt.data.pretokens import merge_counts, write_counts
+from dgpt.data.tokenizer import TextTokenizer, count_pretokens
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, write_json
+from dgpt.fileio import atomic_dir, sha256_file, write_json
 
 SPLITS = ("train", "valid")
 
 
-def prepare(config: Config, *, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Prepare every oracle's shards under run_dir/data/<oracle>; return their stats by oracle name."""
+def prepare(config: Config, *, oracles: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Prepare the shards of `oracles` (default: every oracle) under run_dir/data/<oracle>; return their
+    stats by oracle name. Preparing only some oracles (a machine that holds only those) needs a tokenizer
+    that does not depend on the others' text: `tokenizer.path` or `tokenizer.counts`."""
     if not config.oracles:
         raise DgptError("the config lists no oracles")
-    for oracle in config.oracles:
+    chosen = _chosen_oracles(config, oracles)
+    for oracle in chosen:
         if not oracle.train:
             raise DgptError(f"oracle '{oracle.name}' has no train source")
     run_dir = Path(config.run_dir)
-    tokenizer = _get_tokenizer(config, run_dir, log)
+    tokenizer = _get_tokenizer(config, run_dir, log, every_oracle=len(chosen) == len(config.oracles))
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     return {
         oracle.name: _prepare_oracle(oracle, config.data, tokenizer, dtype, run_dir / "data" / oracle.name, log)
-        for oracle in config.oracles
+        for oracle in chosen
     }
+
+
+def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: int = 1) -> str:
+    """Write one oracle's pre-token count file (what it shares for the tokenizer); return a summary line."""
+    (chosen,) = _chosen_oracles(config, [oracle])
+    keep = _new_filter(config.data)
+    counts = count_pretokens(_documents(chosen, "train", config.data, keep))
+    if not counts:
+        raise DgptError(f"oracle '{oracle}': no training text to count (every document was empty, too short or a duplicate)")
+    kept = write_counts(out, oracle, counts, keep.kept, _cleaning(config.data), min_count)
+    return (f"{oracle}: {sum(counts.values())} pre-tokens ({len(counts)} distinct) in {keep.kept} documents; "
+            f"{kept} distinct written to {out}" + (f" (those seen >= {min_count} times)" if min_count > 1 else ""))
+
+
+def _chosen_oracles(config: Config, names: list[str] | None) -> list[OracleConfig]:
+    if not names:
+        return list(config.oracles)
+    known = {o.name: o for o in config.oracles}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DgptError(f"oracle(s) {', '.join(map(repr, unknown))} not in the config (it has {', '.join(known)})")
+    return [known[n] for n in dict.fromkeys(names)]
 
 
 def _documents(oracle: OracleConfig, split: str, data: DataConfig, keep: DocumentFilter) -> Iterator[str]:
@@ -76,24 +102,27 @@ def _cleaning(data: DataConfig) -> dict:
 # --- the tokenizer ---------------------------------------------------------------------------------
 
 
-def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None]) -> TextTokenizer:
+def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None], every_oracle: bool) -> TextTokenizer:
+    """The run's tokenizer: the one at `tokenizer.path`, or BPE trained on pre-token counts: those in the
+    `tokenizer.counts` files, or those of every oracle's text (only when every oracle is prepared here)."""
     target = run_dir / "tokenizer.json"
     fingerprint_path = run_dir / "tokenizer.fingerprint.json"
-    if config.tokenizer.path:
-        tokenizer = TextTokenizer.load(config.tokenizer.path)
+    settings = config.tokenizer
+    if settings.path:
+        tokenizer = TextTokenizer.load(settings.path)
         fingerprint_path.unlink(missing_ok=True)  # run_dir/tokenizer.json is no longer one we trained
         if not target.is_file() or TextTokenizer.load(target).sha256 != tokenizer.sha256:
             tokenizer.save(target)
-        log(f"tokenizer: using {config.tokenizer.path} ({tokenizer.vocab_size} tokens)")
+        log(f"tokenizer: using {settings.path} ({tokenizer.vocab_size} tokens)")
         return tokenizer
+    if not settings.counts and not every_oracle:
+        raise DgptError("preparing only some oracles needs a tokenizer that every machine builds alike: set "
+                        "tokenizer.counts (every oracle's `dgpt count-pretokens` file) or tokenizer.path")
 
-    inputs = {
-        "oracles": [{"name": o.name, "text_field": o.text_field, "train": _inputs(o, "train")} for o in config.oracles],
-        "cleaning": _cleaning(config.data),
-        "vocab_size": config.tokenizer.vocab_size,
-        "min_frequency": config.tokenizer.min_frequency,
-    }
-    fingerprint = _digest(inputs)
+    source = ({"counts": [sha256_file(p) if Path(p).is_file() else p for p in settings.counts]} if settings.counts else
+              {"oracles": [{"name": o.name, "text_field": o.text_field, "train": _inputs(o, "train")} for o in config.oracles]})
+    fingerprint = _digest({**source, "cleaning": _cleaning(config.data), "vocab_size": settings.vocab_size,
+                           "min_frequency": settings.min_frequency})
     if target.is_file() and _read_json(fingerprint_path).get("inputs") == fingerprint:
         tokenizer = TextTokenizer.load(target)
         if _read_json(fingerprint_path).get("tokenizer_sha256") == tokenizer.sha256:
@@ -101,13 +130,17 @@ def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None]) ->
             return tokenizer
 
     fingerprint_path.unlink(missing_ok=True)
-    filters = {o.name: _new_filter(config.data) for o in config.oracles}
-    texts = chain.from_iterable(_documents(o, "train", config.data, filters[o.name]) for o in config.oracles)
-    tokenizer = TextTokenizer.train(texts, config.tokenizer.vocab_size, config.tokenizer.min_frequency)
+    if settings.counts:
+        counts, names = merge_counts(settings.counts, _cleaning(config.data))
+        origin = f"the pre-token counts of {', '.join(names)}"
+    else:  # the same computation, with every oracle's counts made here
+        filters = {o.name: _new_filter(config.data) for o in config.oracles}
+        counts = count_pretokens(chain.from_iterable(_documents(o, "train", config.data, filters[o.name]) for o in config.oracles))
+        origin = f"{sum(f.kept for f in filters.values())} training documents"
+    tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
     tokenizer.save(target)
     write_json(fingerprint_path, {"inputs": fingerprint, "tokenizer_sha256": tokenizer.sha256})
-    docs = sum(f.kept for f in filters.values())
-    log(f"tokenizer: trained {tokenizer.vocab_size} tokens on {docs} training documents -> {target}")
+    log(f"tokenizer: trained {tokenizer.vocab_size} tokens on {origin} -> {target}")
     return tokenizer
 
 

@@ -2,6 +2,10 @@
 
 Byte-level means every string encodes, and `decode(encode(s)) == s` for every string: text equal to
 a special token encodes to that token's id and decodes back to the same text.
+
+Training goes through pre-token counts: BPE only ever sees how often each pre-token (a byte-level
+word with its leading space) occurs, so oracles can each count their own text and share the counts
+instead of the text, and the merged counts train the same tokenizer as the pooled text would.
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -19,6 +24,19 @@ from dgpt.fileio import atomic_path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|start|>", "<|delim|>", "<|extract|>")
 _BYTE_ALPHABET = 256
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def count_pretokens(texts: Iterable[str]) -> Counter[str]:
+    """How often each byte-level pre-token occurs in `texts`: all that BPE training needs to know of them."""
+    pre = _pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    return counts
 
 
 class TextTokenizer:
@@ -33,12 +51,15 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
+        return cls.train_from_counts(count_pretokens(texts), vocab_size, min_frequency)
+
+    @classmethod
+    def train_from_counts(cls, counts: Mapping[str, int], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
+        """BPE from pre-token counts (see `count_pretokens`): the tokenizer that the counted text trains."""
         smallest = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
         if vocab_size < smallest:
             raise DgptError(f"tokenizer.vocab_size is {vocab_size}; it must be at least {smallest} (256 bytes + special tokens)")
-        hf = Tokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
+        hf = Tokenizer(models.BPE())  # no pre-tokenizer while training: each item fed below is one pre-token
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -46,7 +67,9 @@ class TextTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator(([piece] * count for piece, count in sorted(counts.items())), trainer=trainer)
+        hf.pre_tokenizer = _pre_tokenizer()
+        hf.decoder = decoders.ByteLevel()
         return cls(hf, "<trained>")
 
     @classmethod

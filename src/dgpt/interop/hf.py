@@ -14,7 +14,6 @@ the tanh approximation (`gelu_new`), so a post-LN run must use d_ff = 4 * d_mode
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tokenizers import AddedToken, Tokenizer
 from dgpt.config import Config, ModelConfig, TokenizerConfig, dump_config
 from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, write_json, write_text
+from dgpt.fileio import atomic_dir, read_json_object, write_json, write_text
 from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, read_model_config, save_checkpoint
 
@@ -186,15 +185,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DgptError(f"{path}: not found (not a Hugging Face model directory?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DgptError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DgptError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, "not found (not a Hugging Face model directory?)")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

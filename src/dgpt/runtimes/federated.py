@@ -24,6 +24,7 @@ from torch.nn.utils import parameters_to_vector
 from tqdm import tqdm
 
 from dgpt.config import Config, FederationConfig
+from dgpt.errors import DgptError
 from dgpt.data.loader import WindowSampler
 from dgpt.federation.accounting import ByteLedger, human_bytes
 from dgpt.federation.aggregate import agreement, is_finite, mean_weights
@@ -34,6 +35,7 @@ from dgpt.model.gpt import GPTConfig
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.train.checkpoint import (
     WEIGHTS,
+    checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -74,6 +76,9 @@ class Transport(Protocol):
     ) -> RoundOutcome: ...
 
     def barrier(self) -> None: ...
+
+    def each_filesystem(self, write: Callable[[], None], written: Callable[[], bool]) -> None:
+        """Call `write` once on every filesystem the processes see (`written`: already there)."""
 
 
 @dataclass
@@ -160,6 +165,11 @@ def train_federated(
             move_optimizer_state(loops[name].optimizer, parked)
         outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
         log(f"resumed from {checkpoint} at round {start}")
+    starts = transport.gather_scalars({n: float(start) for n in local_names})
+    if len(set(starts.values())) > 1:
+        found = ", ".join(f"'{n}' from round {int(r)}" for n, r in starts.items())
+        raise DgptError(f"the oracles would resume from different rounds ({found}): every host's run_dir needs the "
+                        "same newest checkpoints/round_N")
     metrics = None
     if transport.is_leader:
         resume_after = start if checkpoint else None
@@ -264,10 +274,10 @@ def _save_round(run_dir, rnd, model, model_config, loops, outer, ledger, drops, 
         with atomic_path(oracle_state_path(run_dir, name, rnd)) as tmp:
             torch.save(loop.state_dict(), tmp)
     transport.barrier()
-    if transport.is_leader:
-        state = {"round": rnd, "outer": outer.sgd.state_dict(), "ledger": ledger.state_dict(), "drops": drops.get_state()}
-        save_checkpoint(run_dir, "round", rnd, weights_of(model), model_config, state, keep)
-    transport.barrier()
+    state = {"round": rnd, "outer": outer.sgd.state_dict(), "ledger": ledger.state_dict(), "drops": drops.get_state()}
+    # every process holds the same global model and outer state: each host without a shared run_dir gets its copy
+    transport.each_filesystem(lambda: save_checkpoint(run_dir, "round", rnd, weights_of(model), model_config, state, keep),
+                              checkpoint_dir(run_dir, "round", rnd).is_dir)
     kept = {int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)}
     for name in loops:
         for old in (run_dir / "oracles" / name).glob("round_*.pt"):

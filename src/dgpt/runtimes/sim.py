@@ -38,6 +38,9 @@ class SimTransport:
     def barrier(self) -> None:
         pass
 
+    def each_filesystem(self, write: Callable[[], None], written: Callable[[], bool]) -> None:
+        write()
+
 
 def pretrain_sim(
     config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, tamper=None, work=pretraining_work

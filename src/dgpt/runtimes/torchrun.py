@@ -28,6 +28,9 @@ class DistTransport:
         self.names, self.device = names, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_leader = self.rank == 0
+        local_rank = torch.tensor([int(os.environ.get("LOCAL_RANK", 0))], device=device)
+        # the first rank of each host, rank 0 first
+        self.host_leaders = [0] + [r for r, lr in enumerate(self._gather(local_rank)) if int(lr) == 0 and r != 0]
 
     def _gather(self, value: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(value) for _ in range(self.world)]
@@ -67,6 +70,14 @@ class DistTransport:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def each_filesystem(self, write: Callable[[], None], written: Callable[[], bool]) -> None:
+        """Rank 0 writes; then, in turn, each other host's first rank writes unless it already sees the
+        result (a run_dir shared with a host before it). Hosts without a shared filesystem each get a copy."""
+        for writer in self.host_leaders:
+            if self.rank == writer and (writer == 0 or not written()):
+                write()
+            dist.barrier()
 
 
 def pretrain_torchrun(

@@ -64,10 +64,14 @@ def load_weights_into(model: torch.nn.Module, path: Path, expected: GPTConfig) -
         raise DgptError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def checkpoint_dir(run_dir: Path, kind: str, n: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{kind}_{n:07d}"
+
+
 def save_checkpoint(
     run_dir: Path, kind: str, n: int, weights: dict[str, torch.Tensor], model_config: GPTConfig, state: dict, keep: int
 ) -> Path:
-    final = Path(run_dir) / "checkpoints" / f"{kind}_{n:07d}"
+    final = checkpoint_dir(run_dir, kind, n)
     with atomic_dir(final) as tmp:
         save_weights(tmp / WEIGHTS, weights, model_config)
         torch.save(state, tmp / STATE)
