@@ -85,6 +85,16 @@ def test_torchrun_world_size_must_match_oracles(tmp_path):
     assert "torchrun world size 2 does not match the 3 oracles in the config (alpha, beta, gamma)" in result.stderr
 
 
+def test_torchrun_rank_without_its_shards_says_where_to_prepare(tmp_path):
+    config = tiny_config(tmp_path, federation=FED)
+    api.prepare(config, log=quiet)
+    shutil.rmtree(config.run_path / "data" / "beta")  # this host does not hold beta
+    result = torchrun(write_config(config, tmp_path / "c.toml"))
+    assert result.returncode != 0
+    assert "oracle 'beta' (rank 1): no prepared shards on this host" in result.stderr
+    assert "dgpt prepare CONFIG --oracle beta" in result.stderr
+
+
 def test_torchrun_runtime_without_launch_is_an_error(tmp_path):
     config = tiny_config(tmp_path, federation={**FED, "runtime": "torchrun"})
     path = write_config(config, tmp_path / "c.toml")

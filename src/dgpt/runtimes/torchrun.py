@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from dgpt.config import Config, FederationConfig
+from dgpt.data.shards import MANIFEST
 from dgpt.errors import DgptError
 from dgpt.federation.aggregate import aggregate_round, clip_to_norm, is_finite, normalise
 from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, pretraining_work, train_federated
@@ -100,6 +102,14 @@ def pretrain_torchrun(
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     rank = dist.get_rank()
     name = names[rank]
+    shards = Path(config.run_dir) / "data" / name / MANIFEST
+    if work is pretraining_work and not shards.is_file():
+        dist.destroy_process_group()
+        raise DgptError(
+            f"oracle '{name}' (rank {rank}): no prepared shards on this host ({shards} missing); run "
+            f"`dgpt prepare CONFIG --oracle {name}` here. Ranks take the oracles in config order: across hosts, "
+            "launch with static rendezvous (--node-rank, --master-addr) so that each rank runs where its oracle is"
+        )
     rank_log = log if rank == 0 else (lambda _msg: None)
     rank_log("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
     try:
