@@ -4,13 +4,20 @@ import pytest
 import torch
 from conftest import quiet, tiny_config
 from safetensors.torch import load_file
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from dgpt import api
 from dgpt.config import load_config
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.federation.aggregate import agreement, aggregate_round, clip_to_norm, coordinate_median, trimmed_mean
+from dgpt.federation.aggregate import (
+    agreement,
+    aggregate_round,
+    clip_to_norm,
+    coordinate_median,
+    extrapolation,
+    trimmed_mean,
+)
 from dgpt.federation.compression import transmit
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.model.gpt import GPT
@@ -71,6 +78,27 @@ def test_agreement_of_aligned_orthogonal_and_opposite_updates():
     assert agreement(e[0], {"a": 2.0, "b": 4.0}, weights, "median", 1.0) == pytest.approx(1.0)  # norms clipped to 1
 
 
+def test_fedexp_lengthens_only_updates_that_disagree():
+    e = torch.eye(4)
+    same = dict.fromkeys("abcd", 1.0)
+    norms = dict.fromkeys("abcd", 1.0)
+    assert extrapolation("fedexp", e[0], norms, same, "mean", 0.0) == 1.0  # all moved alike: plain averaging
+    orthogonal = e.mean(dim=0)  # four orthogonal unit updates: sum_j w_j |D_j|^2 / (2 |mean|^2) = 1 / (2 * 1/4) = 2
+    assert extrapolation("fedexp", orthogonal, norms, same, "mean", 0.0) == pytest.approx(2.0)
+    assert extrapolation("none", orthogonal, norms, same, "mean", 0.0) == 1.0
+    assert extrapolation("fedexp", torch.zeros(4), norms, same, "mean", 0.0) == 1.0  # cancelled: nothing to lengthen
+    weights = {"a": 3.0, "b": 1.0}  # token weights count for `mean`; the norms are taken as clipped
+    update = 0.75 * e[0] + 0.25 * 2 * e[1]  # a: |D_a| = 1; b: |D_b| = 3, clipped to 2
+    norms = {"a": 1.0, "b": 3.0}
+    unclipped = (0.75 * 1 + 0.25 * 9) / (2 * update.norm().item() ** 2)
+    clipped = (0.75 * 1 + 0.25 * 4) / (2 * update.norm().item() ** 2)
+    assert extrapolation("fedexp", update, norms, weights, "mean", 0.0) == pytest.approx(unclipped)
+    assert extrapolation("fedexp", update, norms, weights, "mean", 2.0) == pytest.approx(clipped)
+    assert 1 < clipped < unclipped
+    with pytest.raises(DgptError, match="unknown extrapolation 'adam'"):
+        extrapolation("adam", update, norms, same, "mean", 0.0)
+
+
 def test_robust_aggregators_resist_a_poisoned_update():
     torch.manual_seed(0)
     honest = [torch.randn(1000) * 0.01 + 1.0 for _ in range(4)]
@@ -107,12 +135,18 @@ def test_compression_error_and_bytes(kind, block, max_rel_err):
 # --- the sim runtime end to end ---------------------------------------------------------------------
 
 
-def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path):
-    fed = {"rounds": 1, "inner_steps": 3, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "tokens"}
+@pytest.mark.parametrize("extrapolate", ["none", "fedexp"])
+def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path, extrapolate):
+    """One round from Theta: FedAvg is the token-weighted mean of independently trained oracles; FedExP moves
+    from Theta along that mean by max(1, sum_j w_j |D_j|^2 / (2 |sum_j w_j D_j|^2)). For FedExP one oracle's
+    update is sent reversed, so that the updates disagree enough to be lengthened."""
+    sign = {"beta": -1.0} if extrapolate == "fedexp" else {}
+    fed = {"rounds": 1, "inner_steps": 3, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "tokens",
+           "extrapolation": extrapolate}
     config = tiny_config(tmp_path, federation=fed)
-    pretrain_sim(config, log=quiet)
+    pretrain_sim(config, log=quiet, tamper=lambda name, delta: delta * sign.get(name, 1.0))
     setup = load_run(config, log=quiet)
-    total, expected, deltas = 0, None, []
+    deltas = []
     for j, name in enumerate(config.oracle_names()):
         torch.manual_seed(config.seed)
         model = GPT(setup.model_config)
@@ -121,17 +155,22 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path):
         loop = InnerLoop(model, config.pretrain, WindowSampler(setup.train[name], 32, seed), 3, torch.device("cpu"), seed)
         for _ in range(3):
             loop.train_step()
-        n = loop.sampler.num_tokens
-        total += n
-        w = {k: v * n for k, v in weights_of(model).items()}
-        expected = w if expected is None else {k: expected[k] + w[k] for k in w}
-        deltas.append((n, start - parameters_to_vector(model.parameters()).detach()))
-    got = final_weights(config)
+        delta = start - parameters_to_vector(model.parameters()).detach()
+        deltas.append((loop.sampler.num_tokens, delta * sign.get(name, 1.0)))
+    total = sum(n for n, _ in deltas)
+    mean = sum(n * d for n, d in deltas) / total
+    spread = sum(n * d.norm() ** 2 for n, d in deltas) / total
+    scale = max(1.0, (spread / (2 * mean.norm() ** 2)).item()) if extrapolate == "fedexp" else 1.0
+    vector_to_parameters(start - scale * mean, model.parameters())
+    got, expected = final_weights(config), weights_of(model)
     for key in got:
-        torch.testing.assert_close(got[key], expected[key] / total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    row = rounds(config)[1]
+    assert row["outer_scale"] == pytest.approx(scale, rel=1e-4)
+    assert (scale > 1.0) == (extrapolate == "fedexp")
     # the logged agreement: |sum_j w_j Delta_j| / sum_j w_j |Delta_j| with token weights
-    moved = sum(n * d for n, d in deltas).norm() / sum(n * d.norm() for n, d in deltas)
-    assert rounds(config)[1]["agreement"] == pytest.approx(moved.item(), rel=1e-4)
+    moved = mean.norm() / (sum(n * d.norm() for n, d in deltas) / total)
+    assert row["agreement"] == pytest.approx(moved.item(), rel=1e-4)
     assert 0 < moved < 1
 
 
@@ -214,6 +253,7 @@ def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
         ("federation.aggregator=\"krum\"", "federation.aggregator' is 'krum'"),
         ("federation.inner_steps=0", "inner_steps' must be >= 1"),
         ("federation.compression=\"fp8\"", "federation.compression' is 'fp8'"),
+        ("federation.extrapolation=\"adam\"", "federation.extrapolation' is 'adam'; expected one of none, fedexp"),
         ("federation.mean_weights=\"given\"", "have no weight"),
     ],
 )

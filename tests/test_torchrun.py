@@ -44,12 +44,14 @@ def assert_same_model(a, b):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("aggregator", ["mean", "trimmed_mean"])
-def test_torchrun_equals_sim(tmp_path, aggregator):
-    fed = {**FED, "aggregator": aggregator, "trim_fraction": 0.34}
-    sim = tiny_config(tmp_path / "sim", federation=fed)
+@pytest.mark.parametrize("aggregator, extrapolate", [("mean", "none"), ("trimmed_mean", "none"), ("mean", "fedexp")])
+def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
+    fed = {**FED, "aggregator": aggregator, "trim_fraction": 0.34, "extrapolation": extrapolate}
+    # FedExP lengthens only updates that disagree: without warmup these oracles' first updates do
+    pre = {"warmup_steps": 0} if extrapolate == "fedexp" else {}
+    sim = tiny_config(tmp_path / "sim", federation=fed, pretrain=pre)
     api.pretrain(sim, log=quiet)
-    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"})
+    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"}, pretrain=pre)
     api.prepare(dist, log=quiet)  # ranks read prepared shards; they never race to write them
     result = torchrun(write_config(dist, tmp_path / "dist.toml"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,6 +62,8 @@ def test_torchrun_equals_sim(tmp_path, aggregator):
     for a, b in zip(sim_rows, dist_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert [a["agreement"] for a in sim_rows[1:]] == pytest.approx([b["agreement"] for b in dist_rows[1:]], rel=1e-4)
+    assert [a["outer_scale"] for a in sim_rows[1:]] == pytest.approx([b["outer_scale"] for b in dist_rows[1:]], rel=1e-4)
+    assert (max(a["outer_scale"] for a in sim_rows[1:]) > 1) == (extrapolate == "fedexp")
 
 
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):

@@ -109,6 +109,7 @@ class FederationConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
+    extrapolation: str = "none"  # none | fedexp: lengthen the aggregated update when the oracles' updates disagree
     aggregator: str = "mean"  # mean | median | trimmed_mean
     mean_weights: str = "tokens"  # tokens | uniform | given (oracles[].weight)
     trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
@@ -270,6 +271,7 @@ _CHOICES = {
     "federation.aggregator": ("mean", "median", "trimmed_mean"),
     "federation.mean_weights": ("tokens", "uniform", "given"),
     "federation.compression": ("none", "bf16", "int8"),
+    "federation.extrapolation": ("none", "fedexp"),
 }
 
 

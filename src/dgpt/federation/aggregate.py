@@ -81,19 +81,43 @@ def combine(rule: str, deltas: list[torch.Tensor], weights: list[float], trim_fr
     raise DgptError(f"unknown aggregator {rule!r}; expected mean, median or trimmed_mean")
 
 
+def _received(norms: dict[str, float], weights: dict[str, float], rule: str, clip_norm: float) -> list[tuple[float, float]]:
+    """(w_j, ||Delta_j|| as the rule combined it) per accepted oracle: the normalised mean weights (`mean`) or 1/k
+    (the robust rules, which count every oracle once), and the norm after clipping."""
+    names = list(norms)
+    w = normalise(weights, names) if rule == "mean" else {n: 1.0 / len(names) for n in names}
+    return [(w[n], min(norms[n], clip_norm) if clip_norm > 0 else norms[n]) for n in names]
+
+
 def agreement(update: torch.Tensor, norms: dict[str, float], weights: dict[str, float], rule: str, clip_norm: float) -> float:
     """How much of the oracles' movement survives aggregation: ||update|| / sum_j w_j ||Delta_j||.
 
-    `norms` are the accepted oracles' pseudo-gradient norms; w_j their normalised mean weights (`mean`) or
-    1/k (the robust rules, which count every oracle once). 1 when every oracle moved the same way; about
-    sqrt(sum_j w_j^2) (1/sqrt(k) for k equal weights) when their pseudo-gradients are orthogonal; 0 when they
-    cancel (a weighted mean never exceeds 1; a coordinate-wise rule can). A low value says each round keeps only a
-    fraction of what the oracles' inner steps learned.
+    `norms` are the accepted oracles' pseudo-gradient norms, w_j their weights (see `_received`). 1 when every
+    oracle moved the same way; about sqrt(sum_j w_j^2) (1/sqrt(k) for k equal weights) when their pseudo-gradients
+    are orthogonal; 0 when they cancel (a weighted mean never exceeds 1; a coordinate-wise rule can). A low value
+    says each round keeps only a fraction of what the oracles' inner steps learned.
     """
-    names = list(norms)
-    w = normalise(weights, names) if rule == "mean" else {n: 1.0 / len(names) for n in names}
-    moved = sum(w[n] * (min(norms[n], clip_norm) if clip_norm > 0 else norms[n]) for n in names)
+    moved = sum(w * norm for w, norm in _received(norms, weights, rule, clip_norm))
     return float(update.norm()) / moved if moved > 0 else 1.0
+
+
+def extrapolation(
+    kind: str, update: torch.Tensor, norms: dict[str, float], weights: dict[str, float], rule: str, clip_norm: float
+) -> float:
+    """The factor applied to the aggregated update before the outer step: 1, or FedExP's
+    max(1, sum_j w_j ||Delta_j||^2 / (2 ||update||^2)) (Jhunjhunwala, Wang & Joshi, ICLR 2023).
+
+    Oracles that moved alike get 1 (plain averaging); updates that partly cancel (non-IID oracles pulling toward
+    their own domains, or small-batch noise at small H) leave a short mean, which FedExP lengthens: k orthogonal
+    updates of equal norm and weight get k / 2. It needs only the norms every runtime already gathers.
+    """
+    if kind == "none":
+        return 1.0
+    if kind != "fedexp":
+        raise DgptError(f"unknown extrapolation {kind!r}; expected none or fedexp")
+    spread = sum(w * norm * norm for w, norm in _received(norms, weights, rule, clip_norm))
+    length = float(update.norm()) ** 2
+    return max(1.0, spread / (2 * length)) if length > 0 else 1.0
 
 
 def aggregate_round(

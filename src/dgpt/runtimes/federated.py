@@ -27,7 +27,7 @@ from dgpt.config import Config, FederationConfig
 from dgpt.errors import DgptError
 from dgpt.data.loader import WindowSampler
 from dgpt.federation.accounting import ByteLedger, human_bytes
-from dgpt.federation.aggregate import agreement, is_finite, mean_weights
+from dgpt.federation.aggregate import agreement, extrapolation, is_finite, mean_weights
 from dgpt.federation.compression import transmit
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.fileio import atomic_path
@@ -199,10 +199,11 @@ def train_federated(
             loops[name].step = (rnd - 1) * fed.inner_steps  # an oracle that missed rounds keeps to the schedule
             updates[name] = _local_round(loops[name], params, theta, fed, segments, local.device, parked)
         outcome = transport.aggregate(updates, fed, weights, sum(segments))
-        agree = None
+        agree = scale = None
         if outcome.update is not None:
             agree = agreement(outcome.update, outcome.norms, weights, fed.aggregator, fed.clip_norm)
-            outer.step(outcome.update)
+            scale = extrapolation(fed.extrapolation, outcome.update, outcome.norms, weights, fed.aggregator, fed.clip_norm)
+            outer.step(outcome.update * scale)
         copy_into(params, outer.theta.detach())
         evaluated = rnd % fed.eval_interval == 0 or rnd == fed.rounds
         valid, scores = validate() if evaluated else ({}, {})
@@ -211,7 +212,7 @@ def train_federated(
         for name in outcome.rejected:
             log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
         if metrics is not None:
-            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, participants, ledger, time.perf_counter() - t0)
+            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, (agree, scale), participants, ledger, time.perf_counter() - t0)
         if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
             _save_round(run_dir, rnd, model, local.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
         if valid:
@@ -251,14 +252,15 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, participants, ledger, seconds) -> None:
-    """A `round` row (global validation loss, and other metrics, when validated; the update's agreement) and one
-    `oracle` row per oracle."""
+def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, update_stats, participants, ledger, seconds) -> None:
+    """A `round` row (global validation loss, and other metrics, when validated; the update's agreement and the
+    extrapolation factor the outer step applied to it) and one `oracle` row per oracle."""
+    agree, scale = update_stats
     evaluated = {"loss": weighted_loss(valid, tokens), "oracles": valid} if valid else {}
     evaluated.update({"metrics": scores} if scores else {})
     metrics.log(
         round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,
-        rejected=outcome.rejected, agreement=agree, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
+        rejected=outcome.rejected, agreement=agree, outer_scale=scale, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
         dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
     )
     for name in tokens:
