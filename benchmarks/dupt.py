@@ -7,6 +7,7 @@ with --quick):
     python benchmarks/dupt.py --replot        # rewrite dupt.md and the plots from dupt_runs.json
     python benchmarks/dupt.py --arms central,H=50 --outer-lr 2 --outer-momentum 0 --runs /tmp/sweep  # a sweep: prints only
     python benchmarks/dupt.py --steps 2400 --arms "central,H=50,central batch 8,H=50 IID" --stem dupt_horizon_2400
+    python benchmarks/dupt.py --ln pre --inner-lr 2e-3 --outer-lr 1 --outer-momentum 0 --arms "central,H=50,H=50 fedexp" --runs /tmp/s
 
 Four non-IID oracles of unequal size (Shakespeare, WikiText-2, Python docs, Topical-Chat from
 ../shared/data/pretrain) pre-train one model. Every arm trains on the same number of tokens:
@@ -93,11 +94,13 @@ ARMS = [
 
 
 def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, eval_interval: int) -> dict:
+    """One arm's config; the decentralised arms' inner AdamW may have its own lr (`--inner-lr`)."""
+    lr = setup["inner_lr"] if fed.get("runtime") == "sim" else setup["lr"]
     return {
         "run_dir": str(run_dir), "seed": 1337, "model": setup["model"], "tokenizer": {"vocab_size": VOCAB},
         "oracles": [{"name": n, "train": [str(DATA / n / "train.txt")], "valid": [str(DATA / n / "valid.txt")]}
                     for n in ORACLES],
-        "pretrain": {"steps": steps, "batch_size": batch, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, steps // 20),
+        "pretrain": {"steps": steps, "batch_size": batch, "lr": lr, "min_lr": lr / 10, "warmup_steps": max(1, steps // 20),
                      "eval_interval": eval_interval, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
                      "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
         "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True, **fed},
@@ -348,14 +351,19 @@ def plot(results: list[dict], out: Path, stem: str, outer: str) -> None:
         plt.close(fig)
 
 
+def lrs(setup: dict) -> str:
+    lr, inner = setup.get("lr", 1e-3), setup.get("inner_lr", 1e-3)  # runs recorded before --lr existed used 1e-3
+    return f"{lr:g}" if lr == inner else f"{lr:g} (central arms) / {inner:g} (decentralised arms' inner steps)"
+
+
 def write_outputs(run: dict, out: Path) -> None:
     """dupt.md, dupt_runs.json and the two plots from one run's results; prints the markdown."""
     setup, steps, results = run["setup"], run["steps"], run["arms"]
     md = (f"# DUPT benchmark: centralised vs decentralised pre-training\n\n"
           f"`python benchmarks/dupt.py {run.get('command', f'--steps {steps}')}`: model "
           f"{json.dumps(setup['model'])} ({run['params']:,} parameters, vocab {VOCAB}); {steps} inner steps x batch "
-          f"{setup['batch']} per oracle (central: {steps} steps x batch {4 * setup['batch']}); AdamW lr 1e-3 "
-          f"(warmup {max(1, steps // 20)}, cosine to 1e-4), outer {outer_name(setup)} for every H. "
+          f"{setup['batch']} per oracle (central: {steps} steps x batch {4 * setup['batch']}); AdamW lr {lrs(setup)} "
+          f"(warmup {max(1, steps // 20)}, cosine to a tenth), outer {outer_name(setup)} for every H. "
           f"Global loss = per-oracle validation losses ({setup['eval_windows']} windows of {setup['model']['n_ctx']} "
           f"tokens each) weighted by training tokens {run['weights']}, the same weights for every arm. Bytes: total = "
           f"oracle uploads + downloads (the fp32 global model each round); DP = what synchronous data parallel would "
@@ -383,6 +391,8 @@ def main() -> None:
     parser.add_argument("--arms", help="comma-separated subset of the arms (central and H=50 among them); prints only, "
                         "unless --stem names a report for it")
     parser.add_argument("--ln", choices=("pre", "post"), default="post", help="layer-norm placement (GPT-1: post)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (cosine to a tenth)")
+    parser.add_argument("--inner-lr", type=float, help="peak lr of the decentralised arms' inner AdamW (default: --lr)")
     parser.add_argument("--batch", type=int, help="windows per oracle step (default 8; central: 4x)")
     parser.add_argument("--stem", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png (default: dupt)")
     args = parser.parse_args()
@@ -390,7 +400,7 @@ def main() -> None:
         return write_outputs(json.loads((args.out / f"{args.stem or 'dupt'}_runs.json").read_text()), args.out)
     setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
     setup = {**setup, "model": {**setup["model"], "ln": args.ln}, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
-             "batch": args.batch or setup["batch"]}
+             "batch": args.batch or setup["batch"], "lr": args.lr, "inner_lr": args.inner_lr or args.lr}
     arms = [a for a in ARMS if not args.arms or a[0] in args.arms.split(",")]
     if steps % 200:
         parser.error("--steps must be a multiple of 200 (the largest H)")
