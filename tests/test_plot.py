@@ -32,6 +32,15 @@ def test_plot_federated_run(tmp_path, capsys):
     api.pretrain(config, log=quiet)
     assert_pngs(config.run_path, ["valid_loss.png", "valid_loss_vs_tokens.png", "valid_loss_vs_bytes.png",
                                   "train_loss.png", "agreement.png"], capsys)
+    assert not (config.run_path / "plots" / "outer_scale.png").exists()  # no extrapolation, nothing to draw
+
+
+def test_plot_fedexp_factor(tmp_path, capsys):
+    """Without warmup these oracles' first updates disagree enough for FedExP to lengthen the mean."""
+    config = tiny_config(tmp_path, federation={"extrapolation": "fedexp"}, pretrain={"warmup_steps": 0})
+    api.prepare(config, log=quiet)
+    api.pretrain(config, log=quiet)
+    assert_pngs(config.run_path, ["outer_scale.png", "agreement.png"], capsys)
 
 
 def test_plot_central_run(tmp_path, capsys):

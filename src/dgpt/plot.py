@@ -3,7 +3,7 @@
     central runs      train loss vs step; validation loss per oracle (and global) vs step
     federated runs    validation loss per oracle and global vs round, vs tokens trained, vs bytes
                       communicated (log x); train loss per oracle vs round; the agreement of the oracles'
-                      pseudo-gradients vs round
+                      pseudo-gradients vs round; the FedExP factor vs round, when it lengthened any update
     fine-tuning runs  every score per oracle (accuracy, F1, ...) vs round, from rows that carry
                       `metrics: {oracle: {name: value}}` or an `accuracy` field (per oracle or a dict)
 
@@ -114,11 +114,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                     _plot(plt, valid, out / "valid_loss.png", "step", "validation loss", "Validation loss per oracle")]
     else:
         by_x = {axis: defaultdict(list) for axis in ("round", "tokens", "bytes_total")}
-        train, agreement, scores = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
+        train, agreement, factor = defaultdict(list), defaultdict(list), defaultdict(list)
+        scores = defaultdict(lambda: defaultdict(list))
         for r in rows:
             rnd = r.get("round", r.get("step"))
             if r.get("kind") == "round":
                 _add(agreement, "agreement", rnd, r.get("agreement"))
+                _add(factor, "FedExP factor", rnd, r.get("outer_scale"))
                 for axis, series in by_x.items():
                     _add(series, "global", r.get(axis), r.get("loss"))
                     for oracle, loss in (r.get("oracles") or {}).items():
@@ -137,6 +139,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                              "Training loss per oracle"))
         written.append(_plot(plt, agreement, out / "agreement.png", "round", "||sum w_j Delta_j|| / sum w_j ||Delta_j||",
                              "Agreement of the oracles' pseudo-gradients (1: all moved alike)"))
+        if any(y > 1 for _, y in factor["FedExP factor"]):
+            written.append(_plot(plt, factor, out / "outer_scale.png", "round", "factor on the aggregated update",
+                                 "FedExP extrapolation (1: plain mean)"))
         for name, series in sorted(scores.items()):
             written.append(_plot(plt, series, out / f"{name}.png", "round", name, f"{name} per oracle"))
     paths = [p for p in written if p is not None]
