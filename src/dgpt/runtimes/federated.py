@@ -212,7 +212,7 @@ def train_federated(
         for name in outcome.rejected:
             log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
         if metrics is not None:
-            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, (agree, scale), participants, ledger, time.perf_counter() - t0)
+            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, scale, participants, ledger, time.perf_counter() - t0)
         if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
             _save_round(run_dir, rnd, model, local.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
         if valid:
@@ -252,10 +252,9 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, update_stats, participants, ledger, seconds) -> None:
+def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, scale, participants, ledger, seconds) -> None:
     """A `round` row (global validation loss, and other metrics, when validated; the update's agreement and the
     extrapolation factor the outer step applied to it) and one `oracle` row per oracle."""
-    agree, scale = update_stats
     evaluated = {"loss": weighted_loss(valid, tokens), "oracles": valid} if valid else {}
     evaluated.update({"metrics": scores} if scores else {})
     metrics.log(
