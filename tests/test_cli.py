@@ -54,7 +54,7 @@ def test_central_runtime_from_the_command_line(config_file, capsys):
     [
         (["--set", "pretrain.stepz=3"], "unknown config key 'pretrain.stepz'"),
         (["--set", "pretrain.steps=\"many\""], "'pretrain.steps' must be int"),
-        (["--set", "model.preset=huge"], "unknown model preset 'huge'"),
+        (["--set", "model.preset=huge"], "'model.preset' is 'huge'; expected one of tiny, small, gpt1"),
         (["--set", "federation.runtime=cloud"], "'federation.runtime' is 'cloud'"),
     ],
 )

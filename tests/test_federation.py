@@ -1,5 +1,7 @@
 """Federation arithmetic and the sim runtime: FedAvg and data-parallel equivalences, robustness, resume."""
 
+import io
+
 import pytest
 import torch
 from conftest import quiet, tiny_config
@@ -10,16 +12,11 @@ from dgpt import api
 from dgpt.config import load_config
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.federation.aggregate import (
-    agreement,
-    aggregate_round,
-    clip_to_norm,
-    coordinate_median,
-    extrapolation,
-    trimmed_mean,
-)
-from dgpt.federation.compression import transmit
+from dgpt.config import FederationConfig
+from dgpt.federation.aggregate import agreement, clip_to_norm, coordinate_median, extrapolation, trimmed_mean
+from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.outer import OuterOptimizer
+from dgpt.federation.strategy import Strategy
 from dgpt.model.gpt import GPT
 from dgpt.objectives import lm_loss
 from dgpt.runtimes.federated import oracle_seed
@@ -41,6 +38,18 @@ def rounds(config, kind="round"):
 
 
 # --- pure federation arithmetic ---------------------------------------------------------------------
+
+
+def strategy(weights, numel, kind="none", **fed):
+    return Strategy(FederationConfig(**fed), Codec(kind, [numel]), weights, torch.zeros(numel), seed=0)
+
+
+def aggregate_round(deltas, rule, weights, trim_fraction, clip_norm):
+    """The Strategy's rule on fp32 payloads: (update, accepted, rejected)."""
+    numel = next(iter(deltas.values())).numel()
+    s = strategy(weights, numel, aggregator=rule, trim_fraction=trim_fraction, clip_norm=clip_norm)
+    result = s.aggregate({name: s.codec.encode(d) for name, d in deltas.items()})
+    return result.update, result.accepted, list(result.rejected)
 
 
 def test_outer_sgd_lr1_no_momentum_is_fedavg():
@@ -121,15 +130,57 @@ def test_norm_clipping_and_non_finite_rejection():
     assert aggregate_round({"nan": deltas["nan"]}, "mean", {"nan": 1.0}, 0.0, 0.0)[0] is None
 
 
-@pytest.mark.parametrize("kind, block, max_rel_err", [("bf16", 0, 1e-2), ("int8", 0, 2e-2), ("int8", 64, 1e-2)])
-def test_compression_error_and_bytes(kind, block, max_rel_err):
+@pytest.mark.parametrize("kind, block, max_rel_err", [("bf16", 0, 1e-2), ("int8", 0, 2e-2), ("int8", 64, 1e-2), ("int8", 1000, 2e-2)])
+def test_codec_error_dtypes_and_bytes(kind, block, max_rel_err):
     torch.manual_seed(0)
     delta = torch.randn(4096) * 1e-3
-    received, nbytes = transmit(delta, kind, block, segments=[1024, 3072])
-    assert (received - delta).norm() / delta.norm() < max_rel_err
-    expected = {"bf16": 2 * 4096, "int8": 4096 + 4 * (4096 // block if block else 2)}[kind]
-    assert nbytes == expected
-    assert transmit(delta, "none")[1] == 4 * 4096
+    delta[:1024] *= 100  # one parameter tensor far larger than the other: per-tensor scales keep the small one
+    codec = Codec(kind, [1024, 3072], block)
+    payload = codec.encode(delta)
+    received = codec.decode(payload)
+    sizes = [1024, 3072] if block == 0 else [4096]  # a block may straddle two tensors (1000 does, and pads the last)
+    for got, want in zip(received.split(sizes), delta.split(sizes)):
+        assert (got - want).norm() / want.norm() < max_rel_err
+    scales = {"bf16": 0, "int8": -(-4096 // block) if block else 2}[kind]
+    assert payload.values.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kind]
+    assert payload.values.numel() == 4096 and payload.scales.numel() == scales  # int8 padding is never sent
+    assert payload.nbytes == {"bf16": 2, "int8": 1}[kind] * 4096 + 4 * scales
+    empty = codec.empty()
+    assert (empty.values.dtype, empty.values.shape, empty.scales.shape) == (payload.values.dtype, payload.values.shape, payload.scales.shape)
+    assert Codec("none", [4096]).encode(delta).nbytes == 4 * 4096
+
+
+@pytest.mark.parametrize("kind", ["none", "bf16", "int8"])
+def test_strategy_checks_what_it_received(kind):
+    s = strategy(dict.fromkeys("abcde", 1.0), 8, kind)
+    good = s.codec.encode(torch.ones(8))
+    nan = s.codec.encode(torch.tensor([1.0, float("nan")] + [0.0] * 6))
+    inf = s.codec.encode(torch.full((8,), float("inf")))
+    short = Payload(good.values[:4], good.scales)
+    other = Payload(torch.ones(8, dtype=torch.float64), good.scales)
+    result = s.aggregate({"a": good, "b": nan, "c": inf, "d": short, "e": other})
+    assert result.accepted == ["a"] and result.participants == list("abcde")
+    assert result.rejected["b"] == result.rejected["c"] == "NaN/Inf in its pseudo-gradient"
+    assert "(4,)" in result.rejected["d"] and "float64" in result.rejected["e"]
+    assert result.bytes_received["a"] == good.nbytes
+    torch.testing.assert_close(result.update, torch.ones(8))
+    theta = s.apply(result, inner_steps=3)
+    torch.testing.assert_close(theta, -torch.ones(8) * 0.7 * 1.9)  # Nesterov 0.7 / 0.9 from Theta = 0
+    assert s.bytes.sent["e"] == other.nbytes and s.bytes.dp_bytes == 2 * 32 * 3 * 5
+
+
+def test_strategy_state_resumes_draws_and_momentum():
+    a = strategy(dict.fromkeys("abcd", 1.0), 4, drop_prob=0.5)
+    for _ in range(3):
+        a.apply(a.aggregate({n: a.codec.encode(torch.randn(4)) for n in a.sample()}), 1)
+    b = strategy(dict.fromkeys("abcd", 1.0), 4, drop_prob=0.5)
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)  # as a round checkpoint keeps it
+    saved.seek(0)
+    b.load_state_dict(torch.load(saved, weights_only=True), a.theta.clone())
+    assert [a.sample() for _ in range(5)] == [b.sample() for _ in range(5)]
+    update = {n: a.codec.encode(torch.ones(4)) for n in "abcd"}
+    torch.testing.assert_close(a.apply(a.aggregate(update), 1), b.apply(b.aggregate(update), 1))
 
 
 # --- the sim runtime end to end ---------------------------------------------------------------------
@@ -144,7 +195,7 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path, extrapolate)
     fed = {"rounds": 1, "inner_steps": 3, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "tokens",
            "extrapolation": extrapolate}
     config = tiny_config(tmp_path, federation=fed)
-    pretrain_sim(config, log=quiet, tamper=lambda name, delta: delta * sign.get(name, 1.0))
+    pretrain_sim(config, tamper=lambda name, delta: delta * sign.get(name, 1.0))
     setup = load_run(config, log=quiet)
     deltas = []
     for j, name in enumerate(config.oracle_names()):
@@ -178,7 +229,7 @@ def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
     fed = {"rounds": 4, "inner_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "uniform"}
     pre = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0, "grad_clip": 0.0}
     config = tiny_config(tmp_path, federation=fed, pretrain=pre, model=NO_DROPOUT)
-    pretrain_sim(config, log=quiet)
+    pretrain_sim(config)
     # the reference: one model, each step the mean of every oracle's gradient on its own batch
     setup = load_run(config, log=quiet)
     torch.manual_seed(config.seed)
@@ -202,20 +253,19 @@ def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
 def test_sim_exact_resume(tmp_path):
     fed = {"rounds": 3, "inner_steps": 2}
     full = tiny_config(tmp_path / "a", federation=fed)
-    pretrain_sim(full, log=quiet)
+    pretrain_sim(full)
     cut = tiny_config(tmp_path / "b", federation=fed)
-    pretrain_sim(cut, stop_after_round=1, log=quiet)
-    pretrain_sim(cut, log=quiet)
+    pretrain_sim(cut, stop_after_round=1)
+    pretrain_sim(cut)
     assert [r["oracles"] for r in rounds(full)] == [r["oracles"] for r in rounds(cut)]
     a, b = final_weights(full), final_weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path):
+def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path, caplog):
     config = tiny_config(tmp_path, federation={"rounds": 2, "inner_steps": 1})
-    lines = []
-    pretrain_sim(config, log=lines.append, tamper=lambda name, d: d * float("nan") if name == "beta" else d)
-    assert any("oracle 'beta'" in line and "NaN" in line for line in lines)
+    pretrain_sim(config, tamper=lambda name, d: d * float("nan") if name == "beta" else d)
+    assert any("oracle 'beta'" in r.message and "NaN" in r.message and r.levelname == "WARNING" for r in caplog.records)
     for row in rounds(config)[1:]:
         assert row["rejected"] == ["beta"] and row["accepted"] == ["alpha", "gamma"]
     assert all(torch.isfinite(t).all() for t in final_weights(config).values())
@@ -223,7 +273,7 @@ def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path):
 
 def test_sim_drops_oracles_and_counts_bytes(tmp_path):
     config = tiny_config(tmp_path, federation={"rounds": 6, "inner_steps": 1, "drop_prob": 0.5, "compression": "int8"})
-    pretrain_sim(config, log=quiet)
+    pretrain_sim(config)
     rows = rounds(config)[1:]
     assert any(len(r["participants"]) < 3 for r in rows)
     per_oracle = rounds(config, "oracle")
@@ -239,9 +289,9 @@ def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
     poison = lambda name, d: -10 * d if name == "gamma" else d  # noqa: E731
     fed = {"rounds": 3, "inner_steps": 2, "aggregator": "median"}
     robust = tiny_config(tmp_path / "robust", federation=fed)
-    pretrain_sim(robust, log=quiet, tamper=poison)
+    pretrain_sim(robust, tamper=poison)
     naive = tiny_config(tmp_path / "naive", federation={**fed, "aggregator": "mean"})
-    pretrain_sim(naive, log=quiet, tamper=poison)
+    pretrain_sim(naive, tamper=poison)
     assert rounds(robust)[-1]["loss"] < rounds(naive)[-1]["loss"]
     # agreement is measured on what the aggregator received (the tampered update): a mean never exceeds 1
     assert all(0 < r["agreement"] <= 1 + 1e-6 for r in rounds(naive)[1:])

@@ -18,7 +18,8 @@ from dgpt.cli import main
 from dgpt.config import config_from_dict, dump_config
 from dgpt.errors import DgptError
 from dgpt.model.gpt import GPT
-from dgpt.runtimes.federated import oracle_state_path, train_federated
+from dgpt.rundir import RunDir
+from dgpt.runtimes.federated import train_federated
 from dgpt.runtimes.finetune import finetune_work
 from dgpt.runtimes.sim import SimTransport
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint
@@ -51,7 +52,7 @@ def write_config(config, path):
 
 def head_of(config, name):
     rnd = int(latest_checkpoint(config.run_path).name.split("_")[1])
-    return torch.load(oracle_state_path(config.run_path, name, rnd), weights_only=True)["head"]
+    return torch.load(RunDir(config.run_path).oracle_state(name, rnd), weights_only=True)["head"]
 
 
 def test_finetune_and_predict_every_task_type_via_cli(tmp_path, pretrained, capsys):
@@ -92,11 +93,11 @@ def test_task_tokens_start_from_fresh_embeddings(tmp_path, pretrained, fresh):
     """GPT-1 adds <|pad|> <|start|> <|delim|> <|extract|> at fine-tuning with random embeddings; every other row is
     the checkpoint's (finetune.fresh_task_tokens = false keeps all of them)."""
     config = ft_config(tmp_path, pretrained, kinds=("classification",), finetune={"fresh_task_tokens": fresh})
-    local = finetune_work(config, SimTransport(), config.oracle_names(), quiet)
+    local = finetune_work(config, SimTransport(), config.oracle_names())
     got = local.model.transformer.wte.weight.detach()
     saved = load_file(str(latest_checkpoint(pretrained) / WEIGHTS))["transformer.wte.weight"]
     torch.manual_seed(config.seed)
-    drawn = GPT(local.model_config).transformer.wte.weight.detach()
+    drawn = GPT(local.model.config).transformer.wte.weight.detach()
     task_rows = [1, 2, 3, 4]  # the tokenizer's ids for the four tokens
     torch.testing.assert_close(got[task_rows], drawn[task_rows] if fresh else saved[task_rows])
     assert not torch.equal(drawn[task_rows], saved[task_rows])
@@ -115,11 +116,11 @@ def test_heads_never_leave_their_oracle(tmp_path, pretrained):
         return local
 
     class Inspecting(SimTransport):
-        def aggregate(self, updates, fed, weights, numel):
+        def exchange(self, sent, participants, codec):
             body = sum(p.numel() for p in seen["work"].model.parameters())
-            assert numel == body and all(u.delta.numel() == body for u in updates.values())
+            assert codec.numel == body and all(p.values.numel() == body for p in sent.values())
             seen["rounds"] = seen.get("rounds", 0) + 1
-            return super().aggregate(updates, fed, weights, numel)
+            return super().exchange(sent, participants, codec)
 
     initial = {}
 
@@ -136,7 +137,7 @@ def test_heads_never_leave_their_oracle(tmp_path, pretrained):
 
         return train_step
 
-    train_federated(config, Inspecting(), config.oracle_names(), log=quiet, work=work)
+    train_federated(config, Inspecting(), config.oracle_names(), work=work)
     local = seen["work"]
     assert seen["rounds"] == 2
     sent = {id(p) for p in local.params}
@@ -154,11 +155,11 @@ def test_shared_head_is_aggregated_with_the_body(tmp_path, pretrained):
     sizes = []
 
     class Counting(SimTransport):
-        def aggregate(self, updates, fed, weights, numel):
-            sizes.append(numel)
-            return super().aggregate(updates, fed, weights, numel)
+        def exchange(self, sent, participants, codec):
+            sizes.append(codec.numel)
+            return super().exchange(sent, participants, codec)
 
-    train_federated(config, Counting(), config.oracle_names(), log=quiet, work=finetune_work)
+    train_federated(config, Counting(), config.oracle_names(), work=finetune_work)
     a, b = head_of(config, "first"), head_of(config, "second")
     assert all(torch.equal(a[k], b[k]) for k in a)
     body = sum(t.numel() for t in load_file(str(latest_checkpoint(config.run_path) / WEIGHTS)).values())

@@ -116,7 +116,7 @@ def test_task_config_roundtrip_and_unknown_keys(tmp_path):
     assert load_config(path) == config
     with pytest.raises(DgptError, match=r"unknown config key 'oracles\[0\].task.colums'"):
         config_from_dict({"oracles": [{"name": "a", "task": {"colums": {}}}]})
-    with pytest.raises(DgptError, match="type is 'ranking'"):
+    with pytest.raises(DgptError, match="'oracles\\[0\\].task.type' is 'ranking'; expected one of classification, entailment"):
         config_from_dict({"oracles": [{"name": "a", "task": {"type": "ranking"}}]})
 
 

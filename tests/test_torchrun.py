@@ -1,6 +1,7 @@
 """The torchrun runtime: 3 real processes on localhost with gloo, checked against the sim runtime."""
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -21,10 +22,13 @@ from dgpt.train.metrics import read_metrics
 FED = {"rounds": 3, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9}
 
 
-def torchrun(config_path, *args, nproc=3, timeout=240):
+RECORDER = Path(__file__).with_name("record_collectives.py")
+
+
+def torchrun(config_path, *args, nproc=3, timeout=240, launch=("-m", "dgpt")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "dgpt", "pretrain", str(config_path), *args]
+           *launch, "pretrain", str(config_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -64,6 +68,33 @@ def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
     assert [a["agreement"] for a in sim_rows[1:]] == pytest.approx([b["agreement"] for b in dist_rows[1:]], rel=1e-4)
     assert [a["outer_scale"] for a in sim_rows[1:]] == pytest.approx([b["outer_scale"] for b in dist_rows[1:]], rel=1e-4)
     assert (max(a["outer_scale"] for a in sim_rows[1:]) > 1) == (extrapolate == "fedexp")
+
+
+@pytest.mark.parametrize("kind, dtype, value_bytes", [("int8", "int8", 1), ("bf16", "bfloat16", 2)])
+def test_torchrun_sends_compressed_payloads_and_equals_sim(tmp_path, kind, dtype, value_bytes):
+    """What each rank hands to the collectives is the encoded payload itself (int8 values + one fp32 scale per
+    parameter tensor, or bf16), of exactly the size counted in metrics.jsonl; the model equals sim's."""
+    fed = {**FED, "compression": kind}
+    sim = tiny_config(tmp_path / "sim", federation=fed)
+    torch.set_num_threads(1)  # as each rank runs: the same float sums, so no value lands on the other side of a rounding
+    api.pretrain(sim, log=quiet)
+    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"})
+    api.prepare(dist, log=quiet)
+    result = torchrun(write_config(dist, tmp_path / "dist.toml"), launch=(str(RECORDER), str(tmp_path / "calls")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_model(sim, dist)
+    final = weights(dist)
+    numel, tensors = sum(t.numel() for t in final.values()), len(final)
+    oracle_rows = [r for r in read_metrics(dist.run_path / "metrics.jsonl") if r["kind"] == "oracle"]
+    for rank, name in enumerate(dist.oracle_names()):
+        calls = json.loads((tmp_path / f"calls.rank{rank}.json").read_text())
+        payloads = [c for c in calls if c["numel"] == numel]
+        assert [c["dtype"] for c in payloads] == [dtype] * FED["rounds"]  # nothing model-sized travels in fp32
+        scales = [c for c in calls if c["dtype"] == "float32" and c["numel"] == tensors] if kind == "int8" else []
+        assert len(scales) == (FED["rounds"] if kind == "int8" else 0)
+        counted = [r["bytes_sent"] for r in oracle_rows if r["oracle"] == name]
+        sent = [p["nbytes"] + (s["nbytes"] if scales else 0) for p, s in zip(payloads, scales or payloads)]
+        assert counted == sent == [numel * value_bytes + 4 * tensors * (kind == "int8")] * FED["rounds"]
 
 
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
@@ -120,7 +151,7 @@ def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
     shard.write_bytes(good[:-2] + bytes([good[-2] ^ 0xFF]) + good[-1:])  # one flipped byte
     failed = torchrun(path)
     assert failed.returncode != 0
-    assert f"{shard}: sha256 mismatch" in failed.stderr or "beta" in failed.stderr, failed.stderr[-2000:]
+    assert f"oracle 'beta' (rank 1): {shard}: sha256 checksum does not match the manifest" in failed.stderr, failed.stderr[-2000:]
     shard.write_bytes(good)
     resumed = torchrun(path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

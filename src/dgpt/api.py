@@ -78,10 +78,10 @@ def _federated(config: Config, stop_after: int | None, log: Callable[[str], None
     if config.federation.runtime == "torchrun" or launched_by_torchrun():
         from dgpt.runtimes.torchrun import pretrain_torchrun
 
-        return pretrain_torchrun(config, stop_after_round=stop_after, log=log, **work)
+        return pretrain_torchrun(config, stop_after_round=stop_after, **work)
     from dgpt.runtimes.sim import pretrain_sim
 
-    return pretrain_sim(config, stop_after_round=stop_after, log=log, **work)
+    return pretrain_sim(config, stop_after_round=stop_after, **work)
 
 
 def finetune(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,18 +20,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dgpt.errors import DgptError
+from dgpt.rundir import check_oracle_name
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | small | gpt1; the fields below override the preset when set
+    preset: Literal["tiny", "small", "gpt1"] = "tiny"  # the fields below override the preset when set
     n_layer: int | None = None
     n_head: int | None = None
     d_model: int | None = None
     d_ff: int | None = None
     n_ctx: int | None = None
-    ln: str | None = None  # "post" (GPT-1) | "pre" (GPT-2 style, final LayerNorm)
-    activation: str | None = None  # "gelu_tanh" (GPT-1) | "gelu"
+    ln: Literal["post", "pre"] | None = None  # "post" (GPT-1) | "pre" (GPT-2 style, final LayerNorm)
+    activation: Literal["gelu_tanh", "gelu"] | None = None  # "gelu_tanh" (GPT-1) | "gelu"
     embd_dropout: float | None = None
     attn_dropout: float | None = None
     resid_dropout: float | None = None
@@ -47,7 +48,7 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    doc_separator: str = "blank_line"  # how a .txt file splits into documents: blank_line | line | file
+    doc_separator: Literal["blank_line", "line", "file"] = "blank_line"  # how a .txt file splits into documents
     min_chars: int = 0  # documents shorter than this (after cleaning) are dropped
     dedup: bool = True  # drop exact-duplicate documents (by hash) within an oracle
     shard_tokens: int = 1 << 24  # tokens per shard file
@@ -58,7 +59,7 @@ class DataConfig:
 class TaskConfig:
     """An oracle's labeled set C(O_j) for fine-tuning (`[oracles.task]`); docs/finetune.md has the field names."""
 
-    type: str = "classification"  # classification | entailment | similarity | multiple_choice
+    type: Literal["classification", "entailment", "similarity", "multiple_choice"] = "classification"
     train: list[str] = field(default_factory=list)  # .jsonl files or hf:NAME[:CONFIG]:SPLIT
     valid: list[str] = field(default_factory=list)  # evaluated every federation.eval_interval rounds
     columns: dict[str, str] = field(default_factory=dict)  # standard field -> field in the data, e.g. {text = "sentence"}
@@ -82,42 +83,43 @@ class PretrainConfig:
     steps: int = 2000  # optimizer steps of the centralised run
     batch_size: int = 16  # windows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2.5e-4
     min_lr: float = 0.0
     warmup_steps: int = 100
-    schedule: str = "cosine"  # after the linear warmup: cosine | linear decay to min_lr
+    schedule: Literal["cosine", "linear"] = "cosine"  # after the linear warmup: decay to min_lr
     weight_decay: float = 0.01  # decoupled, on weights of rank >= 2 only
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 200  # steps between validations (central runtime)
+    eval_interval: int = 200  # steps between validations of the central runtime (rounds: federation.eval_interval)
     eval_windows: int = 32  # validation windows per oracle
     log_interval: int = 10
-    checkpoint_interval: int = 500  # steps (central) or rounds (federated) between checkpoints
+    checkpoint_interval: int = 500  # steps between checkpoints of the central runtime (rounds: federation.checkpoint_interval)
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast
     compile: bool = False
 
 
 @dataclass
 class FederationConfig:
-    runtime: str = "sim"  # central (pooled baseline) | sim | torchrun
+    runtime: Literal["central", "sim", "torchrun"] = "sim"  # central: the pooled baseline
     rounds: int = 10
     inner_steps: int = 500  # H: inner optimizer steps per oracle per round
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
-    extrapolation: str = "none"  # none | fedexp: lengthen the aggregated update when the oracles' updates disagree
-    aggregator: str = "mean"  # mean | median | trimmed_mean
-    mean_weights: str = "tokens"  # tokens | uniform | given (oracles[].weight)
+    extrapolation: Literal["none", "fedexp"] = "none"  # fedexp: lengthen the aggregated update when the oracles' updates disagree
+    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"
+    mean_weights: Literal["tokens", "uniform", "given"] = "tokens"  # given: oracles[].weight
     trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
-    compression: str = "none"  # none | bf16 | int8
+    compression: Literal["none", "bf16", "int8"] = "none"  # what travels: fp32 (none), bf16, or int8 + fp32 scales
     int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
     drop_prob: float = 0.0  # probability that an oracle misses a round (unreliable oracles)
     eval_interval: int = 1  # rounds between validations
+    checkpoint_interval: int = 1  # rounds between round checkpoints (the last round is always kept)
     timeout_s: float = 1800.0  # torchrun: a rank silent this long is treated as dead
 
 
@@ -135,6 +137,8 @@ class FinetuneConfig:
     lambda_lm: float = 0.5  # L3 = L2 + lambda_lm * L1 (auxiliary LM loss on the same inputs); 0 = off
     classifier_dropout: float = 0.1  # dropout on the extract token's activation before the head
     weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
     grad_clip: float = 1.0  # 0 disables clipping
     shared_head: bool = False  # one head aggregated like the body (every oracle must have the same task)
     max_len: int = 0  # tokens per input sequence; 0 = the model's n_ctx
@@ -173,6 +177,11 @@ class Config:
 
 def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise DgptError(f"{source}: '{key}' is {value!r}; expected one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -262,29 +271,12 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     return config
 
 
-_CHOICES = {
-    "data.doc_separator": ("blank_line", "line", "file"),
-    "pretrain.optimizer": ("adamw", "sgd"),
-    "pretrain.dtype": ("float32", "bfloat16"),
-    "pretrain.schedule": ("cosine", "linear"),
-    "federation.runtime": ("central", "sim", "torchrun"),
-    "federation.aggregator": ("mean", "median", "trimmed_mean"),
-    "federation.mean_weights": ("tokens", "uniform", "given"),
-    "federation.compression": ("none", "bf16", "int8"),
-    "federation.extrapolation": ("none", "fedexp"),
-}
-
-
 def validate(config: Config, source: str) -> None:
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise DgptError(f"{source}: '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     names = config.oracle_names()
     for i, name in enumerate(names):
         if not name:
             raise DgptError(f"{source}: oracles[{i}] has no name")
+        check_oracle_name(name, f"{source}: oracles[{i}].name")
         if names.count(name) > 1:
             raise DgptError(f"{source}: oracle name '{name}' is used twice")
     if config.tokenizer.path and config.tokenizer.counts:
@@ -292,8 +284,9 @@ def validate(config: Config, source: str) -> None:
     fed = config.federation
     if fed.inner_steps < 1:
         raise DgptError(f"{source}: 'federation.inner_steps' must be >= 1, got {fed.inner_steps}")
-    if fed.rounds < 1:
-        raise DgptError(f"{source}: 'federation.rounds' must be >= 1, got {fed.rounds}")
+    for key in ("rounds", "eval_interval", "checkpoint_interval"):
+        if getattr(fed, key) < 1:
+            raise DgptError(f"{source}: 'federation.{key}' must be >= 1, got {getattr(fed, key)}")
     if not 0.0 <= fed.drop_prob < 1.0:
         raise DgptError(f"{source}: 'federation.drop_prob' must be in [0, 1), got {fed.drop_prob}")
     if not 0.0 <= fed.trim_fraction < 0.5:
@@ -305,9 +298,6 @@ def validate(config: Config, source: str) -> None:
     if config.pretrain.steps < 1 or config.pretrain.batch_size < 1 or config.pretrain.grad_accum < 1:
         raise DgptError(f"{source}: pretrain.steps, batch_size and grad_accum must be >= 1")
     _validate_finetune(config, source)
-
-
-TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 
 
 def _validate_finetune(config: Config, source: str) -> None:
@@ -322,8 +312,6 @@ def _validate_finetune(config: Config, source: str) -> None:
         task, where = oracle.task, f"{source}: oracle '{oracle.name}' task"
         if task is None:
             continue
-        if task.type not in TASK_TYPES:
-            raise DgptError(f"{where}: type is {task.type!r}; expected one of {', '.join(TASK_TYPES)}")
         if task.regression and (task.type == "multiple_choice" or task.labels):
             raise DgptError(f"{where}: regression needs a non-multiple-choice type and no labels")
         if task.num_choices < 0 or task.num_choices == 1:

@@ -118,16 +118,3 @@ def extrapolation(
     spread = sum(w * norm * norm for w, norm in _received(norms, weights, rule, clip_norm))
     length = float(update.norm()) ** 2
     return max(1.0, spread / (2 * length)) if length > 0 else 1.0
-
-
-def aggregate_round(
-    deltas: dict[str, torch.Tensor], rule: str, weights: dict[str, float], trim_fraction: float, clip_norm: float
-) -> tuple[torch.Tensor | None, list[str], list[str]]:
-    """Reject non-finite pseudo-gradients, clip the rest, combine: (update or None, accepted, rejected)."""
-    rejected = [name for name, d in deltas.items() if not is_finite(d)]
-    accepted = [name for name in deltas if name not in rejected]
-    if not accepted:
-        return None, accepted, rejected
-    norm_w = normalise(weights, accepted)
-    update = combine(rule, [clip_to_norm(deltas[n], clip_norm) for n in accepted], [norm_w[n] for n in accepted], trim_fraction)
-    return update, accepted, rejected

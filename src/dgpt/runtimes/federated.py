@@ -1,79 +1,56 @@
 """The round driver shared by every decentralized runtime.
 
-Each process holds some oracles (sim: all of them; torchrun: one per rank). A round: every
-participating local oracle starts from the global parameters Theta, runs H inner steps with its own
-optimizer and data, and hands its pseudo-gradient Delta_j = Theta - Theta_j (as it would arrive after
-compression) to the transport, which aggregates across processes with `dgpt.federation`. The outer
-optimizer then moves Theta identically in every process. Only the transport differs between runtimes.
+Each process holds some oracles (sim: all of them; torchrun: one per rank). A round: the Strategy picks
+who takes part; every participating local oracle starts from Theta, runs H inner steps with its own
+optimizer and data, and encodes its pseudo-gradient Delta_j = Theta - Theta_j; the transport moves the
+encoded payloads; the Strategy checks, combines and applies them, identically in every process.
 
-What is trained comes from a `LocalWork` factory: pre-training (the default, below) or fine-tuning
-(`dgpt.runtimes.finetune`). Only `LocalWork.params` are flattened, sent and aggregated; whatever else
-an oracle's loop trains (its task head) stays in that loop and in the oracle's own state file.
+What is trained comes from a `Work` factory: pre-training (`pretraining_work`, below) or fine-tuning
+(`dgpt.runtimes.finetune`). Only `Work.params` are sent and aggregated; whatever else an oracle's loop
+trains (its task head) stays in that loop and in the oracle's own state file.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-import torch.nn as nn
 from torch.nn.utils import parameters_to_vector
 from tqdm import tqdm
 
-from dgpt.config import Config, FederationConfig
-from dgpt.errors import DgptError
+from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
-from dgpt.federation.accounting import ByteLedger, human_bytes
-from dgpt.federation.aggregate import agreement, extrapolation, is_finite, mean_weights
-from dgpt.federation.compression import transmit
-from dgpt.federation.outer import OuterOptimizer
-from dgpt.fileio import atomic_path
-from dgpt.model.gpt import GPTConfig
+from dgpt.errors import DgptError
+from dgpt.federation.aggregate import mean_weights
+from dgpt.federation.codec import Codec, Payload
+from dgpt.federation.strategy import Strategy
+from dgpt.model.gpt import GPT
+from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
-from dgpt.train.checkpoint import (
-    WEIGHTS,
-    checkpoint_dir,
-    latest_checkpoint,
-    list_checkpoints,
-    load_state,
-    load_weights_into,
-    save_checkpoint,
-    weights_of,
-)
+from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
+from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
+from dgpt.fileio import atomic_path
 from dgpt.train.evaluate import Validator, weighted_loss
-from dgpt.train.local import InnerLoop, move_optimizer_state
-from dgpt.train.metrics import MetricsLog
+from dgpt.train.local import InnerLoop, LoopSettings, move_optimizer_state
 
-
-@dataclass
-class LocalUpdate:
-    delta: torch.Tensor  # the pseudo-gradient as the aggregator decodes it
-    bytes_sent: int
-    train_loss: float
-
-
-@dataclass
-class RoundOutcome:
-    update: torch.Tensor | None  # the aggregated Delta, None when no update was accepted
-    accepted: list[str]
-    rejected: list[str]  # non-finite pseudo-gradients, dropped from the round
-    bytes_sent: dict[str, int]
-    train_loss: dict[str, float]
-    norms: dict[str, float]  # ||Delta_j|| of each accepted pseudo-gradient, as the aggregator received it
+logger = logging.getLogger(__name__)
+PARKED = torch.device("cpu")  # where idle oracles keep their optimizer state
 
 
 class Transport(Protocol):
+    """Moves what the driver sends between the processes of a run."""
+
     is_leader: bool  # writes metrics and the global checkpoint
     prepares_data: bool  # whether this process may (re)build the shards
 
-    def gather_scalars(self, local: dict[str, float]) -> dict[str, float]: ...
+    def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
+        """Every oracle's value from the processes that hold them (NaN for an oracle that gave none)."""
 
-    def aggregate(
-        self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
-    ) -> RoundOutcome: ...
+    def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
+        """The payload of every participant, as it arrived at the aggregator (this process's oracles in `sent`)."""
 
     def barrier(self) -> None: ...
 
@@ -82,43 +59,39 @@ class Transport(Protocol):
 
 
 @dataclass
-class LocalWork:
+class Work:
     """What the round driver trains in this process."""
 
-    config: Config  # as run: federation.rounds / inner_steps and the inner loops' settings
-    run_dir: Path
-    model: nn.Module  # written to the round checkpoints
-    model_config: GPTConfig
+    model: GPT  # the shared body, written to the round checkpoints
     params: list[torch.Tensor]  # exactly what every oracle sends and the aggregator sees
-    device: torch.device
     loops: dict[str, InnerLoop]  # this process's oracles
     sizes: dict[str, float]  # every oracle's training tokens (or examples): the weights of the mean
     evaluate: Callable[[], dict[str, dict[str, float]]]  # this process's oracles -> {metric: value}, "loss" first
+    rounds: int
+    inner_steps: int  # H
     metric_names: tuple[str, ...] = ("loss",)
     unit: str = "tokens"
 
 
-def pretraining_work(config: Config, transport: Transport, local_names: list[str], log: Callable[[str], None]) -> LocalWork:
+def pretraining_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
     """DUPT: the whole GPT is shared; each oracle's loop samples windows of its own shards."""
     fed, cfg = config.federation, config.pretrain
-    setup = load_run(config, oracles=local_names, prepare_data=transport.prepares_data, log=log)
+    setup = load_run(config, oracles=local_names, prepare_data=transport.prepares_data)
     n_ctx = setup.model_config.n_ctx
     model, forward = build_model(setup)
-    all_names = config.oracle_names()
-    loops = {
-        name: InnerLoop(
-            model, cfg, WindowSampler(setup.train[name], n_ctx, oracle_seed(config.seed, all_names.index(name)), name),
-            fed.rounds * fed.inner_steps, setup.device, oracle_seed(config.seed, all_names.index(name)), forward,
-        )
-        for name in local_names
-    }
+    all_names, settings = config.oracle_names(), LoopSettings.of(cfg)
+    loops = {}
+    for name in local_names:
+        seed = oracle_seed(config.seed, all_names.index(name))
+        sampler = WindowSampler(setup.train[name], n_ctx, seed, name)
+        loops[name] = InnerLoop(model, settings, sampler, fed.rounds * fed.inner_steps, setup.device, seed, forward)
     sizes = transport.gather_scalars({n: float(loops[n].sampler.num_tokens) for n in local_names})
     validator = Validator({n: setup.valid[n] for n in local_names}, n_ctx, cfg.eval_windows, cfg.batch_size)
 
     def evaluate() -> dict[str, dict[str, float]]:
         return {name: {"loss": loss} for name, loss in validator(model, setup.device, cfg.dtype).items()}
 
-    return LocalWork(config, setup.run_dir, model, setup.model_config, list(model.parameters()), setup.device, loops, sizes, evaluate)
+    return Work(model, list(model.parameters()), loops, sizes, evaluate, fed.rounds, fed.inner_steps)
 
 
 def oracle_seed(seed: int, index: int) -> int:
@@ -126,123 +99,14 @@ def oracle_seed(seed: int, index: int) -> int:
     return seed * 1009 + 7919 * (index + 1)
 
 
-def oracle_state_path(run_dir: Path, name: str, rnd: int) -> Path:
-    return run_dir / "oracles" / name / f"round_{rnd:07d}.pt"
-
-
-def train_federated(
-    config: Config,
-    transport: Transport,
-    local_names: list[str],
-    *,
-    stop_after_round: int | None = None,
-    log: Callable[[str], None] = print,
-    work: Callable[[Config, Transport, list[str], Callable[[str], None]], LocalWork] = pretraining_work,
-) -> dict:
-    """Run config.federation.rounds rounds (resuming from the newest round checkpoint)."""
-    local = work(config, transport, local_names, log)
-    config, run_dir, model, params, loops = local.config, local.run_dir, local.model, local.params, local.loops
-    fed, cfg = config.federation, config.pretrain
-    segments = [p.numel() for p in params]
-    all_names = config.oracle_names()
-    parked = torch.device("cpu")
-    tokens = local.sizes
-    weights = mean_weights(fed.mean_weights, tokens, {o.name: o.weight for o in config.oracles})
-    outer = OuterOptimizer(parameters_to_vector(params), fed.outer_lr, fed.outer_momentum, fed.nesterov)
-    ledger = ByteLedger(param_bytes=4 * sum(segments))
-    drops = torch.Generator().manual_seed(config.seed + 17)  # identical draws in every process
-
-    start, checkpoint = 0, latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        load_weights_into(model, checkpoint / WEIGHTS, local.model_config)
-        state = load_state(checkpoint)
-        start = state["round"]
-        ledger.load_state_dict(state["ledger"])
-        drops.set_state(state["drops"])
-        for name in local_names:
-            path = oracle_state_path(run_dir, name, start)
-            loops[name].load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            move_optimizer_state(loops[name].optimizer, parked)
-        outer.load_state_dict({"theta": parameters_to_vector(params).detach().cpu(), "sgd": state["outer"]})
-        log(f"resumed from {checkpoint} at round {start}")
-    starts = transport.gather_scalars({n: float(start) for n in local_names})
-    if len(set(starts.values())) > 1:
-        found = ", ".join(f"'{n}' from round {int(r)}" for n, r in starts.items())
-        raise DgptError(f"the oracles would resume from different rounds ({found}): every host's run_dir needs the "
-                        "same newest checkpoints/round_N")
-    metrics = None
-    if transport.is_leader:
-        resume_after = start if checkpoint else None
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after, key="round", tensorboard=config.log.tensorboard)
-
-    def validate() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""
-        mine = local.evaluate()
-        scores = {k: transport.gather_scalars({n: m[k] for n, m in mine.items() if k in m}) for k in local.metric_names}
-        extra = {n: {k: v[n] for k, v in scores.items() if k != "loss" and n in v and v[n] == v[n]} for n in all_names}
-        return scores["loss"], {n: m for n, m in extra.items() if m}
-
-    valid, scores = validate()
-    if metrics is not None and start == 0:
-        extra = {"metrics": scores} if scores else {}
-        metrics.log(round=0, kind="round", tokens=0, loss=weighted_loss(valid, tokens), oracles=valid, **extra, bytes_total=0, dp_bytes=0)
-    if transport.is_leader:
-        log(f"model: {sum(segments):,} shared parameters; oracles: " + ", ".join(f"{n} ({int(tokens[n]):,} {local.unit})" for n in all_names))
-    bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", dynamic_ncols=True, disable=not transport.is_leader)
-    for rnd in range(start + 1, fed.rounds + 1):
-        t0 = time.perf_counter()
-        draws = torch.rand(len(all_names), generator=drops)
-        participants = [n for n, d in zip(all_names, draws.tolist()) if d >= fed.drop_prob]
-        theta = outer.theta.detach()
-        updates = {}
-        for name in [n for n in local_names if n in participants]:
-            loops[name].step = (rnd - 1) * fed.inner_steps  # an oracle that missed rounds keeps to the schedule
-            updates[name] = _local_round(loops[name], params, theta, fed, segments, local.device, parked)
-        outcome = transport.aggregate(updates, fed, weights, sum(segments))
-        agree = scale = None
-        if outcome.update is not None:
-            agree = agreement(outcome.update, outcome.norms, weights, fed.aggregator, fed.clip_norm)
-            scale = extrapolation(fed.extrapolation, outcome.update, outcome.norms, weights, fed.aggregator, fed.clip_norm)
-            outer.step(outcome.update * scale)
-        copy_into(params, outer.theta.detach())
-        evaluated = rnd % fed.eval_interval == 0 or rnd == fed.rounds
-        valid, scores = validate() if evaluated else ({}, {})
-        seen = sum(transport.gather_scalars({n: float(loops[n].tokens) for n in local_names}).values())
-        ledger.record_round(participants, outcome.bytes_sent, fed.inner_steps)
-        for name in outcome.rejected:
-            log(f"round {rnd}: oracle '{name}' sent a pseudo-gradient with NaN/Inf; it was left out of this round")
-        if metrics is not None:
-            _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, scale, participants, ledger, time.perf_counter() - t0)
-        if rnd % cfg.checkpoint_interval == 0 or rnd == fed.rounds or rnd == stop_after_round:
-            _save_round(run_dir, rnd, model, local.model_config, loops, outer, ledger, drops, transport, cfg.keep_checkpoints)
-        if valid:
-            bar.set_postfix({**{n[:12]: f"{v:.3f}" for n, v in valid.items()}, "agreement": f"{agree:.2f}" if agree is not None else "-"})
-        bar.update()
-        if stop_after_round is not None and rnd >= stop_after_round:
-            break
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-        log(
-            f"communication: {human_bytes(ledger.total)} moved in total "
-            f"({human_bytes(sum(ledger.sent.values()))} sent by oracles); synchronous data parallel would have "
-            f"moved {human_bytes(ledger.dp_bytes)} ({ledger.dp_bytes / max(ledger.total, 1):.0f}x more)"
-        )
-    return {
-        "valid": valid, "global": weighted_loss(valid, tokens), "metrics": scores, "bytes_total": ledger.total, "dp_bytes": ledger.dp_bytes,
-    }
-
-
-def _local_round(loop, params, theta, fed, segments, device, parked) -> LocalUpdate:
-    """One oracle's share of a round: H inner steps from Theta, then its pseudo-gradient."""
-    copy_into(params, theta)
-    move_optimizer_state(loop.optimizer, device)
-    losses = [loop.train_step() for _ in range(fed.inner_steps)]
-    move_optimizer_state(loop.optimizer, parked)  # idle oracles keep their state off the accelerator
-    with torch.no_grad():
-        delta = theta - parameters_to_vector(params)
-    received, nbytes = transmit(delta, fed.compression, fed.int8_block, segments) if is_finite(delta) else (delta, 4 * delta.numel())
-    return LocalUpdate(received, nbytes, sum(losses) / len(losses))
+def load_oracle_state(path) -> dict:
+    """An oracle's private state file (read with weights_only: nothing is unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DgptError(f"{path}: oracle state file missing") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise DgptError(f"{path}: unreadable oracle state ({type(e).__name__})") from None
 
 
 @torch.no_grad()
@@ -252,35 +116,126 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
-def _log_round(metrics, rnd, valid, scores, tokens, seen, outcome, agree, scale, participants, ledger, seconds) -> None:
-    """A `round` row (global validation loss, and other metrics, when validated; the update's agreement and the
-    extrapolation factor the outer step applied to it) and one `oracle` row per oracle."""
-    evaluated = {"loss": weighted_loss(valid, tokens), "oracles": valid} if valid else {}
-    evaluated.update({"metrics": scores} if scores else {})
-    metrics.log(
-        round=rnd, kind="round", **evaluated, participants=participants, accepted=outcome.accepted,
-        rejected=outcome.rejected, agreement=agree, outer_scale=scale, bytes_total=ledger.total, bytes_sent=sum(ledger.sent.values()),
-        dp_bytes=ledger.dp_bytes, seconds=seconds, tokens=int(seen),
-    )
-    for name in tokens:
-        metrics.log(
-            round=rnd, kind="oracle", oracle=name, valid_loss=valid.get(name), train_loss=outcome.train_loss.get(name),
-            bytes_sent=outcome.bytes_sent.get(name, 0), participated=name in participants, accepted=name in outcome.accepted,
+def train_federated(
+    config: Config, transport: Transport, local_names: list[str], *, stop_after_round: int | None = None,
+    work: Callable[[Config, Transport, list[str]], Work] = pretraining_work,
+) -> dict:
+    """Run the work's rounds, resuming from the newest round checkpoint; returns the last validation."""
+    return RoundDriver(config, transport, work(config, transport, local_names)).run(stop_after_round)
+
+
+class RoundDriver:
+    def __init__(self, config: Config, transport: Transport, work: Work):
+        self.config, self.transport, self.work = config, transport, work
+        self.run_dir = RunDir(config.run_dir)
+        fed = config.federation
+        self.codec = Codec(fed.compression, [p.numel() for p in work.params], fed.int8_block)
+        weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in config.oracles})
+        self.strategy = Strategy(fed, self.codec, weights, self._theta(), config.seed)
+        self.start = self._resume()
+        self.report = RoundReport(config, self.run_dir, work, self.start) if transport.is_leader else None
+
+    def run(self, stop_after: int | None) -> dict:
+        work, fed = self.work, self.config.federation
+        valid, scores = self._validate()
+        if self.report is not None:
+            self.report.started(self.start, valid, scores)
+        bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
+                   disable=not self.transport.is_leader)
+        for rnd in range(self.start + 1, work.rounds + 1):
+            t0 = time.perf_counter()
+            participants = self.strategy.sample()
+            trained = {n: self._train_oracle(n, rnd) for n in work.loops if n in participants}
+            received = self.transport.exchange({n: p for n, (p, _) in trained.items()}, participants, self.codec)
+            result = self.strategy.aggregate(received)
+            copy_into(work.params, self.strategy.apply(result, work.inner_steps))
+            evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
+            valid, scores = self._validate() if evaluated else ({}, {})
+            record = RoundRecord(rnd, result, self._gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
+            record.tokens = int(sum(self._gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
+            record.seconds = time.perf_counter() - t0
+            for name, why in result.rejected.items():
+                logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
+            if self.report is not None:
+                self.report.round(record, self.strategy)
+            if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds or rnd == stop_after:
+                self._save(rnd)
+            bar.set_postfix(record.postfix())
+            bar.update()
+            if stop_after is not None and rnd >= stop_after:
+                break
+        bar.close()
+        if self.report is not None:
+            self.report.finished(self.strategy)
+        sent = self.strategy.bytes
+        return {"valid": valid, "global": weighted_loss(valid, work.sizes), "metrics": scores, "bytes_total": sent.total,
+                "dp_bytes": sent.dp_bytes}
+
+    def _theta(self) -> torch.Tensor:
+        return parameters_to_vector(self.work.params).detach()
+
+    def _gather(self, local: dict[str, float]) -> dict[str, float]:
+        return {n: v for n, v in self.transport.gather_scalars(local).items() if v == v}
+
+    def _train_oracle(self, name: str, rnd: int) -> tuple[Payload, float]:
+        """One oracle's share of a round: H inner steps from Theta, then its pseudo-gradient, encoded to be sent."""
+        loop, work, theta = self.work.loops[name], self.work, self.strategy.theta
+        copy_into(work.params, theta)
+        loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule
+        move_optimizer_state(loop.optimizer, theta.device)
+        losses = [loop.train_step() for _ in range(work.inner_steps)]
+        move_optimizer_state(loop.optimizer, PARKED)
+        return self.codec.encode(theta - self._theta()), sum(losses) / len(losses)
+
+    def _validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""
+        mine = self.work.evaluate()
+        gathered = {k: self._gather({n: m[k] for n, m in mine.items() if k in m}) for k in self.work.metric_names}
+        extra = {n: {k: v[n] for k, v in gathered.items() if k != "loss" and n in v} for n in self.config.oracle_names()}
+        return gathered["loss"], {n: m for n, m in extra.items() if m}
+
+    def _resume(self) -> int:
+        """Load the newest round checkpoint and this process's oracle states; every process must agree on the round."""
+        checkpoint, start, work = self.run_dir.latest_checkpoint(), 0, self.work
+        if checkpoint is not None:
+            load_weights_into(work.model, checkpoint / WEIGHTS, work.model.config)
+            state = load_state(checkpoint)
+            start = state["round"]
+            for name, loop in work.loops.items():
+                loop.load_state_dict(load_oracle_state(self.run_dir.oracle_state(name, start)))
+                move_optimizer_state(loop.optimizer, PARKED)
+            self.strategy.load_state_dict(_strategy_state(state), self._theta())
+            logger.info(f"resumed from {checkpoint} at round {start}")
+        starts = self.transport.gather_scalars({n: float(start) for n in work.loops})
+        if len(set(starts.values())) > 1:
+            found = ", ".join(f"'{n}' from round {int(r)}" for n, r in starts.items())
+            raise DgptError(f"the oracles would resume from different rounds ({found}): every host's run_dir needs the "
+                            "same newest checkpoints/round_N")
+        return start
+
+    def _save(self, rnd: int) -> None:
+        """Each process saves its oracles' inner state; then the round checkpoint is committed on every filesystem."""
+        run_dir, work = self.run_dir, self.work
+        for name, loop in work.loops.items():
+            with atomic_path(run_dir.oracle_state(name, rnd)) as tmp:
+                torch.save(loop.state_dict(), tmp)
+        self.transport.barrier()
+        state = {"round": rnd, "strategy": self.strategy.state_dict()}
+        keep = self.config.pretrain.keep_checkpoints
+        # every process holds the same global model and Strategy: each host without a shared run_dir gets its copy
+        self.transport.each_filesystem(
+            lambda: save_checkpoint(run_dir.root, "round", rnd, weights_of(work.model), work.model.config, state, keep),
+            run_dir.checkpoint("round", rnd).is_dir,
         )
+        kept = {checkpoint_number(p) for p in run_dir.list_checkpoints()}
+        for name in work.loops:
+            for old_round, path in run_dir.oracle_states(name).items():
+                if old_round not in kept:
+                    path.unlink()
 
 
-def _save_round(run_dir, rnd, model, model_config, loops, outer, ledger, drops, transport, keep) -> None:
-    """Each process saves its oracles' inner state; then the leader commits the round checkpoint."""
-    for name, loop in loops.items():
-        with atomic_path(oracle_state_path(run_dir, name, rnd)) as tmp:
-            torch.save(loop.state_dict(), tmp)
-    transport.barrier()
-    state = {"round": rnd, "outer": outer.sgd.state_dict(), "ledger": ledger.state_dict(), "drops": drops.get_state()}
-    # every process holds the same global model and outer state: each host without a shared run_dir gets its copy
-    transport.each_filesystem(lambda: save_checkpoint(run_dir, "round", rnd, weights_of(model), model_config, state, keep),
-                              checkpoint_dir(run_dir, "round", rnd).is_dir)
-    kept = {int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)}
-    for name in loops:
-        for old in (run_dir / "oracles" / name).glob("round_*.pt"):
-            if int(old.stem.split("_")[1]) not in kept:
-                old.unlink()
+def _strategy_state(state: dict) -> dict:
+    """The Strategy's part of a round checkpoint (checkpoints written before the Strategy kept it in three keys)."""
+    if "strategy" in state:
+        return state["strategy"]
+    return {"outer": state["outer"], "bytes": state["ledger"], "drops": state["drops"]}

@@ -8,10 +8,9 @@ Each oracle keeps its own head W_y(O_j) in its loop: it is never part of the sen
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,12 +21,15 @@ from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.model.heads import TaskHead, TaskModel
-from dgpt.runtimes.federated import LocalWork, Transport, oracle_seed, oracle_state_path
+from dgpt.rundir import RunDir, checkpoint_number
+from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed
 from dgpt.runtimes.setup import model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
-from dgpt.train.local import pick_device
+from dgpt.train.local import LoopSettings, pick_device
 from dgpt.train.task_eval import METRICS, evaluate_task
 from dgpt.train.task_loop import TaskLoop
+
+logger = logging.getLogger(__name__)
 
 
 def starting_point(config: Config) -> tuple[TextTokenizer, GPTConfig, Path | None]:
@@ -40,7 +42,7 @@ def starting_point(config: Config) -> tuple[TextTokenizer, GPTConfig, Path | Non
     return tokenizer, model_config_for(config, tokenizer.vocab_size), None
 
 
-def load_task(oracle: OracleConfig, tokenizer: TextTokenizer, max_len: int, log: Callable[[str], None]) -> tuple[TaskSpec, TaskExamples, TaskExamples | None]:
+def load_task(oracle: OracleConfig, tokenizer: TextTokenizer, max_len: int) -> tuple[TaskSpec, TaskExamples, TaskExamples | None]:
     """An oracle's head spec, training examples and validation examples (None without a valid split)."""
     task, name = oracle.task, oracle.name
     base = TaskSpec(task.type, list(task.labels), task.regression, task.num_choices, dict(task.columns), max_len)
@@ -52,12 +54,12 @@ def load_task(oracle: OracleConfig, tokenizer: TextTokenizer, max_len: int, log:
     valid = load_split(task.valid, spec, tokenizer, name) if task.valid else None
     for split, examples in (("training", train), ("validation", valid)):
         if examples is not None and examples.truncated:
-            log(f"oracle '{name}': {examples.truncated} of {len(examples)} {split} examples truncated to {max_len} tokens")
+            logger.info(f"oracle '{name}': {examples.truncated} of {len(examples)} {split} examples truncated to {max_len} tokens")
     return spec, train, valid
 
 
-def finetune_work(config: Config, transport: Transport, local_names: list[str], log: Callable[[str], None]) -> LocalWork:
-    ft, run_dir = config.finetune, Path(config.run_dir)
+def finetune_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
+    ft, run_dir = config.finetune, RunDir(config.run_dir)
     untasked = [o.name for o in config.oracles if o.task is None]
     if not config.oracles or untasked:
         raise DgptError(f"fine-tuning needs an [oracles.task] for every oracle; missing for: {', '.join(untasked) or '(no oracles)'}")
@@ -66,24 +68,15 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str], 
     if max_len > model_config.n_ctx:
         raise DgptError(f"finetune.max_len {max_len} exceeds the model's n_ctx {model_config.n_ctx}")
     oracles = {o.name: o for o in config.oracles}
-    data = {name: load_task(oracles[name], tokenizer, max_len, log) for name in local_names}
+    data = {name: load_task(oracles[name], tokenizer, max_len) for name in local_names}
     sizes = transport.gather_scalars({name: float(len(train)) for name, (_, train, _) in data.items()})
     if transport.is_leader:
-        tokenizer.save(run_dir / "tokenizer.json")
-        write_text(run_dir / "config.toml", dump_config(config))
-    config = _as_run(config, max(sizes.values()))
-    fed, cfg = config.federation, config.pretrain
-
-    device = pick_device(cfg.device)
-    torch.manual_seed(config.seed)
-    gpt = GPT(model_config)
-    if init is not None:
-        fresh = _task_token_ids(tokenizer) if ft.fresh_task_tokens else []
-        drawn = gpt.transformer.wte.weight.detach()[fresh].clone()
-        load_weights_into(gpt, init, model_config)
-        with torch.no_grad():  # GPT-1 adds these tokens at fine-tuning, with new random embeddings
-            gpt.transformer.wte.weight[fresh] = drawn
-    gpt.to(device)
+        tokenizer.save(run_dir.tokenizer)
+        write_text(run_dir.config, dump_config(config))
+    rounds = ft.rounds or max(1, math.ceil(math.ceil(ft.epochs * max(sizes.values()) / ft.batch_size) / ft.inner_steps))
+    settings = loop_settings(config, rounds * ft.inner_steps)
+    device = pick_device(config.pretrain.device)
+    gpt = _body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
     shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None
     loops = {}
@@ -91,16 +84,38 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str], 
         seed = oracle_seed(config.seed, names.index(name))
         head = shared or _head(spec, model_config, ft.classifier_dropout, seed, device)
         sampler = ExampleSampler(train, seed, name)
-        loops[name] = TaskLoop(TaskModel(gpt, head), spec, cfg, sampler, fed.rounds * fed.inner_steps, device, seed, ft.lambda_lm)
+        loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, rounds * ft.inner_steps, device, seed, ft.lambda_lm)
     params = list(gpt.parameters()) + (list(shared.parameters()) if shared is not None else [])
 
     def evaluate() -> dict[str, dict[str, float]]:
         return {
-            name: evaluate_task(loops[name].model, valid, spec, ft.eval_batch_size, device, cfg.dtype)
+            name: evaluate_task(loops[name].model, valid, spec, ft.eval_batch_size, device, settings.dtype)
             for name, (spec, _, valid) in data.items() if valid is not None and len(valid)
         }
 
-    return LocalWork(config, run_dir, gpt, model_config, params, device, loops, sizes, evaluate, METRICS, "examples")
+    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples")
+
+
+def loop_settings(config: Config, total_steps: int) -> LoopSettings:
+    """GPT-1's fine-tuning schedule from [finetune]: AdamW, linear warmup over a fraction of all steps, linear decay to 0."""
+    ft = config.finetune
+    return LoopSettings(
+        lr=ft.lr, batch_size=ft.batch_size, warmup_steps=round(ft.warmup * total_steps), schedule="linear",
+        weight_decay=ft.weight_decay, beta1=ft.beta1, beta2=ft.beta2, grad_clip=ft.grad_clip, dtype=config.pretrain.dtype,
+    )
+
+
+def _body(config: Config, tokenizer: TextTokenizer, model_config: GPTConfig, init: Path | None) -> GPT:
+    """The shared GPT: from the run's seed, with the DUPT checkpoint's weights when there is one."""
+    torch.manual_seed(config.seed)
+    gpt = GPT(model_config)
+    if init is not None:
+        fresh = _task_token_ids(tokenizer) if config.finetune.fresh_task_tokens else []
+        drawn = gpt.transformer.wte.weight.detach()[fresh].clone()
+        load_weights_into(gpt, init, model_config)
+        with torch.no_grad():  # GPT-1 adds these tokens at fine-tuning, with new random embeddings
+            gpt.transformer.wte.weight[fresh] = drawn
+    return gpt
 
 
 def _task_token_ids(tokenizer: TextTokenizer) -> list[int]:
@@ -116,31 +131,14 @@ def _head(spec: TaskSpec, model_config: GPTConfig, dropout: float, seed: int, de
     return head.to(device)
 
 
-def _as_run(config: Config, largest: float) -> Config:
-    """The config as the round driver runs it: rounds and inner steps, and GPT-1's fine-tuning schedule."""
-    ft = config.finetune
-    steps = math.ceil(ft.epochs * largest / ft.batch_size)
-    rounds = ft.rounds or max(1, math.ceil(steps / ft.inner_steps))
-    total = rounds * ft.inner_steps
-    pretrain = dataclasses.replace(
-        config.pretrain, lr=ft.lr, min_lr=0.0, batch_size=ft.batch_size, grad_accum=1, warmup_steps=round(ft.warmup * total),
-        schedule="linear", weight_decay=ft.weight_decay, grad_clip=ft.grad_clip, compile=False,
-    )
-    federation = dataclasses.replace(config.federation, rounds=rounds, inner_steps=ft.inner_steps)
-    return dataclasses.replace(config, pretrain=pretrain, federation=federation)
-
-
 def load_task_model(run_dir: Path, oracle: str, device: torch.device) -> tuple[TaskModel, TaskSpec, TextTokenizer]:
     """A fine-tuning run's newest body with one oracle's head (read from that oracle's own state file)."""
     tokenizer, model_config, weights = newest_weights(run_dir)
-    path = oracle_state_path(run_dir, oracle, int(weights.parent.name.split("_")[1]))
+    run = RunDir(run_dir)
+    path = run.oracle_state(oracle, checkpoint_number(weights.parent))
     if not path.is_file():
-        known = sorted(p.name for p in (run_dir / "oracles").glob("*") if p.is_dir()) if (run_dir / "oracles").is_dir() else []
-        raise DgptError(f"{run_dir}: no oracle '{oracle}' in this run (oracles: {', '.join(known) or 'none'})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise DgptError(f"{path}: unreadable oracle state ({type(e).__name__})") from None
+        raise DgptError(f"{run_dir}: no oracle '{oracle}' in this run (oracles: {', '.join(run.oracles_with_state()) or 'none'})")
+    state = load_oracle_state(path)
     if "head" not in state or "task" not in state:
         raise DgptError(f"{path}: oracle '{oracle}' has no task head; is {run_dir} a fine-tuning run?")
     spec = TaskSpec(**state["task"])

@@ -6,14 +6,14 @@ from typing import Callable
 
 import torch
 
-from dgpt.config import Config, FederationConfig
-from dgpt.federation.aggregate import aggregate_round
-from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, pretraining_work, train_federated
+from dgpt.config import Config
+from dgpt.federation.codec import Codec, Payload
+from dgpt.runtimes.federated import pretraining_work, train_federated
 
 
 class SimTransport:
-    """In-process transport. `tamper(oracle, delta) -> delta` stands in for a faulty or malicious oracle
-    (tests and the robustness benchmark use it); it alters what that oracle sends."""
+    """In-process transport: a payload arrives as it was sent. `tamper(oracle, delta) -> delta` stands in for a
+    faulty or malicious oracle (tests and the robustness benchmark use it): it alters what that oracle sends."""
 
     is_leader = True
     prepares_data = True
@@ -24,16 +24,10 @@ class SimTransport:
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
         return dict(local)
 
-    def aggregate(
-        self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
-    ) -> RoundOutcome:
-        deltas = {name: self.tamper(name, u.delta) if self.tamper else u.delta for name, u in updates.items()}
-        update, accepted, rejected = aggregate_round(deltas, fed.aggregator, weights, fed.trim_fraction, fed.clip_norm)
-        return RoundOutcome(
-            update, accepted, rejected,
-            {n: u.bytes_sent for n, u in updates.items()}, {n: u.train_loss for n, u in updates.items()},
-            {n: float(deltas[n].norm()) for n in accepted},
-        )
+    def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
+        if self.tamper is None:
+            return dict(sent)
+        return {name: codec.encode(self.tamper(name, codec.decode(payload))) for name, payload in sent.items()}
 
     def barrier(self) -> None:
         pass
@@ -42,9 +36,6 @@ class SimTransport:
         write()
 
 
-def pretrain_sim(
-    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, tamper=None, work=pretraining_work
-) -> dict:
+def pretrain_sim(config: Config, *, stop_after_round: int | None = None, tamper=None, work=pretraining_work) -> dict:
     """Every oracle in this process; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
-    transport = SimTransport(tamper)
-    return train_federated(config, transport, config.oracle_names(), stop_after_round=stop_after_round, log=log, work=work)
+    return train_federated(config, SimTransport(tamper), config.oracle_names(), stop_after_round=stop_after_round, work=work)

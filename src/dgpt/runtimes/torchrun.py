@@ -1,26 +1,30 @@
-"""The `torchrun` runtime: one rank per oracle, pseudo-gradients combined with torch.distributed.
+"""The `torchrun` runtime: one rank per oracle, the encoded pseudo-gradients exchanged with torch.distributed.
 
-Launch: `torchrun --nproc-per-node N -m dgpt pretrain CONFIG` (multi-host: add --nnodes,
---node-rank and --rdzv-endpoint). Rank r holds oracle r of the config and reads only its shards.
-gloo on CPU, NCCL on GPU. `mean` needs one all_reduce of w_j * Delta_j; the robust rules need every
-Delta_j and all_gather them, then run the same aggregation code as `sim`.
+Launch: `torchrun --nproc-per-node N -m dgpt pretrain CONFIG` (multi-host: add --nnodes, --node-rank and
+--rdzv-endpoint). Rank r holds oracle r of the config and reads only its shards. gloo on CPU, NCCL on GPU.
+Every rank all_gathers every participant's payload as it was encoded (fp32, bf16, or int8 plus fp32 scales)
+and runs the same Strategy on it: each rank checks what it received and none trusts another's word.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from dgpt.config import Config, FederationConfig
-from dgpt.data.shards import MANIFEST
+from dgpt.config import Config
 from dgpt.errors import DgptError
-from dgpt.federation.aggregate import aggregate_round, clip_to_norm, is_finite, normalise
-from dgpt.runtimes.federated import LocalUpdate, RoundOutcome, pretraining_work, train_federated
+from dgpt.federation.codec import Codec, Payload
+from dgpt.runtimes.federated import pretraining_work, train_federated
+from dgpt.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+# what a collective raises when a peer process died or stopped answering (gloo's and NCCL's wording)
+_LOST_CONTACT = ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "aborted")
 
 
 class DistTransport:
@@ -43,32 +47,12 @@ class DistTransport:
         mine = torch.tensor([local.get(self.names[self.rank], float("nan"))], dtype=torch.float64, device=self.device)
         return {name: float(v) for name, v in zip(self.names, self._gather(mine))}
 
-    def aggregate(
-        self, updates: dict[str, LocalUpdate], fed: FederationConfig, weights: dict[str, float], numel: int
-    ) -> RoundOutcome:
-        name = self.names[self.rank]
-        mine = updates.get(name)
-        # status per rank: 0 = sat out, 1 = accepted, 2 = non-finite; bytes and loss for the ledger; ||Delta_j||
-        status = 0.0 if mine is None else (1.0 if is_finite(mine.delta) else 2.0)
-        values = [status, mine.bytes_sent, mine.train_loss, float(mine.delta.norm())] if mine else [status, 0, 0, 0]
-        info = torch.tensor(values, dtype=torch.float64, device=self.device)
-        rows = self._gather(info)
-        accepted = [n for n, r in zip(self.names, rows) if r[0] == 1]
-        rejected = [n for n, r in zip(self.names, rows) if r[0] == 2]
-        sent = {n: int(r[1]) for n, r in zip(self.names, rows) if r[0] > 0}
-        losses = {n: float(r[2]) for n, r in zip(self.names, rows) if r[0] > 0}
-        norms = {n: float(r[3]) for n, r in zip(self.names, rows) if r[0] == 1}
-        if not accepted:
-            return RoundOutcome(None, accepted, rejected, sent, losses, norms)
-        local = mine.delta if name in accepted else torch.zeros(numel, device=self.device)
-        if fed.aggregator == "mean":
-            w = normalise(weights, accepted).get(name, 0.0)
-            update = clip_to_norm(local, fed.clip_norm) * w
-            dist.all_reduce(update)
-        else:
-            deltas = dict(zip(self.names, self._gather(local)))
-            update, _, _ = aggregate_round({n: deltas[n] for n in accepted}, fed.aggregator, weights, fed.trim_fraction, fed.clip_norm)
-        return RoundOutcome(update, accepted, rejected, sent, losses, norms)
+    def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
+        """all_gather of the encoded tensors themselves; a rank that sits out the round sends zeros, ignored."""
+        mine = sent.get(self.names[self.rank]) or codec.empty(self.device)
+        values = self._gather(mine.values.to(self.device))
+        scales = self._gather(mine.scales.to(self.device)) if mine.scales.numel() else [mine.scales] * self.world
+        return {n: Payload(v, s) for n, v, s in zip(self.names, values, scales) if n in participants}
 
     def barrier(self) -> None:
         dist.barrier()
@@ -82,9 +66,7 @@ class DistTransport:
             dist.barrier()
 
 
-def pretrain_torchrun(
-    config: Config, *, stop_after_round: int | None = None, log: Callable[[str], None] = print, work=pretraining_work
-) -> dict:
+def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, work=pretraining_work) -> dict:
     """One oracle per rank; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
     if "RANK" not in os.environ:
         command = "pretrain" if work is pretraining_work else "finetune"
@@ -102,7 +84,7 @@ def pretrain_torchrun(
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     rank = dist.get_rank()
     name = names[rank]
-    shards = Path(config.run_dir) / "data" / name / MANIFEST
+    shards = RunDir(config.run_dir).manifest(name)
     if work is pretraining_work and not shards.is_file():
         dist.destroy_process_group()
         raise DgptError(
@@ -110,17 +92,34 @@ def pretrain_torchrun(
             f"`dgpt prepare CONFIG --oracle {name}` here. Ranks take the oracles in config order: across hosts, "
             "launch with static rendezvous (--node-rank, --master-addr) so that each rank runs where its oracle is"
         )
-    rank_log = log if rank == 0 else (lambda _msg: None)
-    rank_log("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
+    package = logging.getLogger("dgpt")
+    if rank != 0 and not package.isEnabledFor(logging.DEBUG):
+        package.setLevel(logging.WARNING)  # rank 0 speaks for the run; the others only warn
+    logger.info("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
     try:
         transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"))
-        return train_federated(config, transport, [name], stop_after_round=stop_after_round, log=rank_log, work=work)
-    except (RuntimeError, dist.DistBackendError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return train_federated(config, transport, [name], stop_after_round=stop_after_round, work=work)
+    except DgptError as e:
+        raise DgptError(f"oracle '{name}' (rank {rank}): {e}") from None
+    except Exception as e:
+        if not _lost_contact(e):
+            logger.error(f"oracle '{name}' (rank {rank}) failed: {type(e).__name__}: {_first_line(e)}")
+            raise
         raise DgptError(
-            f"oracle '{name}' (rank {rank}): distributed training stopped ({first}); a rank died or timed out. "
-            "Rerun the same command to resume from the last round checkpoint"
-        ) from None
+            f"oracle '{name}' (rank {rank}): lost contact with the other ranks ({_first_line(e)}): a rank died, or was "
+            "silent for federation.timeout_s; its own error says why. Rerun the same command to resume from the last "
+            "round checkpoint"
+        ) from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _lost_contact(error: Exception) -> bool:
+    """Whether a collective failed because a peer died or went silent (not because of a bug or an OOM here)."""
+    return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(s in str(error) for s in _LOST_CONTACT)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

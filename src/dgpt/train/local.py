@@ -7,7 +7,9 @@ federated round (one loop per oracle over its own shards, its state kept across 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +18,31 @@ import torch.nn as nn
 from dgpt.config import PretrainConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.objectives import lm_loss
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How one trainer optimizes: optimizer, learning-rate schedule, batch, clipping and autocast dtype.
+
+    Pre-training takes them from [pretrain] (`LoopSettings.of`); fine-tuning builds its own from [finetune].
+    """
+
+    lr: float
+    batch_size: int
+    optimizer: str = "adamw"  # adamw | sgd
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, cfg: PretrainConfig) -> LoopSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def pick_device(name: str) -> torch.device:
@@ -29,7 +56,7 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer:
     """AdamW (or SGD) with weight decay on matrices only: biases, gains and nothing of rank < 2 decays."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -41,7 +68,7 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
 
 
-def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: LoopSettings, total_steps: int) -> float:
     """Linear warmup to cfg.lr, then cosine (or, with schedule = "linear", linear) decay to cfg.min_lr at total_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -70,7 +97,7 @@ class InnerLoop:
     def __init__(
         self,
         model: nn.Module,
-        cfg: PretrainConfig,
+        cfg: LoopSettings,
         sampler: WindowSampler,
         total_steps: int,
         device: torch.device,

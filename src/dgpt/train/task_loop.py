@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from dgpt.config import PretrainConfig
 from dgpt.data.tasks import ExampleSampler, TaskSpec
 from dgpt.model.heads import TaskModel
 from dgpt.objectives import finetune_loss
-from dgpt.train.local import InnerLoop
+from dgpt.train.local import InnerLoop, LoopSettings
 
 
 class TaskLoop(InnerLoop):
     def __init__(
-        self, model: TaskModel, spec: TaskSpec, cfg: PretrainConfig, sampler: ExampleSampler, total_steps: int,
+        self, model: TaskModel, spec: TaskSpec, cfg: LoopSettings, sampler: ExampleSampler, total_steps: int,
         device: torch.device, seed: int, lambda_lm: float,
     ):
         super().__init__(model, cfg, sampler, total_steps, device, seed, objective=self.loss)

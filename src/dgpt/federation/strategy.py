@@ -1,0 +1,98 @@
+"""The Strategy: every decision of a round, in one object that every runtime calls.
+
+Which oracles take part, what is done with what they sent (decoded, checked for shape and finiteness,
+clipped, combined by the aggregation rule), how far to move (FedExP), the outer optimizer step, and the
+bytes counted. It sees only tensors the aggregator received, never what a peer says about itself, and
+knows nothing of processes, sockets or files: sim, torchrun and a Flower server drive the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dgpt.config import FederationConfig
+from dgpt.federation.accounting import ByteLedger
+from dgpt.federation.aggregate import agreement, clip_to_norm, combine, extrapolation, is_finite, normalise
+from dgpt.federation.codec import Codec, Payload
+from dgpt.federation.outer import OuterOptimizer
+
+
+@dataclass
+class RoundResult:
+    """What the aggregator made of one round's payloads."""
+
+    participants: list[str]  # oracles whose payload arrived
+    accepted: list[str]
+    rejected: dict[str, str]  # oracle -> why its payload was left out
+    norms: dict[str, float]  # ||Delta_j|| of each accepted update as received (before clipping)
+    bytes_received: dict[str, int]  # nbytes of each payload
+    update: torch.Tensor | None = None  # the combined pseudo-gradient; None when nothing was accepted
+    agreement: float | None = None  # ||update|| / sum_j w_j ||Delta_j||
+    scale: float | None = None  # the extrapolation factor the outer step applies to `update`
+
+
+class Strategy:
+    def __init__(self, fed: FederationConfig, codec: Codec, weights: dict[str, float], theta: torch.Tensor, seed: int):
+        """`weights`: every oracle's unnormalised mean weight (config order); `theta`: the initial global parameters."""
+        self.fed, self.codec, self.weights = fed, codec, dict(weights)
+        self.names = list(weights)
+        self.outer = OuterOptimizer(theta, fed.outer_lr, fed.outer_momentum, fed.nesterov)
+        self.bytes = ByteLedger(param_bytes=4 * codec.numel)
+        self.drops = torch.Generator().manual_seed(seed + 17)  # the same draws in every process
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.outer.theta.detach()
+
+    def sample(self) -> list[str]:
+        """The oracles asked to take part in the next round: each misses it with probability `drop_prob`."""
+        draws = torch.rand(len(self.names), generator=self.drops).tolist()
+        return [name for name, draw in zip(self.names, draws) if draw >= self.fed.drop_prob]
+
+    def aggregate(self, received: dict[str, Payload]) -> RoundResult:
+        """Check, decode, clip and combine the payloads (changes no state: `apply` commits a result)."""
+        arrived = [n for n in self.names if n in received]
+        result = RoundResult(arrived, [], {}, {}, {n: received[n].nbytes for n in arrived})
+        deltas = {}
+        for name in arrived:
+            delta, problem = self._decode(received[name])
+            if problem:
+                result.rejected[name] = problem
+            else:
+                deltas[name] = delta
+        if not deltas:
+            return result
+        fed, accepted = self.fed, list(deltas)
+        result.accepted, result.norms = accepted, {n: float(d.norm()) for n, d in deltas.items()}
+        w = normalise(self.weights, accepted)
+        clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in accepted]
+        result.update = combine(fed.aggregator, clipped, [w[n] for n in accepted], fed.trim_fraction)
+        result.agreement = agreement(result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
+        result.scale = extrapolation(fed.extrapolation, result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
+        return result
+
+    def apply(self, result: RoundResult, inner_steps: int) -> torch.Tensor:
+        """Commit a round: the outer step along the (extrapolated) update, and its bytes. Returns the new Theta."""
+        if result.update is not None:
+            self.outer.step(result.update * result.scale)
+        self.bytes.record_round(result.participants, result.bytes_received, inner_steps)
+        return self.theta
+
+    def _decode(self, payload: Payload) -> tuple[torch.Tensor | None, str]:
+        expected = self.codec.empty()
+        for got, want, what in ((payload.values, expected.values, "values"), (payload.scales, expected.scales, "scales")):
+            if got.dtype != want.dtype or got.shape != want.shape:
+                return None, f"{what} of {got.dtype} {tuple(got.shape)} where {want.dtype} {tuple(want.shape)} was expected"
+        delta = self.codec.decode(payload)
+        return (delta, "") if is_finite(delta) else (None, "NaN/Inf in its pseudo-gradient")
+
+    def state_dict(self) -> dict:
+        """Everything but Theta itself (the round checkpoint's weights hold it)."""
+        return {"outer": self.outer.sgd.state_dict(), "bytes": self.bytes.state_dict(), "drops": self.drops.get_state()}
+
+    def load_state_dict(self, state: dict, theta: torch.Tensor) -> None:
+        self.outer.load_state_dict({"theta": theta, "sgd": state["outer"]})
+        self.bytes.load_state_dict(state["bytes"])
+        self.drops.set_state(state["drops"])
