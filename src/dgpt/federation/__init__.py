@@ -1,6 +1,6 @@
-"""One round of decentralized training as plain computation on tensors.
+"""One round of decentralized training as plain computation on tensors: the `Strategy` (who takes part, checking
+and combining what arrived, FedExP, the outer optimizer, bytes), the aggregation rules and the payload `Codec`.
 
-Pseudo-gradients in, new global parameters out: aggregation rules, the outer optimizer, compression
-and byte accounting. Nothing here knows about processes, sockets or files, so every runtime (sim,
-torchrun, and later Flower) calls the same code.
+Imports torch and `dgpt.config` only: no torch.distributed, no sockets, no files. Every runtime (sim, torchrun,
+and a Flower server) drives the same objects.
 """
