@@ -22,11 +22,11 @@ from dgpt.train.metrics import read_metrics
 FED = {"rounds": 3, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9}
 
 
-RECORDER = Path(__file__).with_name("record_collectives.py")
+PROBE = Path(__file__).with_name("torchrun_probe.py")
 
 
-def torchrun(config_path, *args, nproc=3, timeout=240, launch=("-m", "dgpt")):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(config_path, *args, nproc=3, timeout=240, launch=("-m", "dgpt"), env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *launch, "pretrain", str(config_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -80,7 +80,7 @@ def test_torchrun_sends_compressed_payloads_and_equals_sim(tmp_path, kind, dtype
     api.pretrain(sim, log=quiet)
     dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"})
     api.prepare(dist, log=quiet)
-    result = torchrun(write_config(dist, tmp_path / "dist.toml"), launch=(str(RECORDER), str(tmp_path / "calls")))
+    result = torchrun(write_config(dist, tmp_path / "dist.toml"), launch=(str(PROBE), str(tmp_path / "calls")))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_model(sim, dist)
     final = weights(dist)
@@ -156,6 +156,25 @@ def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
     resumed = torchrun(path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_model(sim, dist)
+
+
+def test_torchrun_names_the_oracle_whose_rank_vanished(tmp_path):
+    """A rank that goes away without a word (its host lost) is named by the others; the run resumes and equals sim."""
+    sim = tiny_config(tmp_path / "sim", federation=FED)
+    api.pretrain(sim, log=quiet)
+    dist = tiny_config(tmp_path / "dist", federation={**FED, "timeout_s": 20})
+    api.prepare(dist, log=quiet)
+    path = write_config(dist, tmp_path / "dist.toml")
+    assert torchrun(path, "--stop-after", "1").returncode == 0
+    # the collectives of a round: train losses, payload values, tokens, validation losses; vanish in round 2's payload
+    lost = torchrun(path, launch=(str(PROBE), str(tmp_path / "calls")), env={"DGPT_PROBE_VANISH": "2:6"})
+    assert lost.returncode != 0
+    for rank, oracle in ((0, "alpha"), (1, "beta")):
+        assert f"oracle '{oracle}' (rank {rank}): lost contact with the other ranks" in lost.stderr, lost.stderr[-3000:]
+    assert "dead or silent: 'gamma' (rank 2)" in lost.stderr
+    resumed = torchrun(path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_model(sim, dist)
 
 

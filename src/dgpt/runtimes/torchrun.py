@@ -30,15 +30,20 @@ _LOST_CONTACT = ("Connection closed", "Connection reset", "Broken pipe", "Timed 
 class DistTransport:
     prepares_data = False  # `dgpt prepare` runs first; ranks must not race on the shard files
 
-    def __init__(self, names: list[str], device: torch.device):
+    def __init__(self, names: list[str], device: torch.device, timeout: datetime.timedelta):
         self.names, self.device = names, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_leader = self.rank == 0
+        # each rank counts its collectives in torchrun's store: after a failure, the ranks that fell behind are named
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        self.calls = 0
         local_rank = torch.tensor([int(os.environ.get("LOCAL_RANK", 0))], device=device)
         # the first rank of each host, rank 0 first
         self.host_leaders = [0] + [r for r, lr in enumerate(self._gather(local_rank)) if int(lr) == 0 and r != 0]
 
     def _gather(self, value: torch.Tensor) -> list[torch.Tensor]:
+        self.calls += 1
+        self.store.set(f"dgpt/calls/{self.rank}", str(self.calls))
         out = [torch.empty_like(value) for _ in range(self.world)]
         dist.all_gather(out, value.contiguous())
         return out
@@ -56,6 +61,11 @@ class DistTransport:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def behind(self) -> list[str]:
+        """'oracle' (rank r) of every rank that never reached this rank's last collective: dead or silent."""
+        counts = {r: int(self.store.get(f"dgpt/calls/{r}")) if self.store.check([f"dgpt/calls/{r}"]) else 0 for r in range(self.world)}
+        return [f"'{self.names[r]}' (rank {r})" for r, n in counts.items() if n < self.calls]
 
     def each_filesystem(self, write: Callable[[], None], written: Callable[[], bool]) -> None:
         """Rank 0 writes; then, in turn, each other host's first rank writes unless it already sees the
@@ -96,8 +106,9 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, wo
     if rank != 0 and not package.isEnabledFor(logging.DEBUG):
         package.setLevel(logging.WARNING)  # rank 0 speaks for the run; the others only warn
     logger.info("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
+    transport = None
     try:
-        transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"))
+        transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"), timeout)
         return train_federated(config, transport, [name], stop_after_round=stop_after_round, work=work)
     except DgptError as e:
         raise DgptError(f"oracle '{name}' (rank {rank}): {e}") from None
@@ -105,10 +116,11 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, wo
         if not _lost_contact(e):
             logger.error(f"oracle '{name}' (rank {rank}) failed: {type(e).__name__}: {_first_line(e)}")
             raise
+        gone = _ranks_behind(transport)
         raise DgptError(
-            f"oracle '{name}' (rank {rank}): lost contact with the other ranks ({_first_line(e)}): a rank died, or was "
-            "silent for federation.timeout_s; its own error says why. Rerun the same command to resume from the last "
-            "round checkpoint"
+            f"oracle '{name}' (rank {rank}): lost contact with the other ranks ({_first_line(e)}); "
+            + (f"dead or silent: {', '.join(gone)}" if gone else "a rank died or was silent for federation.timeout_s")
+            + ". Rerun the same command to resume from the last round checkpoint"
         ) from e
     finally:
         if dist.is_initialized():
@@ -118,6 +130,13 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, wo
 def _lost_contact(error: Exception) -> bool:
     """Whether a collective failed because a peer died or went silent (not because of a bug or an OOM here)."""
     return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(s in str(error) for s in _LOST_CONTACT)
+
+
+def _ranks_behind(transport: DistTransport | None) -> list[str]:
+    try:
+        return transport.behind() if transport is not None else []
+    except Exception:  # the store went down with its host: nothing more to say
+        return []
 
 
 def _first_line(error: Exception) -> str:
