@@ -1,8 +1,10 @@
 """Federation arithmetic and the sim runtime: FedAvg and data-parallel equivalences, robustness, resume."""
 
+import logging
+
 import pytest
 import torch
-from conftest import quiet, tiny_config
+from conftest import tiny_config
 from safetensors.torch import load_file
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
@@ -23,7 +25,7 @@ from dgpt.federation.outer import OuterOptimizer
 from dgpt.model.gpt import GPT
 from dgpt.objectives import lm_loss
 from dgpt.runtimes.federated import oracle_seed
-from dgpt.runtimes.setup import load_run
+from dgpt.runtimes.setup import read_run
 from dgpt.runtimes.sim import pretrain_sim
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, weights_of
 from dgpt.train.local import InnerLoop, lr_at, make_optimizer
@@ -144,8 +146,8 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path, extrapolate)
     fed = {"rounds": 1, "inner_steps": 3, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "tokens",
            "extrapolation": extrapolate}
     config = tiny_config(tmp_path, federation=fed)
-    pretrain_sim(config, log=quiet, tamper=lambda name, delta: delta * sign.get(name, 1.0))
-    setup = load_run(config, log=quiet)
+    pretrain_sim(config, tamper=lambda name, delta: delta * sign.get(name, 1.0))
+    setup = read_run(config)
     deltas = []
     for j, name in enumerate(config.oracle_names()):
         torch.manual_seed(config.seed)
@@ -178,9 +180,9 @@ def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
     fed = {"rounds": 4, "inner_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "uniform"}
     pre = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0, "grad_clip": 0.0}
     config = tiny_config(tmp_path, federation=fed, pretrain=pre, model=NO_DROPOUT)
-    pretrain_sim(config, log=quiet)
+    pretrain_sim(config)
     # the reference: one model, each step the mean of every oracle's gradient on its own batch
-    setup = load_run(config, log=quiet)
+    setup = read_run(config)
     torch.manual_seed(config.seed)
     model = GPT(setup.model_config)
     names = config.oracle_names()
@@ -202,20 +204,20 @@ def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
 def test_sim_exact_resume(tmp_path):
     fed = {"rounds": 3, "inner_steps": 2}
     full = tiny_config(tmp_path / "a", federation=fed)
-    pretrain_sim(full, log=quiet)
+    pretrain_sim(full)
     cut = tiny_config(tmp_path / "b", federation=fed)
-    pretrain_sim(cut, stop_after_round=1, log=quiet)
-    pretrain_sim(cut, log=quiet)
+    pretrain_sim(cut, stop_after_round=1)
+    pretrain_sim(cut)
     assert [r["oracles"] for r in rounds(full)] == [r["oracles"] for r in rounds(cut)]
     a, b = final_weights(full), final_weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path):
+def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path, caplog):
     config = tiny_config(tmp_path, federation={"rounds": 2, "inner_steps": 1})
-    lines = []
-    pretrain_sim(config, log=lines.append, tamper=lambda name, d: d * float("nan") if name == "beta" else d)
-    assert any("oracle 'beta'" in line and "NaN" in line for line in lines)
+    with caplog.at_level(logging.INFO, logger="dgpt"):
+        pretrain_sim(config, tamper=lambda name, d: d * float("nan") if name == "beta" else d)
+    assert any("oracle 'beta'" in line and "NaN" in line for line in caplog.messages)
     for row in rounds(config)[1:]:
         assert row["rejected"] == ["beta"] and row["accepted"] == ["alpha", "gamma"]
     assert all(torch.isfinite(t).all() for t in final_weights(config).values())
@@ -223,7 +225,7 @@ def test_sim_rejects_non_finite_oracle_and_goes_on(tmp_path):
 
 def test_sim_drops_oracles_and_counts_bytes(tmp_path):
     config = tiny_config(tmp_path, federation={"rounds": 6, "inner_steps": 1, "drop_prob": 0.5, "compression": "int8"})
-    pretrain_sim(config, log=quiet)
+    pretrain_sim(config)
     rows = rounds(config)[1:]
     assert any(len(r["participants"]) < 3 for r in rows)
     per_oracle = rounds(config, "oracle")
@@ -239,9 +241,9 @@ def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
     poison = lambda name, d: -10 * d if name == "gamma" else d  # noqa: E731
     fed = {"rounds": 3, "inner_steps": 2, "aggregator": "median"}
     robust = tiny_config(tmp_path / "robust", federation=fed)
-    pretrain_sim(robust, log=quiet, tamper=poison)
+    pretrain_sim(robust, tamper=poison)
     naive = tiny_config(tmp_path / "naive", federation={**fed, "aggregator": "mean"})
-    pretrain_sim(naive, log=quiet, tamper=poison)
+    pretrain_sim(naive, tamper=poison)
     assert rounds(robust)[-1]["loss"] < rounds(naive)[-1]["loss"]
     # agreement is measured on what the aggregator received (the tampered update): a mean never exceeds 1
     assert all(0 < r["agreement"] <= 1 + 1e-6 for r in rounds(naive)[1:])
@@ -266,9 +268,9 @@ def test_bad_federation_settings(tmp_path, override, message):
 
 def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
     config = tiny_config(tmp_path)
-    api.prepare(config, log=quiet)
+    api.prepare(config)
     other = tiny_config(tmp_path / "other", tokenizer={"vocab_size": 280})
-    api.prepare(other, log=quiet)
+    api.prepare(other)
     alien = other.run_path / "data" / "beta"
     target = config.run_path / "data" / "beta"
     for f in target.iterdir():
@@ -276,7 +278,7 @@ def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
     for f in alien.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
     with pytest.raises(DgptError, match="different tokenizer"):
-        load_run(config, prepare_data=False, log=quiet)
+        read_run(config)
 
 
 def test_trimmed_mean_cuts_at_least_one_from_each_end_with_three_updates():
