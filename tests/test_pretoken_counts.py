@@ -106,7 +106,7 @@ def test_bad_count_files_and_partial_prepare_fail_with_one_line(tmp_path, capsys
     config = tiny_config(tmp_path)
     path = _write(tmp_path, config)
     good = tmp_path / "alpha.json"
-    assert main(["count-pretokens", str(path), "--oracle", "alpha", "--out", str(good)]) == 0
+    assert main(["-q", "count-pretokens", str(path), "--oracle", "alpha", "--out", str(good)]) == 0
     cleaning = json.loads(good.read_text())["cleaning"]
 
     def fails(files: list[str], message: str) -> None:
