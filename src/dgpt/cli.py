@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin while waiting make steps several times slower when the
@@ -219,40 +220,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_to_stderr(level: int) -> logging.Handler:
-    """dgpt's messages as plain lines on stderr (stdout carries the commands' results)."""
+@contextmanager
+def _messages_on_stderr(level: int):
+    """dgpt's messages as plain lines on stderr (stdout carries the commands' results) while the block runs;
+    main may run more than once in a process (tests, notebooks), so logging is left as it was found."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         level = max(level, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("dgpt")
+    before = logger.level
     logger.addHandler(handler)
     logger.setLevel(level)
-    return handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logger = logging.getLogger("dgpt")
-    level = logger.level
-    handler = _log_to_stderr(args.log_level)
-    try:
-        args.func(args)
-    except DgptError as e:
-        print(f"dgpt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.log_level <= logging.DEBUG:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"dgpt: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
-        return 1
-    finally:  # main may run more than once in a process (tests, notebooks): leave logging as it was
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with _messages_on_stderr(args.log_level):
+        try:
+            args.func(args)
+        except DgptError as e:
+            print(f"dgpt: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.log_level <= logging.DEBUG:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"dgpt: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+            return 1
     return 0
 
 
