@@ -50,10 +50,6 @@ MODEL = {"preset": "tiny", "n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": 51
 VARIANTS = {"a": ("pre-trained, lambda 0.5", True, 0.5), "b": ("pre-trained, lambda 0", True, 0.0), "c": ("from scratch, lambda 0.5", False, 0.5)}
 
 
-def quiet(_msg: str) -> None:
-    pass
-
-
 def split_sst(work: Path) -> tuple[Path, Path]:
     """Alternate rows of SST-2's training set to two oracles (in the work directory, not the project)."""
     lines = (SHARED / "tasks" / "sst2" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -71,9 +67,9 @@ def pretrain_config(work: Path, args) -> dict:
     return {
         "run_dir": str(work / "pretrain"), "seed": 1337, "model": MODEL, "tokenizer": {"vocab_size": args.vocab},
         "oracles": oracles,
-        "pretrain": {"batch_size": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30, "eval_windows": 32, "checkpoint_interval": 1000},
+        "pretrain": {"batch_size": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30, "eval_windows": 32},
         "federation": {"runtime": "sim", "rounds": args.pretrain_rounds, "inner_steps": args.pretrain_inner_steps,
-                       "outer_lr": args.pretrain_outer_lr, "outer_momentum": args.pretrain_outer_momentum},
+                       "outer_lr": args.pretrain_outer_lr, "outer_momentum": args.pretrain_outer_momentum, "checkpoint_interval": 1000},
     }
 
 
@@ -171,7 +167,7 @@ def run_variant(raw: dict, threads: int) -> tuple[dict, float]:
     """One fine-tuning variant in a worker process: its accuracies and the seconds its rounds took."""
     torch.set_num_threads(threads)
     config = config_from_dict(raw, "<benchmark>")
-    api.finetune(config, log=quiet)
+    api.finetune(config)
     return best_and_last(config.run_path), training_seconds(config.run_path)
 
 
@@ -202,8 +198,8 @@ def main() -> int:
     work = Path(args.work_dir)
     sst = split_sst(work)
     pre = config_from_dict(pretrain_config(work, args), "<benchmark>")
-    api.prepare(pre, log=quiet)
-    pre_result = api.pretrain(pre, log=quiet)  # resumes (or reuses) a finished run in the same work dir
+    api.prepare(pre)
+    pre_result = api.pretrain(pre)  # resumes (or reuses) a finished run in the same work dir
     pretrain_seconds = training_seconds(pre.run_path)
     grid = {(v, lr): finetune_config(work, v, lr, args.seeds[0], sst, args) for v in VARIANTS for lr in args.lrs}
     runs = run_all(grid, args)

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -103,7 +105,8 @@ def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, e
         "pretrain": {"steps": steps, "batch_size": batch, "lr": lr, "min_lr": lr / 10, "warmup_steps": max(1, steps // 20),
                      "eval_interval": eval_interval, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
                      "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
-        "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True, **fed},
+        "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True,
+                       "checkpoint_interval": 10**9, **fed},
     }
 
 
@@ -118,11 +121,26 @@ def fresh_run_dir(runs: Path, name: str) -> Path:
     return run_dir
 
 
+@contextmanager
+def messages_as(label: str):
+    """dgpt's messages printed as `  [label] message` while the block runs."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"  [{label}] %(message)s"))
+    logger = logging.getLogger("dgpt")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def run_central(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool, oracles_per_batch: int = 4) -> list[dict]:
     """Pooled data, global batch = 4 x the per-oracle batch (the control: 1 x), `steps` steps."""
     config = config_from_dict(base_config(run_dir, setup, steps, oracles_per_batch * setup["batch"], {"runtime": "central"},
                                           max(1, steps // setup["evals"])))
-    api.pretrain(config, log=lambda s: print(f"  [central] {s}"))
+    with messages_as("central"):
+        api.pretrain(config)
     return [{"tokens": r["tokens"], "oracles": r["oracles"], "step": r["step"]}
             for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "valid"]
 
@@ -139,7 +157,8 @@ def run_sim(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool, i
         raw["tokenizer"] = {"vocab_size": VOCAB, "path": str(run_dir / "tokenizer.json")}
     config = config_from_dict(raw)
     tamper = (lambda name, delta: delta * POISON_SCALE if name == POISONED else delta) if poisoned else None
-    pretrain_sim(config, log=lambda s: print(f"  [{run_dir.name}] {s}"), tamper=tamper)
+    with messages_as(run_dir.name):
+        pretrain_sim(config, tamper=tamper)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "round"]
     keys = ("round", "tokens", "oracles", "bytes_total", "bytes_sent", "dp_bytes", "agreement", "outer_scale")
     return [{k: r.get(k, 0) for k in keys} for r in rows if "oracles" in r]
@@ -407,7 +426,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     shared = config_from_dict(base_config(args.runs / "_data", setup, steps, setup["batch"], {}, 1))
-    stats = api.prepare(shared, log=lambda s: print(f"  [prepare] {s}"))
+    with messages_as("prepare"):
+        stats = api.prepare(shared)
     weights = {n: stats[n]["train"]["tokens"] for n in ORACLES}
     vocab = TextTokenizer.load(args.runs / "_data" / "tokenizer.json").vocab_size
     params = GPT(model_config_for(shared, vocab)).num_params()

@@ -112,7 +112,7 @@ def profile_rows(root: Path, train: Path, valid: Path, tokenizer: Path, top: int
     config = load_config(write_config(root, "profiled", train, valid, tokenizer))
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
-    profiler.runcall(prepare, config, log=lambda _msg: None)
+    profiler.runcall(prepare, config)
     seconds = time.perf_counter() - t0
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, own s, cumulative s, callers)}
     ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]

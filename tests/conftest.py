@@ -79,7 +79,3 @@ def host_config(tmp_path: Path, host: str, holds: set[str], **tiny) -> Config:
 def _deterministic_threads():
     torch.set_num_threads(2)
     yield
-
-
-def quiet(_msg: str) -> None:
-    pass

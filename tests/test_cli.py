@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import tiny_config
 
+from dgpt import api
 from dgpt.cli import main
 from dgpt.config import dump_config
 from dgpt.train.metrics import read_metrics
@@ -22,10 +23,10 @@ def config_file(tmp_path):
 def test_prepare_pretrain_eval_generate_info(config_file, capsys):
     path, config = config_file
     assert main(["prepare", str(path)]) == 0
-    assert "alpha: train" in capsys.readouterr().out
+    assert "alpha: train" in capsys.readouterr().err  # messages go to stderr, results to stdout
     assert main(["pretrain", str(path), "--set", "federation.rounds=2", "--set", "federation.inner_steps=2"]) == 0
-    out = capsys.readouterr().out
-    assert "final global validation loss" in out and "synchronous data parallel would have moved" in out
+    out, err = capsys.readouterr()
+    assert "final global validation loss" in out and "synchronous data parallel would have moved" in err
     rows = read_metrics(config.run_path / "metrics.jsonl")
     assert [r["round"] for r in rows if r["kind"] == "round"] == [0, 1, 2]
     assert (config.run_path / "config.toml").is_file() and (config.run_path / "tokenizer.json").is_file()
@@ -49,6 +50,34 @@ def test_central_runtime_from_the_command_line(config_file, capsys):
     assert steps == [1, 2, 3]
 
 
+def test_messages_go_to_stderr_and_quiet_or_verbose_choose_which(config_file, capsys):
+    path, _ = config_file
+    result = subprocess.run([sys.executable, "-m", "dgpt", "prepare", str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "alpha: train" in result.stderr and result.stdout == ""
+    assert main(["-q", "prepare", str(path)]) == 0
+    assert capsys.readouterr() == ("", "")  # no INFO line
+    assert main(["prepare", str(path), "--quiet"]) == 0  # after the command too
+    assert capsys.readouterr() == ("", "")
+    assert main(["-v", "prepare", str(path)]) == 0
+    assert "tokenizer: reused" in capsys.readouterr().err
+    assert main(["info", str(path), "-v"]) == 0
+    assert "alpha: train" in capsys.readouterr().out
+
+
+def test_unexpected_error_is_one_line_unless_verbose(config_file, capsys, monkeypatch):
+    path, _ = config_file
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nand more")
+
+    monkeypatch.setattr(api, "prepare", broken)
+    assert main(["prepare", str(path)]) == 1
+    assert capsys.readouterr().err == "dgpt: error: unexpected RuntimeError: boom (rerun with -v for the traceback)\n"
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["-v", "prepare", str(path)])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -60,7 +89,7 @@ def test_central_runtime_from_the_command_line(config_file, capsys):
 )
 def test_bad_config_is_one_line_and_exit_2(config_file, capsys, args, message):
     path, _ = config_file
-    assert main(["pretrain", str(path), *args]) == 2
+    assert main(["-q", "pretrain", str(path), *args]) == 2  # -q: the shards prepared before [model] is read say nothing
     err = capsys.readouterr().err.strip()
     assert err.startswith("dgpt: error:") and message in err and "\n" not in err
 

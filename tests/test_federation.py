@@ -4,15 +4,14 @@ import io
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
+from conftest import tiny_config
 from safetensors.torch import load_file
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from dgpt import api
-from dgpt.config import load_config
+from dgpt.config import FederationConfig, load_config
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.config import FederationConfig
 from dgpt.federation.aggregate import agreement, clip_to_norm, coordinate_median, extrapolation, trimmed_mean
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.outer import OuterOptimizer
@@ -20,7 +19,7 @@ from dgpt.federation.strategy import Strategy
 from dgpt.model.gpt import GPT
 from dgpt.objectives import lm_loss
 from dgpt.runtimes.federated import oracle_seed
-from dgpt.runtimes.setup import load_run
+from dgpt.runtimes.setup import read_run
 from dgpt.runtimes.sim import pretrain_sim
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, weights_of
 from dgpt.train.local import InnerLoop, lr_at, make_optimizer
@@ -196,7 +195,7 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path, extrapolate)
            "extrapolation": extrapolate}
     config = tiny_config(tmp_path, federation=fed)
     pretrain_sim(config, tamper=lambda name, delta: delta * sign.get(name, 1.0))
-    setup = load_run(config, log=quiet)
+    setup = read_run(config)
     deltas = []
     for j, name in enumerate(config.oracle_names()):
         torch.manual_seed(config.seed)
@@ -231,7 +230,7 @@ def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
     config = tiny_config(tmp_path, federation=fed, pretrain=pre, model=NO_DROPOUT)
     pretrain_sim(config)
     # the reference: one model, each step the mean of every oracle's gradient on its own batch
-    setup = load_run(config, log=quiet)
+    setup = read_run(config)
     torch.manual_seed(config.seed)
     model = GPT(setup.model_config)
     names = config.oracle_names()
@@ -316,9 +315,9 @@ def test_bad_federation_settings(tmp_path, override, message):
 
 def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
     config = tiny_config(tmp_path)
-    api.prepare(config, log=quiet)
+    api.prepare(config)
     other = tiny_config(tmp_path / "other", tokenizer={"vocab_size": 280})
-    api.prepare(other, log=quiet)
+    api.prepare(other)
     alien = other.run_path / "data" / "beta"
     target = config.run_path / "data" / "beta"
     for f in target.iterdir():
@@ -326,7 +325,7 @@ def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
     for f in alien.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
     with pytest.raises(DgptError, match="different tokenizer"):
-        load_run(config, prepare_data=False, log=quiet)
+        read_run(config)
 
 
 def test_trimmed_mean_cuts_at_least_one_from_each_end_with_three_updates():

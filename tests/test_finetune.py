@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import quiet, tiny_config
+from conftest import tiny_config
 from safetensors.torch import load_file
 from taskdata import write_jsonl, write_task
 
@@ -32,7 +32,7 @@ FINETUNE = {"rounds": 2, "inner_steps": 2, "batch_size": 8, "lr": 1e-3, "eval_ba
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("pre"), federation={"rounds": 2, "inner_steps": 2})
-    api.pretrain(config, log=quiet)
+    api.pretrain(config)
     return config.run_path
 
 
@@ -58,8 +58,7 @@ def head_of(config, name):
 def test_finetune_and_predict_every_task_type_via_cli(tmp_path, pretrained, capsys):
     config = ft_config(tmp_path, pretrained, finetune={"max_len": 16})
     assert main(["finetune", write_config(config, tmp_path / "ft.toml")]) == 0
-    out = capsys.readouterr().out
-    assert "training examples truncated to 16 tokens" in out
+    assert "training examples truncated to 16 tokens" in capsys.readouterr().err
     rows = [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round" and "metrics" in r]
     assert [r["round"] for r in rows] == [0, 1, 2]
     last = rows[-1]["metrics"]
@@ -170,17 +169,17 @@ def test_lambda_zero_trains_a_different_model(tmp_path, pretrained):
     results = {}
     for lam in (0.0, 0.5):
         config = ft_config(tmp_path / str(lam), pretrained, kinds=("classification",), finetune={"lambda_lm": lam})
-        api.finetune(config, log=quiet)
+        api.finetune(config)
         results[lam] = load_file(str(latest_checkpoint(config.run_path) / WEIGHTS))["transformer.wte.weight"]
     assert not torch.equal(results[0.0], results[0.5])
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
     whole = ft_config(tmp_path / "whole", pretrained, kinds=("entailment", "multiple_choice"))
-    api.finetune(whole, log=quiet)
+    api.finetune(whole)
     parts = ft_config(tmp_path / "parts", pretrained, kinds=("entailment", "multiple_choice"))
-    api.finetune(parts, stop_after=1, log=quiet)
-    api.finetune(parts, log=quiet)
+    api.finetune(parts, stop_after=1)
+    api.finetune(parts)
     wa, wb = (load_file(str(latest_checkpoint(c.run_path) / WEIGHTS)) for c in (whole, parts))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key])
@@ -191,7 +190,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     kinds = ("classification", "entailment", "similarity", "multiple_choice")  # one rank per task type
     sim = ft_config(tmp_path / "sim", pretrained, kinds=kinds)
-    api.finetune(sim, log=quiet)
+    api.finetune(sim)
     dist = ft_config(tmp_path / "dist", pretrained, kinds=kinds, federation={"runtime": "torchrun"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(kinds)}",
@@ -207,7 +206,7 @@ def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     flat = [[(n, k, v) for r in rs for n, m in r["metrics"].items() for k, v in m.items()] for rs in rows]
     assert [x[:2] for x in flat[0]] == [x[:2] for x in flat[1]]
     assert [x[2] for x in flat[0]] == pytest.approx([x[2] for x in flat[1]])
-    outputs = [api.predict(c.run_path, "similarity", c.oracles[2].task.valid[0], tmp_path / f"{i}.jsonl", log=quiet) for i, c in enumerate((sim, dist))]
+    outputs = [api.predict(c.run_path, "similarity", c.oracles[2].task.valid[0], tmp_path / f"{i}.jsonl") for i, c in enumerate((sim, dist))]
     assert [o["label"] for o in outputs[0]] == [o["label"] for o in outputs[1]]
 
 
@@ -215,7 +214,7 @@ def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
 
 
 def fails(capsys, argv, message):
-    assert main(argv) == 2
+    assert main(["-q", *argv]) == 2  # -q: messages logged before the error (truncated examples) left out
     err = capsys.readouterr().err
     assert err == f"dgpt: error: {message}\n"
 

@@ -229,7 +229,7 @@ def test_imported_run_continues_pretraining(tmp_path, tokenizer):
         f.write(f'\n[[oracles]]\nname = "alpha"\ntrain = ["{train}"]\nvalid = ["{valid}"]\n')
     config = load_config(run_dir / "config.toml", ["federation.runtime=central", "pretrain.steps=3",
                                                     "pretrain.batch_size=2", "pretrain.eval_windows=2"])
-    api.pretrain(config, log=lambda _m: None)
+    api.pretrain(config)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
     assert latest_checkpoint(run_dir).name == "step_0000003"

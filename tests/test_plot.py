@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import quiet, tiny_config
+from conftest import tiny_config
 
 pytest.importorskip("matplotlib")
 
@@ -28,8 +28,8 @@ def assert_pngs(run_dir, names, capsys) -> None:
 
 def test_plot_federated_run(tmp_path, capsys):
     config = tiny_config(tmp_path)
-    api.prepare(config, log=quiet)
-    api.pretrain(config, log=quiet)
+    api.prepare(config)
+    api.pretrain(config)
     assert_pngs(config.run_path, ["valid_loss.png", "valid_loss_vs_tokens.png", "valid_loss_vs_bytes.png",
                                   "train_loss.png", "agreement.png"], capsys)
     assert not (config.run_path / "plots" / "outer_scale.png").exists()  # no extrapolation, nothing to draw
@@ -38,15 +38,15 @@ def test_plot_federated_run(tmp_path, capsys):
 def test_plot_fedexp_factor(tmp_path, capsys):
     """Without warmup these oracles' first updates disagree enough for FedExP to lengthen the mean."""
     config = tiny_config(tmp_path, federation={"extrapolation": "fedexp"}, pretrain={"warmup_steps": 0})
-    api.prepare(config, log=quiet)
-    api.pretrain(config, log=quiet)
+    api.prepare(config)
+    api.pretrain(config)
     assert_pngs(config.run_path, ["outer_scale.png", "agreement.png"], capsys)
 
 
 def test_plot_central_run(tmp_path, capsys):
     config = tiny_config(tmp_path, federation={"runtime": "central"})
-    api.prepare(config, log=quiet)
-    api.pretrain(config, log=quiet)
+    api.prepare(config)
+    api.pretrain(config)
     assert_pngs(config.run_path, ["train_loss.png", "valid_loss.png"], capsys)
 
 

@@ -61,7 +61,7 @@ def test_merged_counts_equal_pooled_text_on_real_corpora():
 
 def test_two_machines_prepare_their_own_oracles_with_the_pooled_tokenizer(tmp_path, capsys):
     pooled = tiny_config(tmp_path)
-    prepare(pooled, log=lambda _: None)  # one machine holding every oracle's text: the reference
+    prepare(pooled)  # one machine holding every oracle's text: the reference
     holds = {"m0": {"alpha"}, "m1": {"beta", "gamma"}}
     configs = {m: _write(tmp_path, host_config(tmp_path, m, names), f"{m}.toml") for m, names in holds.items()}
     counts = []
@@ -70,7 +70,7 @@ def test_two_machines_prepare_their_own_oracles_with_the_pooled_tokenizer(tmp_pa
             out = tmp_path / "shared_counts" / f"{name}.json"
             assert main(["count-pretokens", str(configs[machine]), "--oracle", name, "--out", str(out)]) == 0
             counts.append(str(out))
-    assert "distinct written to" in capsys.readouterr().out
+    assert "distinct written to" in capsys.readouterr().err
     listed = "tokenizer.counts=" + json.dumps(counts)
     for machine, names in holds.items():
         flags = [arg for name in sorted(names) for arg in ("--oracle", name)]
@@ -83,7 +83,7 @@ def test_two_machines_prepare_their_own_oracles_with_the_pooled_tokenizer(tmp_pa
             assert mine["splits"] == ref["splits"]
     # a second run reuses the tokenizer trained from the same count files
     assert main(["prepare", str(configs["m0"]), "--set", listed, "--oracle", "alpha"]) == 0
-    assert "tokenizer: reused" in capsys.readouterr().out
+    assert "tokenizer: reused" in capsys.readouterr().err
 
 
 def test_min_count_leaves_out_rare_pretokens(tmp_path):
@@ -106,7 +106,7 @@ def test_bad_count_files_and_partial_prepare_fail_with_one_line(tmp_path, capsys
     config = tiny_config(tmp_path)
     path = _write(tmp_path, config)
     good = tmp_path / "alpha.json"
-    assert main(["count-pretokens", str(path), "--oracle", "alpha", "--out", str(good)]) == 0
+    assert main(["-q", "count-pretokens", str(path), "--oracle", "alpha", "--out", str(good)]) == 0
     cleaning = json.loads(good.read_text())["cleaning"]
 
     def fails(files: list[str], message: str) -> None:

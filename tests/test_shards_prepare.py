@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import tracemalloc
 from pathlib import Path
@@ -46,11 +47,18 @@ def make_config(tmp_path: Path, **data) -> object:
     })
 
 
+def logged_prepare(config, caplog) -> tuple[dict, list[str]]:
+    """`prepare`, and the messages it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dgpt"):
+        stats = prepare(config)
+    return stats, caplog.messages
+
+
 @pytest.fixture
-def prepared(tmp_path):
+def prepared(tmp_path, caplog):
     config = make_config(tmp_path)
-    lines: list[str] = []
-    stats = prepare(config, log=lines.append)
+    stats, lines = logged_prepare(config, caplog)
     return config, tmp_path / "run" / "data" / "sea", stats, lines
 
 
@@ -156,32 +164,30 @@ def test_interrupted_prepare_leaves_no_oracle_directory(tmp_path):
     config = make_config(tmp_path)
     Path(config.oracles[0].valid[0]).write_bytes(b"fine\n\nbroken \xff\n")
     with pytest.raises(DgptError, match=r"valid\.txt:3: not valid UTF-8"):
-        prepare(config, log=lambda _: None)
+        prepare(config)
     assert not (tmp_path / "run" / "data" / "sea").exists()
     assert [p.name for p in (tmp_path / "run" / "data").iterdir()] == []  # no temporary directory either
 
 
-def test_rerun_reuses_and_a_changed_input_rebuilds(prepared):
+def test_rerun_reuses_and_a_changed_input_rebuilds(prepared, caplog):
     config, oracle_dir, stats, _ = prepared
     mtimes = {p.name: p.stat().st_mtime_ns for p in oracle_dir.iterdir()}
-    lines: list[str] = []
-    again = prepare(config, log=lines.append)
+    again, lines = logged_prepare(config, caplog)
     assert {p.name: p.stat().st_mtime_ns for p in oracle_dir.iterdir()} == mtimes
     assert "tokenizer: reused" in lines[0] and "reused" in lines[1]
     assert again["sea"]["train"] == stats["sea"]["train"] and again["sea"]["reused"] is True
 
     Path(config.oracles[0].valid[0]).write_text(VALID_TEXT + "\nA third validation document.\n", encoding="utf-8")
-    lines.clear()
-    rebuilt = prepare(config, log=lines.append)
+    rebuilt, lines = logged_prepare(config, caplog)
     assert "tokenizer: reused" in lines[0]  # the tokenizer depends on training data only
     assert rebuilt["sea"]["reused"] is False and rebuilt["sea"]["valid"]["documents"] == 3
 
 
-def test_rerun_rebuilds_damaged_shards(prepared):
+def test_rerun_rebuilds_damaged_shards(prepared, caplog):
     config, oracle_dir, _, _ = prepared
     (oracle_dir / "valid_0000.bin").write_bytes(b"\0\0")
-    lines: list[str] = []
-    assert prepare(config, log=lines.append)["sea"]["reused"] is False
+    stats, lines = logged_prepare(config, caplog)
+    assert stats["sea"]["reused"] is False
     assert any("cannot be reused" in line for line in lines)
     load_split(oracle_dir, "valid")
 
@@ -190,21 +196,21 @@ def test_oracle_errors(tmp_path):
     config = make_config(tmp_path)
     config.oracles[0].train = []
     with pytest.raises(DgptError, match="oracle 'sea' has no train source"):
-        prepare(config, log=lambda _: None)
+        prepare(config)
     config = make_config(tmp_path, min_chars=10_000)
     config.tokenizer.path = str(tmp_path / "tok.json")
     TextTokenizer.train(iter(["some text"] * 5), 300).save(config.tokenizer.path)
     with pytest.raises(DgptError, match="oracle 'sea': the training split yields zero tokens"):
-        prepare(config, log=lambda _: None)
+        prepare(config)
 
 
 def test_given_tokenizer_is_copied_and_not_taken_for_a_trained_one(tmp_path):
     config = make_config(tmp_path)
-    prepare(config, log=lambda _: None)
+    prepare(config)
     given = TextTokenizer.train(iter([TRAIN_TEXT] * 3), 320)
     config.tokenizer.path = str(tmp_path / "given.json")
     given.save(config.tokenizer.path)
-    prepare(config, log=lambda _: None)
+    prepare(config)
     run = Path(config.run_dir)
     assert TextTokenizer.load(run / "tokenizer.json").sha256 == given.sha256
     assert not (run / "tokenizer.fingerprint.json").exists()
@@ -229,7 +235,7 @@ def test_memory_is_flat_in_corpus_size(tmp_path):
             "oracles": [{"name": "o", "train": [str(corpus)]}],
         })
         tracemalloc.start()
-        prepare(config, log=lambda _: None)
+        prepare(config)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return peak
@@ -257,7 +263,7 @@ def test_embedded_corpora_prepare(tmp_path):
         "tokenizer": {"vocab_size": 1000},
         "oracles": [dataclasses.asdict(o) for o in oracles],
     })
-    stats = prepare(config, log=lambda _: None)
+    stats = prepare(config)
     for name, s in stats.items():
         assert s["train"]["documents"] > 300 and s["valid"]["documents"] > 30, name
         assert 2.0 < s["train"]["bytes_per_token"] < 5.0, name
@@ -267,15 +273,15 @@ def test_embedded_corpora_prepare(tmp_path):
     not (SHARED_DATA / "pretrain" / "literature_shakespeare" / "train.txt").is_file(),
     reason=f"real data not found at {SHARED_DATA} (it lies beside the checkout, not in it)",
 )
-def test_real_shakespeare(tmp_path):
+def test_real_shakespeare(tmp_path, caplog):
     root = SHARED_DATA / "pretrain" / "literature_shakespeare"
     config = config_from_dict({
         "run_dir": str(tmp_path / "run"),
         "tokenizer": {"vocab_size": 512},
         "oracles": [{"name": "shakespeare", "train": [str(root / "train.txt")], "valid": [str(root / "valid.txt")]}],
     })
-    lines: list[str] = []
-    stats = prepare(config, log=lines.append)["shakespeare"]
+    stats, lines = logged_prepare(config, caplog)
+    stats = stats["shakespeare"]
     assert stats["train"]["documents"] > 5000 and stats["valid"]["documents"] > 500
     assert stats["train"]["text_bytes"] > 900_000
     assert 1.5 < stats["train"]["bytes_per_token"] < 3.5

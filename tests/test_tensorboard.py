@@ -12,7 +12,7 @@ def test_tensorboard_scalars_mirror_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny_config(tmp_path, federation={"rounds": 2, "inner_steps": 1}, log={"tensorboard": True})
-    api.pretrain(config, log=lambda _m: None)
+    api.pretrain(config)
     events = EventAccumulator(str(config.run_path / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]

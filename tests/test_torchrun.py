@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import host_config, quiet, tiny_config
+from conftest import host_config, tiny_config
 from safetensors.torch import load_file
 
 from dgpt import api
@@ -54,9 +54,9 @@ def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
     # FedExP lengthens only updates that disagree: without warmup these oracles' first updates do
     pre = {"warmup_steps": 0} if extrapolate == "fedexp" else {}
     sim = tiny_config(tmp_path / "sim", federation=fed, pretrain=pre)
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"}, pretrain=pre)
-    api.prepare(dist, log=quiet)  # ranks read prepared shards; they never race to write them
+    api.prepare(dist)  # ranks read prepared shards; they never race to write them
     result = torchrun(write_config(dist, tmp_path / "dist.toml"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_model(sim, dist)
@@ -77,9 +77,9 @@ def test_torchrun_sends_compressed_payloads_and_equals_sim(tmp_path, kind, dtype
     fed = {**FED, "compression": kind}
     sim = tiny_config(tmp_path / "sim", federation=fed)
     torch.set_num_threads(1)  # as each rank runs: the same float sums, so no value lands on the other side of a rounding
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"})
-    api.prepare(dist, log=quiet)
+    api.prepare(dist)
     result = torchrun(write_config(dist, tmp_path / "dist.toml"), launch=(str(PROBE), str(tmp_path / "calls")))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_model(sim, dist)
@@ -99,9 +99,9 @@ def test_torchrun_sends_compressed_payloads_and_equals_sim(tmp_path, kind, dtype
 
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
     sim = tiny_config(tmp_path / "sim", federation=FED)
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation=FED)  # a sim config: torchrun is detected from the launch
-    api.prepare(dist, log=quiet)
+    api.prepare(dist)
     path = write_config(dist, tmp_path / "dist.toml")
     first = torchrun(path, "--stop-after", "1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -114,7 +114,7 @@ def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
 
 def test_torchrun_world_size_must_match_oracles(tmp_path):
     config = tiny_config(tmp_path, federation={**FED, "runtime": "torchrun"})
-    api.prepare(config, log=quiet)
+    api.prepare(config)
     result = torchrun(write_config(config, tmp_path / "c.toml"), nproc=2)
     assert result.returncode != 0
     assert "torchrun world size 2 does not match the 3 oracles in the config (alpha, beta, gamma)" in result.stderr
@@ -122,7 +122,7 @@ def test_torchrun_world_size_must_match_oracles(tmp_path):
 
 def test_torchrun_rank_without_its_shards_says_where_to_prepare(tmp_path):
     config = tiny_config(tmp_path, federation=FED)
-    api.prepare(config, log=quiet)
+    api.prepare(config)
     shutil.rmtree(config.run_path / "data" / "beta")  # this host does not hold beta
     result = torchrun(write_config(config, tmp_path / "c.toml"))
     assert result.returncode != 0
@@ -141,9 +141,9 @@ def test_torchrun_runtime_without_launch_is_an_error(tmp_path):
 
 def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
     sim = tiny_config(tmp_path / "sim", federation=FED)
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation=FED)
-    api.prepare(dist, log=quiet)
+    api.prepare(dist)
     path = write_config(dist, tmp_path / "dist.toml")
     assert torchrun(path, "--stop-after", "1").returncode == 0
     shard = dist.run_path / "data" / "beta" / "train_0000.bin"
@@ -162,9 +162,9 @@ def test_torchrun_failed_rank_names_its_oracle_and_the_run_resumes(tmp_path):
 def test_torchrun_names_the_oracle_whose_rank_vanished(tmp_path):
     """A rank that goes away without a word (its host lost) is named by the others; the run resumes and equals sim."""
     sim = tiny_config(tmp_path / "sim", federation=FED)
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation={**FED, "timeout_s": 20})
-    api.prepare(dist, log=quiet)
+    api.prepare(dist)
     path = write_config(dist, tmp_path / "dist.toml")
     assert torchrun(path, "--stop-after", "1").returncode == 0
     # the collectives of a round: train losses, payload values, tokens, validation losses; vanish in round 2's payload
@@ -204,14 +204,14 @@ def test_two_hosts_without_shared_files_equal_sim(tmp_path):
     each host prepares only its oracle, both get the round checkpoints, and the resumed run equals sim."""
     names, docs = ("alpha", "beta"), (120, 80)
     sim = tiny_config(tmp_path / "sim", names=names, docs=docs, federation=FED)
-    api.pretrain(sim, log=quiet)
+    api.pretrain(sim)
     hosts = {"host0": "alpha", "host1": "beta"}  # node rank k runs rank k, which holds the k-th oracle
     configs = {h: host_config(tmp_path, h, {o}, names=names, docs=docs, federation=FED) for h, o in hosts.items()}
-    counts = [str(api.count_pretokens(configs[h], o, log=quiet)) for h, o in hosts.items()]  # what the hosts exchange
+    counts = [str(api.count_pretokens(configs[h], o)) for h, o in hosts.items()]  # what the hosts exchange
     paths = []
     for host, oracle in hosts.items():
         config = dataclasses.replace(configs[host], tokenizer=dataclasses.replace(configs[host].tokenizer, counts=counts))
-        api.prepare(config, oracles=[oracle], log=quiet)
+        api.prepare(config, oracles=[oracle])
         paths.append(write_config(config, tmp_path / f"{host}.toml"))
     for status, out in two_hosts(paths, "--stop-after", "1"):
         assert status == 0, out[-3000:]

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import SHARED_DATA, quiet, tiny_config
+from conftest import SHARED_DATA, tiny_config
 
 from dgpt import api
 from dgpt.config import PretrainConfig
@@ -41,11 +41,11 @@ def test_weight_decay_only_on_matrices():
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     full = central(tmp_path / "a", steps=8, checkpoint_interval=4)
-    api.pretrain(full, log=quiet)
+    api.pretrain(full)
     interrupted = central(tmp_path / "b", steps=8, checkpoint_interval=4)
-    api.pretrain(interrupted, stop_after=4, log=quiet)
+    api.pretrain(interrupted, stop_after=4)
     assert latest_checkpoint(interrupted.run_path).name == "step_0000004"
-    api.pretrain(interrupted, log=quiet)  # resumes at step 4
+    api.pretrain(interrupted)  # resumes at step 4
     assert train_losses(full.run_path) == train_losses(interrupted.run_path)  # bit for bit
     a = load_state(latest_checkpoint(full.run_path))["loop"]["sampler"]["generator"]
     b = load_state(latest_checkpoint(interrupted.run_path))["loop"]["sampler"]["generator"]
@@ -54,7 +54,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 
 def test_checkpoint_for_a_different_model_is_refused(tmp_path):
     config = central(tmp_path, steps=2, checkpoint_interval=2)
-    api.pretrain(config, log=quiet)
+    api.pretrain(config)
     weights = latest_checkpoint(config.run_path) / WEIGHTS
     other = GPT(GPTConfig(vocab_size=300, n_ctx=32, n_layer=3, n_head=2, d_model=32, d_ff=64))
     with pytest.raises(DgptError, match=r"model\.safetensors: checkpoint is for a different model \(n_layer 2 != 3"):
@@ -62,12 +62,12 @@ def test_checkpoint_for_a_different_model_is_refused(tmp_path):
     # resuming the run with a changed model config is refused the same way
     changed = dataclasses.replace(config, model=dataclasses.replace(config.model, n_layer=3))
     with pytest.raises(DgptError, match="different model"):
-        api.pretrain(changed, log=quiet)
+        api.pretrain(changed)
 
 
 def test_corrupt_checkpoint_state_is_reported(tmp_path):
     config = central(tmp_path, steps=2, checkpoint_interval=2)
-    api.pretrain(config, log=quiet)
+    api.pretrain(config)
     state = latest_checkpoint(config.run_path) / "state.pt"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(DgptError, match="state.pt: corrupt checkpoint state"):
@@ -76,7 +76,7 @@ def test_corrupt_checkpoint_state_is_reported(tmp_path):
 
 def test_corrupt_weight_file_is_reported(tmp_path):
     config = central(tmp_path, steps=2, checkpoint_interval=2)
-    api.pretrain(config, log=quiet)
+    api.pretrain(config)
     weights = latest_checkpoint(config.run_path) / WEIGHTS
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(DgptError, match="model.safetensors: not a dgpt weight file"):
@@ -94,7 +94,7 @@ def test_loss_falls_on_real_corpus(tmp_path):
         model={"n_layer": 2, "n_head": 4, "d_model": 64, "d_ff": 256, "n_ctx": 64},
         pretrain={"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "eval_interval": 300, "eval_windows": 16},
     )
-    api.pretrain(config, log=quiet)
+    api.pretrain(config)
     valid = [r["loss"] for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "valid"]
     assert valid[0] > 6.0  # ~ln(512) at initialisation
     assert valid[-1] < valid[0] - 1.5

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.model.generate import generate
 from dgpt.model.gpt import GPT
+from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import pick_device
 
@@ -28,31 +30,32 @@ __all__ = [
     "load_config", "load_run_config", "prepare", "pretrain", "finetune", "predict", "load_pretrained", "generate_text", "evaluate",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 def load_run_config(config_or_run: str | Path, overrides: list[str] = ()) -> Config:
-    """A TOML file, or a run directory (its saved config.toml)."""
+    """A TOML file, or a run directory: the config it was trained with, its run_dir the directory given
+    (a run that was copied or moved is read where it is now)."""
     path = Path(config_or_run)
-    if path.is_dir():
-        path = path / "config.toml"
-    return load_config(path, list(overrides))
+    if not path.is_dir():
+        return load_config(path, list(overrides))
+    return dataclasses.replace(load_config(RunDir(path).config, list(overrides)), run_dir=str(path))
 
 
-def prepare(config: Config, oracles: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+def prepare(config: Config, oracles: list[str] | None = None) -> dict:
     """Tokenizer and token shards of `oracles` (default: all of the config's)."""
     from dgpt.data.prepare import prepare as _prepare
 
-    return _prepare(config, oracles=oracles, log=log)
+    return _prepare(config, oracles=oracles)
 
 
-def count_pretokens(
-    config: Config, oracle: str, out: str | Path | None = None, min_count: int = 1, log: Callable[[str], None] = print
-) -> Path:
+def count_pretokens(config: Config, oracle: str, out: str | Path | None = None, min_count: int = 1) -> Path:
     """Write the pre-token count file that `oracle` shares for a tokenizer trained without its text
-    (default: run_dir/pretoken_counts/ORACLE.json); return its path."""
+    (default: the run's pretoken_counts/ORACLE.json); return its path."""
     from dgpt.data.prepare import count_oracle_pretokens
 
-    path = Path(out) if out else Path(config.run_dir) / "pretoken_counts" / f"{oracle}.json"
-    log(count_oracle_pretokens(config, oracle, path, min_count))
+    path = Path(out) if out else RunDir(config.run_dir).pretoken_counts(oracle)
+    logger.info(count_oracle_pretokens(config, oracle, path, min_count))
     return path
 
 
@@ -60,7 +63,7 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def pretrain(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:
+def pretrain(config: Config, *, stop_after: int | None = None) -> dict:
     """Centralised (`central`) or decentralized (`sim`, `torchrun`) pre-training, as the config says.
 
     Under a torchrun launch a `sim` config runs on the torchrun runtime: one config for both.
@@ -69,11 +72,11 @@ def pretrain(config: Config, *, stop_after: int | None = None, log: Callable[[st
     if config.federation.runtime == "central":
         from dgpt.runtimes.central import pretrain_central
 
-        return pretrain_central(config, stop_after=stop_after, log=log)
-    return _federated(config, stop_after, log)
+        return pretrain_central(config, stop_after=stop_after)
+    return _federated(config, stop_after)
 
 
-def _federated(config: Config, stop_after: int | None, log: Callable[[str], None], **work) -> dict:
+def _federated(config: Config, stop_after: int | None, **work) -> dict:
     """The torchrun runtime when asked for, or when a `sim` config is launched by torchrun; else sim."""
     if config.federation.runtime == "torchrun" or launched_by_torchrun():
         from dgpt.runtimes.torchrun import pretrain_torchrun
@@ -84,7 +87,7 @@ def _federated(config: Config, stop_after: int | None, log: Callable[[str], None
     return pretrain_sim(config, stop_after_round=stop_after, **work)
 
 
-def finetune(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:
+def finetune(config: Config, *, stop_after: int | None = None) -> dict:
     """DSFT: fine-tune the body across oracles (sim, or torchrun), one head per oracle; see docs/finetune.md.
 
     Returns {"valid": loss per oracle, "metrics": {oracle: {accuracy, f1, pearson, spearman}}, ...}.
@@ -93,12 +96,12 @@ def finetune(config: Config, *, stop_after: int | None = None, log: Callable[[st
 
     if config.federation.runtime == "central":
         raise DgptError("fine-tuning runs on the sim or torchrun runtime; federation.runtime = 'central' is for pre-training")
-    return _federated(config, stop_after, log, work=finetune_work)
+    return _federated(config, stop_after, work=finetune_work)
 
 
 def predict(
     run_dir: str | Path, oracle: str, input_path: str | Path, output_path: str | Path, *, device: str = "auto",
-    batch_size: int = 64, log: Callable[[str], None] = print,
+    batch_size: int = 64,
 ) -> list[dict]:
     """Label every row of a JSONL file with a fine-tuned run's body and `oracle`'s head.
 
@@ -115,7 +118,7 @@ def predict(
     rows = read_rows([str(input_path)], spec, oracle, need_label=False)
     examples = encode_examples(rows, spec, tokenizer, oracle, with_labels=False)
     if examples.truncated:
-        log(f"{input_path}: {examples.truncated} of {len(examples)} inputs truncated to {spec.max_len} tokens")
+        logger.info(f"{input_path}: {examples.truncated} of {len(examples)} inputs truncated to {spec.max_len} tokens")
     outputs = task_outputs(model, examples, batch_size, target)
     results = []
     for out in outputs:
@@ -171,12 +174,12 @@ def generate_text(
     return texts
 
 
-def evaluate(config: Config, max_windows: int | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Validation loss per oracle of the run's newest checkpoint."""
-    from dgpt.runtimes.setup import load_run
+def evaluate(config: Config, max_windows: int | None = None) -> dict[str, float]:
+    """Validation loss per oracle of the run's newest checkpoint (the run is only read)."""
+    from dgpt.runtimes.setup import read_run
     from dgpt.train.evaluate import Validator
 
-    setup = load_run(config, prepare_data=False, log=log)
+    setup = read_run(config)
     model, _ = load_pretrained(config.run_dir, config.pretrain.device)
     windows = max_windows or config.pretrain.eval_windows
     validator = Validator(setup.valid, model.config.n_ctx, windows, config.pretrain.batch_size)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin while waiting make steps several times slower when the
@@ -14,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dgpt import api  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
+from dgpt.rundir import RunDir  # noqa: E402
 
 
 def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
@@ -64,29 +67,26 @@ def cmd_info(args) -> None:
     from dgpt.data.tokenizer import TextTokenizer
     from dgpt.model.gpt import GPT
     from dgpt.runtimes.setup import model_config_for
-    from dgpt.train.checkpoint import list_checkpoints
 
     config = api.load_run_config(args.config, args.overrides)
-    run_dir = Path(config.run_dir)
-    tok_path = run_dir / "tokenizer.json"
-    vocab = TextTokenizer.load(tok_path).vocab_size if tok_path.is_file() else config.tokenizer.vocab_size
+    run = RunDir(config.run_dir)
+    vocab = TextTokenizer.load(run.tokenizer).vocab_size if run.tokenizer.is_file() else config.tokenizer.vocab_size
     model_config = model_config_for(config, vocab)
     import torch
 
     with torch.device("meta"):
         params = GPT(model_config).num_params()
-    print(f"run_dir     {run_dir}")
+    print(f"run_dir     {run.root}")
     print(f"model       {config.model.preset}: {params:,} parameters  " + json.dumps(model_config.to_dict()))
     print(f"runtime     {config.federation.runtime}")
     for oracle in config.oracles:
-        oracle_dir = run_dir / "data" / oracle.name
-        if (oracle_dir / "manifest.json").is_file():
-            m = read_manifest(oracle_dir)
+        if run.manifest(oracle.name).is_file():
+            m = read_manifest(run.oracle_data(oracle.name))
             counts = ", ".join(f"{s} {m['splits'][s]['tokens']:,} tokens" for s in m["splits"])
         else:
             counts = "not prepared"
         print(f"oracle      {oracle.name}: {counts}")
-    for ckpt in list_checkpoints(run_dir):
+    for ckpt in run.list_checkpoints():
         print(f"checkpoint  {ckpt}")
 
 
@@ -127,8 +127,17 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.run_dir), rounds=args.rounds, inner_steps=args.inner_steps)
 
 
+def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=default,
+                       help="also debug messages, and the traceback of an unexpected error")
+    group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING, default=default,
+                       help="only warnings and errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgpt", description="Decentralized GPT: pre-train and fine-tune across data owners")
+    _verbosity_args(parser, logging.INFO)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="train the tokenizer and write every oracle's token shards")
@@ -206,19 +215,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--inner-steps", type=int, default=25, help="inner steps per oracle per round (H)")
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():  # -v / -q also after the command; given there, they win
+        _verbosity_args(p, argparse.SUPPRESS)
     return parser
+
+
+@contextmanager
+def _messages_on_stderr(level: int):
+    """dgpt's messages as plain lines on stderr (stdout carries the commands' results) while the block runs;
+    main may run more than once in a process (tests, notebooks), so logging is left as it was found."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        level = max(level, logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("dgpt")
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except DgptError as e:
-        print(f"dgpt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    with _messages_on_stderr(args.log_level):
+        try:
+            args.func(args)
+        except DgptError as e:
+            print(f"dgpt: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if args.log_level <= logging.DEBUG:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"dgpt: error: unexpected {type(e).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -21,6 +21,7 @@ from dgpt.config import Config, FederationConfig, FinetuneConfig, ModelConfig, O
 from dgpt.data.embedded import write_embedded_corpora
 from dgpt.fileio import write_text
 from dgpt.federation.accounting import human_bytes
+from dgpt.rundir import RunDir
 from dgpt.train.evaluate import perplexity
 from dgpt.train.metrics import read_metrics
 
@@ -36,10 +37,11 @@ def demo_config(run_dir: Path, rounds: int, inner_steps: int) -> Config:
         model=ModelConfig(preset="tiny", ln="pre"),
         tokenizer=TokenizerConfig(vocab_size=4096),
         oracles=oracles,
-        pretrain=PretrainConfig(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20, eval_windows=24, checkpoint_interval=rounds),
+        pretrain=PretrainConfig(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20, eval_windows=24),
         # A few short rounds: DiLoCo's outer momentum (0.7 / 0.9) needs many rounds to pay off and overshoots
         # here (benchmarks/results/dupt_diloco_outer.md), so the demo averages the oracles' models (FedAvg).
-        federation=FederationConfig(runtime="sim", rounds=rounds, inner_steps=inner_steps, outer_lr=1.0, outer_momentum=0.0),
+        federation=FederationConfig(runtime="sim", rounds=rounds, inner_steps=inner_steps, outer_lr=1.0, outer_momentum=0.0,
+                                    checkpoint_interval=rounds),
     )
 
 
@@ -48,7 +50,7 @@ def run_demo(run_dir: Path, rounds: int = 8, inner_steps: int = 25) -> dict:
     print(f"dgpt demo: 3 oracles from Python's standard library -> {run_dir}")
     config = demo_config(run_dir, rounds, inner_steps)
     api.pretrain(config)  # prepares (or reuses) the tokenizer and shards first
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "round"]
+    rows = [r for r in read_metrics(RunDir(run_dir).metrics) if r["kind"] == "round"]
     before, after = rows[0]["oracles"], rows[-1]["oracles"]
     print(f"\n{'oracle':<22} {'valid loss before':>18} {'after':>8} {'perplexity after':>17}")
     for name in before:
@@ -99,14 +101,14 @@ def run_finetune_stage(run_dir: Path, owners: list[str], rounds: int, inner_step
         federation=FederationConfig(runtime="sim"),
     )
     api.finetune(config)
-    rows = [r for r in read_metrics(Path(config.run_dir) / "metrics.jsonl") if r["kind"] == "round" and "metrics" in r]
+    rows = [r for r in read_metrics(RunDir(config.run_dir).metrics) if r["kind"] == "round" and "metrics" in r]
     before, after = rows[0]["metrics"], rows[-1]["metrics"]
     print(f"\n{'oracle':<22} {'valid accuracy before':>22} {'after':>8} {'F1 after':>9}")
     for name in owners:
         print(f"{name:<22} {before[name]['accuracy']:>22.3f} {after[name]['accuracy']:>8.3f} {after[name]['f1']:>9.3f}")
     first = config.oracles[0]
     out = Path(config.run_dir) / "predictions.jsonl"
-    predictions = api.predict(config.run_dir, first.name, first.task.valid[0], out, device="cpu", log=lambda _m: None)
+    predictions = api.predict(config.run_dir, first.name, first.task.valid[0], out, device="cpu")
     text = json.loads(Path(first.task.valid[0]).read_text(encoding="utf-8").splitlines()[0])["text"]
     print(f"\n`dgpt predict` with {first.name}'s head -> {out}; first line:\n  {text[:70]!r}\n  -> {predictions[0]}")
     return after

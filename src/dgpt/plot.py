@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from dgpt.errors import DgptError
+from dgpt.rundir import RunDir
 from dgpt.train.metrics import read_metrics
 
 Series = dict[str, list[tuple[float, float]]]  # label -> [(x, y), ...]
@@ -32,10 +33,10 @@ def _pyplot():
     return plt
 
 
-def _read(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def _read(run: RunDir) -> list[dict]:
+    path = run.metrics
     if not path.is_file():
-        raise DgptError(f"{path}: not found; is {run_dir} a run directory that has trained?")
+        raise DgptError(f"{path}: not found; is {run.root} a run directory that has trained?")
     try:
         rows = [r for r in read_metrics(path) if isinstance(r, dict)]
     except ValueError as e:
@@ -94,11 +95,11 @@ def _scores(row: dict) -> dict[str, dict[str, float]]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write the run's PNGs into run_dir/plots/ and return their paths."""
-    run_dir = Path(run_dir)
-    rows = _read(run_dir)
+    """Write the run's PNGs into its plots folder and return their paths."""
+    run = RunDir(run_dir)
+    rows = _read(run)
     plt = _pyplot()
-    out = run_dir / "plots"
+    out = run.plots
     federated = any("round" in r for r in rows)
     written: list[Path | None] = []
     if not federated:
@@ -146,5 +147,5 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             written.append(_plot(plt, series, out / f"{name}.png", "round", name, f"{name} per oracle"))
     paths = [p for p in written if p is not None]
     if not paths:
-        raise DgptError(f"{run_dir / 'metrics.jsonl'}: no loss or score rows that can be plotted")
+        raise DgptError(f"{run.metrics}: no loss or score rows that can be plotted")
     return paths

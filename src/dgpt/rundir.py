@@ -2,6 +2,7 @@
 
     RUN/config.toml                       the resolved config the run was trained with
     RUN/tokenizer.json                    the run's tokenizer (Hugging Face `tokenizers` format)
+    RUN/tokenizer.fingerprint.json        what the tokenizer was trained from, so that `dgpt prepare` can reuse it
     RUN/data/<oracle>/manifest.json       an oracle's token shards and their checksums
     RUN/pretoken_counts/<oracle>.json     what an oracle shares to train the tokenizer without its text
     RUN/checkpoints/<kind>_<n>/           model.safetensors + state.pt (kind: step or round)
@@ -63,6 +64,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / TOKENIZER
+
+    @property
+    def tokenizer_fingerprint(self) -> Path:
+        return self.root / "tokenizer.fingerprint.json"
 
     @property
     def metrics(self) -> Path:

@@ -9,27 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from dgpt.config import Config, DataConfig, OracleConfig
 from dgpt.data.clean import DocumentFilter, clean_text
-from dgpt.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, dtype_for_vocab, load_split, read_manifest
+from dgpt.data.shards import FORMAT_VERSION, ShardWriter, dtype_for_vocab, load_split, read_manifest
 from dgpt.data.sources import input_files, iter_documents
 from dgpt.data.pretokens import merge_counts, write_counts
 from dgpt.data.tokenizer import TextTokenizer, count_pretokens
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir, sha256_file, write_json
+from dgpt.rundir import MANIFEST, RunDir
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
 
 
-def prepare(config: Config, *, oracles: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Prepare the shards of `oracles` (default: every oracle) under run_dir/data/<oracle>; return their
+def prepare(config: Config, *, oracles: list[str] | None = None) -> dict[str, dict]:
+    """Prepare the shards of `oracles` (default: every oracle) in the run's data folder; return their
     stats by oracle name. Preparing only some oracles (a machine that holds only those) needs a tokenizer
     that does not depend on the others' text: `tokenizer.path` or `tokenizer.counts`."""
     if not config.oracles:
@@ -38,13 +42,10 @@ def prepare(config: Config, *, oracles: list[str] | None = None, log: Callable[[
     for oracle in chosen:
         if not oracle.train:
             raise DgptError(f"oracle '{oracle.name}' has no train source")
-    run_dir = Path(config.run_dir)
-    tokenizer = _get_tokenizer(config, run_dir, log, every_oracle=len(chosen) == len(config.oracles))
+    run = RunDir(config.run_dir)
+    tokenizer = _get_tokenizer(config, run, every_oracle=len(chosen) == len(config.oracles))
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    return {
-        oracle.name: _prepare_oracle(oracle, config.data, tokenizer, dtype, run_dir / "data" / oracle.name, log)
-        for oracle in chosen
-    }
+    return {oracle.name: _prepare_oracle(oracle, config.data, tokenizer, dtype, run.oracle_data(oracle.name)) for oracle in chosen}
 
 
 def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: int = 1) -> str:
@@ -102,18 +103,17 @@ def _cleaning(data: DataConfig) -> dict:
 # --- the tokenizer ---------------------------------------------------------------------------------
 
 
-def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None], every_oracle: bool) -> TextTokenizer:
+def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextTokenizer:
     """The run's tokenizer: the one at `tokenizer.path`, or BPE trained on pre-token counts: those in the
     `tokenizer.counts` files, or those of every oracle's text (only when every oracle is prepared here)."""
-    target = run_dir / "tokenizer.json"
-    fingerprint_path = run_dir / "tokenizer.fingerprint.json"
+    target, fingerprint_path = run.tokenizer, run.tokenizer_fingerprint
     settings = config.tokenizer
     if settings.path:
         tokenizer = TextTokenizer.load(settings.path)
-        fingerprint_path.unlink(missing_ok=True)  # run_dir/tokenizer.json is no longer one we trained
+        fingerprint_path.unlink(missing_ok=True)  # the run's tokenizer is no longer one we trained
         if not target.is_file() or TextTokenizer.load(target).sha256 != tokenizer.sha256:
             tokenizer.save(target)
-        log(f"tokenizer: using {settings.path} ({tokenizer.vocab_size} tokens)")
+        logger.info(f"tokenizer: using {settings.path} ({tokenizer.vocab_size} tokens)")
         return tokenizer
     if not settings.counts and not every_oracle:
         raise DgptError("preparing only some oracles needs a tokenizer that every machine builds alike: set "
@@ -126,7 +126,7 @@ def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None], ev
     if target.is_file() and _read_json(fingerprint_path).get("inputs") == fingerprint:
         tokenizer = TextTokenizer.load(target)
         if _read_json(fingerprint_path).get("tokenizer_sha256") == tokenizer.sha256:
-            log(f"tokenizer: reused {target} ({tokenizer.vocab_size} tokens; inputs unchanged)")
+            logger.info(f"tokenizer: reused {target} ({tokenizer.vocab_size} tokens; inputs unchanged)")
             return tokenizer
 
     fingerprint_path.unlink(missing_ok=True)
@@ -140,7 +140,7 @@ def _get_tokenizer(config: Config, run_dir: Path, log: Callable[[str], None], ev
     tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
     tokenizer.save(target)
     write_json(fingerprint_path, {"inputs": fingerprint, "tokenizer_sha256": tokenizer.sha256})
-    log(f"tokenizer: trained {tokenizer.vocab_size} tokens on {origin} -> {target}")
+    logger.info(f"tokenizer: trained {tokenizer.vocab_size} tokens on {origin} -> {target}")
     return tokenizer
 
 
@@ -156,7 +156,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _prepare_oracle(
-    oracle: OracleConfig, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path, log
+    oracle: OracleConfig, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path
 ) -> dict:
     fingerprint = _digest({
         "format_version": FORMAT_VERSION,
@@ -166,7 +166,7 @@ def _prepare_oracle(
         "cleaning": _cleaning(data),
         "shard_tokens": data.shard_tokens,
     })
-    manifest = _reusable(out, fingerprint, tokenizer.sha256, log)
+    manifest = _reusable(out, fingerprint, tokenizer.sha256)
     reused = manifest is not None
     if manifest is None:
         with atomic_dir(out) as tmp:  # the old directory stays valid until the new one is complete
@@ -190,11 +190,11 @@ def _prepare_oracle(
         f"{s['bytes_per_token']:.2f} bytes/token"
         for split, s in stats.items()
     ]
-    log(f"{oracle.name}: {'; '.join(parts)}{' (reused: inputs unchanged, shards verified)' if reused else ''}")
+    logger.info(f"{oracle.name}: {'; '.join(parts)}{' (reused: inputs unchanged, shards verified)' if reused else ''}")
     return {**stats, "reused": reused}
 
 
-def _reusable(out: Path, fingerprint: str, tokenizer_sha256: str, log) -> dict | None:
+def _reusable(out: Path, fingerprint: str, tokenizer_sha256: str) -> dict | None:
     """The existing manifest if it was made from the same inputs and its shards verify, else None."""
     if not (out / MANIFEST).is_file():
         return None
@@ -205,7 +205,7 @@ def _reusable(out: Path, fingerprint: str, tokenizer_sha256: str, log) -> dict |
         for split in SPLITS:
             load_split(out, split, tokenizer_sha256=tokenizer_sha256, verify=True)
     except DgptError as e:
-        log(f"{out}: existing shards cannot be reused ({e}); rebuilding")
+        logger.warning(f"{out}: existing shards cannot be reused ({e}); rebuilding")
         return None
     return manifest
 

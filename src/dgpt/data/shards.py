@@ -16,9 +16,9 @@ import numpy as np
 
 from dgpt.errors import DgptError
 from dgpt.fileio import sha256_file
+from dgpt.rundir import MANIFEST
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def dtype_for_vocab(vocab_size: int, requested: str | np.dtype | None = None) -> np.dtype:

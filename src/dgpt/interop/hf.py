@@ -27,7 +27,9 @@ from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir, read_json_object, write_json, write_text
 from dgpt.model.gpt import GPT, GPTConfig
-from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, read_model_config, save_checkpoint
+from dgpt.rundir import RunDir
+from dgpt.runtimes.setup import newest_weights
+from dgpt.train.checkpoint import save_checkpoint
 
 _BLOCK = (
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
@@ -150,20 +152,14 @@ def _check_target(path: Path, may_hold: frozenset = frozenset()) -> None:
 def export_hf(run_dir: Path, out_dir: Path) -> Path:
     """The newest checkpoint of a dgpt run -> a directory `transformers.AutoModelForCausalLM` and
     `AutoTokenizer` load without dgpt. An existing earlier export at `out_dir` is replaced."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise DgptError(f"{run_dir}: no checkpoint to export")
-    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")
-    config = read_model_config(checkpoint / WEIGHTS)
-    if config.vocab_size != tokenizer.vocab_size:
-        raise DgptError(f"{run_dir / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {config.vocab_size}")
+    out_dir = Path(out_dir)
+    tokenizer, config, weight_file = newest_weights(Path(run_dir))
     hf = hf_config(config, tokenizer)
     try:
-        state = load_file(str(checkpoint / WEIGHTS))
+        state = load_file(str(weight_file))
     except SafetensorError as e:
-        raise DgptError(f"{checkpoint / WEIGHTS}: corrupt weight file ({e})") from None
-    weights = _remap(state, key_map(config), checkpoint / WEIGHTS)
+        raise DgptError(f"{weight_file}: corrupt weight file ({e})") from None
+    weights = _remap(state, key_map(config), weight_file)
     _check_target(out_dir, EXPORT_FILES)
     eot, pad, *extra = SPECIAL_TOKENS
     special = dict(bos_token=eot, eos_token=eot, unk_token=eot, pad_token=pad, additional_special_tokens=extra)
@@ -258,8 +254,8 @@ def import_tokenizer(hf_dir: Path, rows: int) -> tuple[TextTokenizer, int]:
 
 
 def import_hf(hf_dir: Path, out_run_dir: Path) -> Path:
-    """A local HF `openai-gpt` or `gpt2` directory -> a new dgpt run directory (tokenizer.json, config.toml,
-    checkpoints/step_0000000) that `api.load_pretrained` and `dgpt generate` accept."""
+    """A local HF `openai-gpt` or `gpt2` directory -> a new dgpt run directory (tokenizer, config and the
+    checkpoint of step 0) that `api.load_pretrained` and `dgpt generate` accept."""
     hf_dir, out_run_dir = Path(hf_dir), Path(out_run_dir).resolve()
     hf = _read_json(hf_dir / "config.json")
     post = _model_type(hf, str(hf_dir / "config.json")) == "openai-gpt"
@@ -290,11 +286,11 @@ def import_hf(hf_dir: Path, out_run_dir: Path) -> Path:
             n_ctx=config.n_ctx, ln=config.ln, activation=config.activation, embd_dropout=config.embd_dropout,
             attn_dropout=config.attn_dropout, resid_dropout=config.resid_dropout,
         ),
-        tokenizer=TokenizerConfig(vocab_size=config.vocab_size, path=str(out_run_dir / "tokenizer.json")),
+        tokenizer=TokenizerConfig(vocab_size=config.vocab_size, path=str(RunDir(out_run_dir).tokenizer)),
     )
     state_info = {"imported_from": str(hf_dir.resolve()), "model_type": hf["model_type"], "added_rows": grow}
     with atomic_dir(out_run_dir) as tmp:
-        tokenizer.save(tmp / "tokenizer.json")
-        write_text(tmp / "config.toml", dump_config(run_config))
+        tokenizer.save(RunDir(tmp).tokenizer)
+        write_text(RunDir(tmp).config, dump_config(run_config))
         save_checkpoint(tmp, "step", 0, weights, config, state_info, keep=1)
     return out_run_dir

@@ -1,4 +1,6 @@
-"""The decoder and its heads."""
+"""The decoder and its heads: plain torch modules.
+
+Imports nothing of dgpt but itself: no data, training, files or processes."""
 
 from dgpt.model.gpt import GPT, PRESETS, Decoder, GPTConfig, KVCache, resolve_config
 

@@ -1,1 +1,5 @@
-"""Runtimes: where the trainers run and how tensors move between them (central, sim, torchrun)."""
+"""Runtimes: where the trainers run and how tensors move between them (central, sim, torchrun).
+
+The round driver, its transports and the code that reads and writes a run directory (through RunDir).
+Imports data, model, train and federation; never the interfaces (cli, api, plot, interop, demo).
+"""

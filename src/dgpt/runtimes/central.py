@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Callable
 
 from tqdm import tqdm
 
 from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
+from dgpt.rundir import RunDir
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of
 from dgpt.train.evaluate import Validator, weighted_loss
 from dgpt.train.local import InnerLoop
 from dgpt.train.metrics import MetricsLog
 
+logger = logging.getLogger(__name__)
 
-def pretrain_central(config: Config, *, stop_after: int | None = None, log: Callable[[str], None] = print) -> dict:
+
+def pretrain_central(config: Config, *, stop_after: int | None = None) -> dict:
     """Train for config.pretrain.steps, resuming from the newest checkpoint; returns the last validation."""
-    setup = load_run(config, log=log)
+    setup = load_run(config)
     cfg, run_dir = config.pretrain, setup.run_dir
     model, forward = build_model(setup)
     n_ctx = setup.model_config.n_ctx
@@ -36,8 +39,8 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
         if resuming:
             loop.load_state_dict(state["loop"])
             start = loop.step
-        log(f"{'resumed' if resuming else 'initialised'} from {checkpoint} at step {start}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_after=start if resuming else None, tensorboard=config.log.tensorboard)
+        logger.info(f"{'resumed' if resuming else 'initialised'} from {checkpoint} at step {start}")
+    metrics = MetricsLog(RunDir(run_dir).metrics, resume_after=start if resuming else None, tensorboard=config.log.tensorboard)
 
     def validate(step: int) -> dict:
         losses = validator(model, setup.device, cfg.dtype)
@@ -45,7 +48,7 @@ def pretrain_central(config: Config, *, stop_after: int | None = None, log: Call
         return losses
 
     losses = validate(0) if start == 0 else {}
-    log(f"model: {model.num_params():,} parameters; {loop.sampler.num_tokens:,} pooled training tokens")
+    logger.info(f"model: {model.num_params():,} parameters; {loop.sampler.num_tokens:,} pooled training tokens")
     bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), loop.tokens
     for step in range(start + 1, cfg.steps + 1):

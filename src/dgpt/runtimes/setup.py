@@ -15,7 +15,8 @@ from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.model.gpt import GPT, GPTConfig, resolve_config
-from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, read_model_config
+from dgpt.rundir import RunDir
+from dgpt.train.checkpoint import WEIGHTS, read_model_config
 from dgpt.train.local import pick_device
 
 
@@ -40,30 +41,35 @@ def model_config_for(config: Config, vocab_size: int) -> GPTConfig:
         raise DgptError(f"[model]: {e}") from None
 
 
-def load_run(config: Config, oracles: list[str] | None = None, prepare_data: bool = True, log: Callable = print) -> RunSetup:
-    """Prepare (or reuse) the shards, then memory-map those of `oracles` (default: all)."""
+def read_run(config: Config, oracles: list[str] | None = None) -> RunSetup:
+    """The run's tokenizer and the memory-mapped shards of `oracles` (default: all); writes nothing."""
     if not config.oracles:
         raise DgptError("config declares no [[oracles]]")
-    run_dir = Path(config.run_dir)
-    if prepare_data:
-        from dgpt.data.prepare import prepare
-
-        prepare(config, log=log)
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise DgptError(f"{tok_path}: no tokenizer; run `dgpt prepare CONFIG` first")
-    tokenizer = TextTokenizer.load(tok_path)
+    run = RunDir(config.run_dir)
+    if not run.tokenizer.is_file():
+        raise DgptError(f"{run.tokenizer}: no tokenizer; run `dgpt prepare CONFIG` first")
+    tokenizer = TextTokenizer.load(run.tokenizer)
     names = oracles if oracles is not None else config.oracle_names()
     train, valid = {}, {}
     for name in names:
-        oracle_dir = run_dir / "data" / name
+        oracle_dir = run.oracle_data(name)
         train[name] = load_split(oracle_dir, "train", tokenizer_sha256=tokenizer.sha256)
         if sum(len(a) for a in train[name]) == 0:
             raise DgptError(f"oracle '{name}': no training tokens in {oracle_dir}")
         valid[name] = load_split(oracle_dir, "valid", tokenizer_sha256=tokenizer.sha256)
-    write_text(run_dir / "config.toml", dump_config(config))
     device = pick_device(config.pretrain.device)
     return RunSetup(config, tokenizer, model_config_for(config, tokenizer.vocab_size), device, train, valid)
+
+
+def load_run(config: Config, oracles: list[str] | None = None, prepare_data: bool = True) -> RunSetup:
+    """For training: prepare (or reuse) the shards, read the run, and record the config it trains with."""
+    if prepare_data:
+        from dgpt.data.prepare import prepare
+
+        prepare(config)
+    setup = read_run(config, oracles)
+    write_text(RunDir(config.run_dir).config, dump_config(config))
+    return setup
 
 
 def build_model(setup: RunSetup) -> tuple[GPT, Callable[[torch.Tensor], torch.Tensor]]:
@@ -76,14 +82,12 @@ def build_model(setup: RunSetup) -> tuple[GPT, Callable[[torch.Tensor], torch.Te
 
 def newest_weights(run_dir: Path) -> tuple[TextTokenizer, GPTConfig, Path]:
     """A run's tokenizer, and its newest checkpoint's model config and weight file (vocabularies checked)."""
-    run_dir = Path(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    run = RunDir(run_dir)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is None:
-        raise DgptError(f"{run_dir}: no checkpoint; train first with `dgpt pretrain`")
-    tokenizer = TextTokenizer.load(run_dir / "tokenizer.json")  # refuses one without dgpt's special tokens
+        raise DgptError(f"{run.root}: no checkpoint; train first with `dgpt pretrain`")
+    tokenizer = TextTokenizer.load(run.tokenizer)  # refuses one without dgpt's special tokens
     model_config = read_model_config(checkpoint / WEIGHTS)
     if model_config.vocab_size != tokenizer.vocab_size:
-        raise DgptError(
-            f"{run_dir / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {model_config.vocab_size}"
-        )
+        raise DgptError(f"{run.tokenizer}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {model_config.vocab_size}")
     return tokenizer, model_config, checkpoint / WEIGHTS

@@ -102,9 +102,6 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, wo
             f"`dgpt prepare CONFIG --oracle {name}` here. Ranks take the oracles in config order: across hosts, "
             "launch with static rendezvous (--node-rank, --master-addr) so that each rank runs where its oracle is"
         )
-    package = logging.getLogger("dgpt")
-    if rank != 0 and not package.isEnabledFor(logging.DEBUG):
-        package.setLevel(logging.WARNING)  # rank 0 speaks for the run; the others only warn
     logger.info("ranks: " + ", ".join(f"{r}={n}" for r, n in enumerate(names)))
     transport = None
     try:

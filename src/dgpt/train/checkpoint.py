@@ -1,14 +1,13 @@
 """Checkpoints: weights as safetensors, the rest (optimizers, step, RNG, data position) as a state file.
 
-A checkpoint is the directory `run_dir/checkpoints/<kind>_<n>` with `model.safetensors` (its metadata
-holds the model config) and `state.pt` (read with `weights_only=True`: nothing is unpickled). It is
+A checkpoint is the directory `RunDir.checkpoint(kind, n)` with the WEIGHTS file (its metadata holds
+the model config) and the STATE file (read with `weights_only=True`: nothing is unpickled). It is
 written under a temporary name and renamed when complete, so a directory that exists is whole.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -19,10 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir
 from dgpt.model.gpt import GPTConfig, tied_weight_names
-
-WEIGHTS = "model.safetensors"
-STATE = "state.pt"
-_NAME = re.compile(r"^(step|round)_(\d+)$")
+from dgpt.rundir import STATE, WEIGHTS, RunDir
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,7 +61,7 @@ def load_weights_into(model: torch.nn.Module, path: Path, expected: GPTConfig) -
 
 
 def checkpoint_dir(run_dir: Path, kind: str, n: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{kind}_{n:07d}"
+    return RunDir(run_dir).checkpoint(kind, n)
 
 
 def save_checkpoint(
@@ -81,14 +77,11 @@ def save_checkpoint(
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("*") if p.is_dir() and _NAME.match(p.name)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(2)))
+    return RunDir(run_dir).list_checkpoints()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def load_state(checkpoint: Path) -> dict:

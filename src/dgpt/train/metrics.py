@@ -1,4 +1,4 @@
-"""`metrics.jsonl`: one JSON object per logged event, appended and flushed as training goes."""
+"""A run's metrics log: one JSON object per logged event, appended and flushed as training goes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dgpt.errors import DgptError
+from dgpt.rundir import RunDir
 
 
 class MetricsLog:
@@ -13,10 +14,10 @@ class MetricsLog:
         """Open for appending; on resume, rows past the checkpoint (`key` > resume_after) are dropped.
 
         With `tensorboard`, every numeric field is also a scalar `<kind>/<field>[/<oracle>]` at step `row[key]`
-        in `<run_dir>/tensorboard` (needs the `tensorboard` package).
+        in the run's tensorboard folder (needs the `tensorboard` package).
         """
         self.path, self.key = Path(path), key
-        self._board = _summary_writer(self.path.parent / "tensorboard") if tensorboard else None
+        self._board = _summary_writer(RunDir(self.path.parent).tensorboard) if tensorboard else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
             self.path.write_text("")
