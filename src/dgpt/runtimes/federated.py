@@ -116,6 +116,17 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         p.copy_(chunk.view_as(p))
 
 
+def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[torch.Tensor, float]:
+    """One oracle's share of round `rnd`: H inner steps from Theta; its pseudo-gradient Theta - Theta_j and mean loss."""
+    loop = work.loops[name]
+    copy_into(work.params, theta)
+    loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule
+    move_optimizer_state(loop.optimizer, theta.device)
+    losses = [loop.train_step() for _ in range(work.inner_steps)]
+    move_optimizer_state(loop.optimizer, PARKED)
+    return theta - parameters_to_vector(work.params).detach(), sum(losses) / len(losses)
+
+
 def train_federated(
     config: Config, transport: Transport, local_names: list[str], *, stop_after_round: int | None = None,
     work: Callable[[Config, Transport, list[str]], Work] = pretraining_work,
@@ -178,14 +189,9 @@ class RoundDriver:
         return {n: v for n, v in self.transport.gather_scalars(local).items() if v == v}
 
     def _train_oracle(self, name: str, rnd: int) -> tuple[Payload, float]:
-        """One oracle's share of a round: H inner steps from Theta, then its pseudo-gradient, encoded to be sent."""
-        loop, work, theta = self.work.loops[name], self.work, self.strategy.theta
-        copy_into(work.params, theta)
-        loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule
-        move_optimizer_state(loop.optimizer, theta.device)
-        losses = [loop.train_step() for _ in range(work.inner_steps)]
-        move_optimizer_state(loop.optimizer, PARKED)
-        return self.codec.encode(theta - self._theta()), sum(losses) / len(losses)
+        """One oracle's share of a round, its pseudo-gradient encoded to be sent."""
+        delta, loss = train_round(self.work, name, self.strategy.theta, rnd)
+        return self.codec.encode(delta), loss
 
     def _validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""
