@@ -104,7 +104,7 @@ class PretrainConfig:
 
 @dataclass
 class FederationConfig:
-    runtime: Literal["central", "sim", "torchrun"] = "sim"  # central: the pooled baseline
+    runtime: Literal["central", "sim", "torchrun", "flower"] = "sim"  # central: the pooled baseline; flower: `flwr run`
     rounds: int = 10
     inner_steps: int = 500  # H: inner optimizer steps per oracle per round
     outer_lr: float = 0.7
@@ -121,6 +121,8 @@ class FederationConfig:
     eval_interval: int = 1  # rounds between validations
     checkpoint_interval: int = 1  # rounds between round checkpoints (the last round is always kept)
     timeout_s: float = 1800.0  # torchrun: a rank silent this long is treated as dead
+    min_oracles: int = 1  # flower: a round closes once every asked oracle replied, or after round_timeout_s with this many
+    round_timeout_s: float = 600.0  # flower: how long a round waits for every asked oracle before late ones sit it out
 
 
 @dataclass
@@ -289,6 +291,10 @@ def validate(config: Config, source: str) -> None:
             raise DgptError(f"{source}: 'federation.{key}' must be >= 1, got {getattr(fed, key)}")
     if not 0.0 <= fed.drop_prob < 1.0:
         raise DgptError(f"{source}: 'federation.drop_prob' must be in [0, 1), got {fed.drop_prob}")
+    if not 1 <= fed.min_oracles <= max(len(names), 1):
+        raise DgptError(f"{source}: 'federation.min_oracles' must be in [1, {len(names)}] (the oracles declared), got {fed.min_oracles}")
+    if not fed.round_timeout_s > 0:
+        raise DgptError(f"{source}: 'federation.round_timeout_s' must be > 0, got {fed.round_timeout_s}")
     if not 0.0 <= fed.trim_fraction < 0.5:
         raise DgptError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {fed.trim_fraction}")
     if fed.mean_weights == "given":

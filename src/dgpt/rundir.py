@@ -9,6 +9,8 @@
     RUN/oracles/<oracle>/round_<n>.pt     an oracle's private state (inner optimizer, sampler, head) at round n
     RUN/metrics.jsonl, RUN/ledger.jsonl   one row per event / per round
     RUN/plots/, RUN/tensorboard/          what `dgpt plot` and `[log] tensorboard` write
+    RUN/flower_app/pyproject.toml         the Flower App that `flwr run` ships to the SuperLink (`dgpt flower-app`)
+    RUN/flower_server.log                 what the Flower ServerApp of this run logged
 
 Oracle names come from configs written by other people, so they are checked before they become a path.
 """
@@ -76,6 +78,14 @@ class RunDir:
     @property
     def ledger(self) -> Path:
         return self.root / LEDGER
+
+    @property
+    def server_log(self) -> Path:
+        return self.root / "flower_server.log"
+
+    @property
+    def flower_app(self) -> Path:
+        return self.root / "flower_app"
 
     @property
     def plots(self) -> Path:

@@ -1,0 +1,125 @@
+"""The Flower ClientApp: one oracle, on its own organisation's SuperNode.
+
+Its SuperNode names it: `flower-supernode --node-config 'config="/path/to/dgpt.toml" oracle="alpha"'`. That
+config is the oracle's own copy: its `run_dir` holds the oracle's prepared shards (`dgpt prepare`, with the
+federation's tokenizer) and its private state (`oracles/<name>/round_N.pt`: inner AdamW, sampler position,
+RNG, a fine-tuning head), which never leaves the machine. Nothing here reads another oracle's data.
+
+Flower starts the ClientApp afresh for each message, so everything an oracle carries from one round to the
+next is on its disk. A train message brings Theta and the round id; the oracle resumes from its newest state
+before that round (a server that restarted from an older checkpoint replays rounds exactly), trains H steps on
+the round's schedule, saves its state and replies with its encoded pseudo-gradient, its token count and loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dgpt.config import Config, load_config
+from dgpt.errors import DgptError
+from dgpt.federation.codec import Codec
+from dgpt.fileio import atomic_path
+from dgpt.runtimes import flower_wire as wire
+from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
+from dgpt.rundir import RunDir, check_oracle_name
+
+logger = logging.getLogger(__name__)
+app = ClientApp()
+KEEP_STATES = 3  # an oracle keeps its newest few states: enough for a server that resumes from an older checkpoint
+
+
+class OwnData:
+    """The `Transport` view of a SuperNode: it holds one oracle and sees no other."""
+
+    is_leader, prepares_data = False, False
+
+    def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
+        return dict(local)
+
+
+def works() -> dict:
+    from dgpt.runtimes.finetune import finetune_work
+
+    return {"pretrain": pretraining_work, "finetune": finetune_work}
+
+
+class Oracle:
+    """This SuperNode's oracle: its config, its Work (model, inner loop, data) and its private state files."""
+
+    def __init__(self, node_config: dict, work: str):
+        path, name = node_config.get("config"), node_config.get("oracle")
+        if not isinstance(path, str) or not isinstance(name, str):
+            raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
+        self.config: Config = load_config(path)
+        self.name = check_oracle_name(name, "--node-config oracle")
+        if name not in self.config.oracle_names():
+            raise DgptError(f"{path}: no oracle '{name}' (declared: {', '.join(self.config.oracle_names())})")
+        if work not in works():
+            raise DgptError(f"the server asked for unknown work {work!r}")
+        self.work: Work = works()[work](self.config, OwnData(), [name])
+        fed = self.config.federation
+        self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
+        self.run_dir = RunDir(self.config.run_dir)
+
+    def restore(self, rnd: int) -> None:
+        """The oracle's newest state from before round `rnd` (states from rounds a restarted server will redo go)."""
+        states = self.run_dir.oracle_states(self.name)
+        for later in [r for r in states if r >= rnd]:
+            states.pop(later).unlink()
+        if states:
+            self.work.loops[self.name].load_state_dict(load_oracle_state(states[max(states)]))
+
+    def save(self, rnd: int) -> None:
+        with atomic_path(self.run_dir.oracle_state(self.name, rnd)) as tmp:
+            torch.save(self.work.loops[self.name].state_dict(), tmp)
+        states = self.run_dir.oracle_states(self.name)
+        for old in sorted(states)[:-KEEP_STATES]:
+            states[old].unlink()
+
+    def theta(self, message: Message) -> torch.Tensor:
+        return wire.theta_from(message.content.array_records.get("theta"), sum(p.numel() for p in self.work.params))
+
+
+def _round_of(message: Message) -> tuple[int, str]:
+    asked = message.content.config_records.get("round")
+    if asked is None or not isinstance(asked.get("round"), int) or not isinstance(asked.get("work"), str):
+        raise DgptError("the server's message carries no round id")
+    return asked["round"], asked["work"]
+
+
+def _reply(message: Message, oracle: Oracle, rnd: int, metrics: dict[str, float], arrays=None) -> Message:
+    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle.name}),
+                          "metrics": MetricRecord({"size": float(oracle.work.sizes[oracle.name]), **metrics})})
+    if arrays is not None:
+        content["delta"] = arrays
+    return Message(content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss."""
+    rnd, work = _round_of(message)
+    oracle = Oracle(dict(context.node_config), work)
+    theta = oracle.theta(message)
+    oracle.restore(rnd)
+    delta, loss = train_round(oracle.work, oracle.name, theta, rnd)
+    oracle.save(rnd)
+    payload = oracle.codec.encode(delta)
+    loop = oracle.work.loops[oracle.name]
+    logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.inner_steps} steps, loss {loss:.4f}, "
+                f"sends {payload.nbytes:,} bytes")
+    return _reply(message, oracle, rnd, {"train_loss": loss, "tokens": float(loop.tokens)}, wire.payload_record(payload))
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is)."""
+    rnd, work = _round_of(message)
+    oracle = Oracle(dict(context.node_config), work)
+    copy_into(oracle.work.params, oracle.theta(message))
+    found = oracle.work.evaluate().get(oracle.name, {})
+    return _reply(message, oracle, rnd, {f"valid_{k}": float(v) for k, v in found.items()})

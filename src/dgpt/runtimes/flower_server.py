@@ -1,0 +1,228 @@
+"""The Flower ServerApp: the aggregator of a federation whose oracles are SuperNodes of other organisations.
+
+Launched by `flwr run APP SUPERLINK --run-config 'config="/path/to/server.toml"'` (`dgpt flower-app` writes
+APP). The server holds the tokenizer and the model, never any text. Each round it sends Theta and the round id
+to the SuperNode of every oracle the Strategy picked (and to SuperNodes it has not met yet), and closes the
+round when all of them replied, or once `federation.round_timeout_s` passed and at least
+`federation.min_oracles` did: late and absent oracles sit the round out. What came back is read from the
+message's arrays, checked (a reply from another round, an unknown or duplicate oracle, arrays of the wrong
+kind are refused with a logged reason) and handed to the same Strategy as sim and torchrun. Round
+checkpoints, `metrics.jsonl` and resuming after a restart work as in `RoundDriver`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from torch.nn.utils import parameters_to_vector
+
+from dgpt.config import Config, load_config
+from dgpt.errors import DgptError
+from dgpt.federation.aggregate import mean_weights
+from dgpt.federation.codec import Codec, Payload
+from dgpt.federation.strategy import Strategy
+from dgpt.runtimes import flower_wire as wire
+from dgpt.runtimes.federated import Work, copy_into
+from dgpt.runtimes.report import RoundRecord, RoundReport
+from dgpt.runtimes.setup import build_model, read_run
+from dgpt.rundir import WEIGHTS, RunDir
+from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
+from dgpt.train.evaluate import weighted_loss
+
+logger = logging.getLogger(__name__)
+app = ServerApp()
+POLL_S = 0.2
+
+
+@dataclass
+class Replies:
+    """What one round's messages brought back, by oracle."""
+
+    contents: dict[str, RecordDict] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # oracle -> why its reply was not used
+
+
+class FlowerServer:
+    def __init__(self, config: Config, grid: Grid):
+        self.config, self.grid, fed = config, grid, config.federation
+        self.run_dir = RunDir(config.run_dir)
+        setup = read_run(config, oracles=[])  # the tokenizer and model config; the server holds no shards
+        model, _ = build_model(setup)
+        # the server trains nothing itself and validates through its SuperNodes: the Work is the shared model
+        self.work = Work(model, list(model.parameters()), {}, {}, dict, fed.rounds, fed.inner_steps)
+        self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
+        self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
+        self.met: set[int] = set()  # every SuperNode that ever answered
+        self.tokens: dict[str, float] = {}
+
+    def run(self) -> dict:
+        fed, work = self.config.federation, self.work
+        self._wait_for_nodes()
+        start, state = self._resume()
+        if start == 0:
+            valid = self._ask(wire.EVALUATE, 0, self.config.oracle_names())
+            work.sizes.update(self._sizes(valid))
+        else:
+            work.sizes.update(state["sizes"])
+        weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in self.config.oracles})
+        self.strategy = Strategy(fed, self.codec, weights, self._theta(), self.config.seed)
+        if state:
+            self.strategy.load_state_dict(state["strategy"], self._theta())
+        report = RoundReport(self.config, self.run_dir, work, start)
+        if start == 0:
+            report.started(0, self._valid(valid), {})
+        for rnd in range(start + 1, work.rounds + 1):
+            record = self._round(rnd)
+            report.round(record, self.strategy)
+            if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
+                self._save(rnd)
+        report.finished(self.strategy)
+        return {"valid": record.valid, "global": weighted_loss(record.valid, work.sizes), "bytes_total": self.strategy.bytes.total}
+
+    def _round(self, rnd: int) -> RoundRecord:
+        t0, fed = time.perf_counter(), self.config.federation
+        participants = self.strategy.sample()
+        replies = self._ask(wire.TRAIN, rnd, participants)
+        received, train_loss = {}, {}
+        for name, content in replies.contents.items():
+            payload, problem = wire.payload_from(content.array_records.get("delta"), self.codec)
+            if problem:
+                replies.refused[name] = problem
+                continue
+            received[name] = payload
+            metrics = content.metric_records["metrics"]
+            train_loss[name], self.tokens[name] = float(metrics["train_loss"]), float(metrics["tokens"])
+            logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
+        result = self.strategy.aggregate(received)
+        result.rejected.update(replies.refused)
+        copy_into(self.work.params, self.strategy.apply(result, self.work.inner_steps))
+        for name in participants:
+            if name not in received:
+                logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name, 'no reply in time')}")
+        valid = {}
+        if rnd % fed.eval_interval == 0 or rnd == self.work.rounds:
+            valid = self._valid(self._ask(wire.EVALUATE, rnd, self.config.oracle_names()))
+        record = RoundRecord(rnd, result, train_loss, valid, {}, int(sum(self.tokens.values())))
+        record.seconds = time.perf_counter() - t0
+        return record
+
+    def _valid(self, replies: Replies) -> dict[str, float]:
+        found = {n: c.metric_records["metrics"].get("valid_loss") for n, c in replies.contents.items()}
+        return {n: float(v) for n, v in found.items() if isinstance(v, (int, float))}
+
+    def _sizes(self, replies: Replies) -> dict[str, float]:
+        """Each oracle's training tokens, as it declared them (absent oracles: the mean of the others, logged)."""
+        sizes = {n: float(c.metric_records["metrics"]["size"]) for n, c in replies.contents.items()}
+        if not sizes:
+            raise DgptError("no oracle answered the server's first message")
+        missing = [n for n in self.config.oracle_names() if n not in sizes]
+        if missing:
+            logger.warning(f"oracle(s) {', '.join(missing)} did not answer before round 1: weighted by the mean size")
+        mean = sum(sizes.values()) / len(sizes)
+        return {n: sizes.get(n, mean) for n in self.config.oracle_names()}
+
+    def _theta(self) -> torch.Tensor:
+        return parameters_to_vector(self.work.params).detach()
+
+    def _wait_for_nodes(self) -> None:
+        fed, want = self.config.federation, len(self.config.oracles)
+        deadline = time.monotonic() + fed.round_timeout_s
+        while True:
+            count = len(list(self.grid.get_node_ids()))
+            if count >= want or (count >= fed.min_oracles and time.monotonic() > deadline):
+                logger.info(f"{count} SuperNode(s) connected; {want} oracle(s) declared")
+                return
+            time.sleep(POLL_S)
+
+    def _ask(self, kind: str, rnd: int, names: list[str]) -> Replies:
+        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies."""
+        fed, replies = self.config.federation, Replies()
+        live = set(self.grid.get_node_ids())
+        targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
+        content = RecordDict({"theta": wire.theta_record(self._theta()),
+                              "round": ConfigRecord({"round": rnd, "work": "pretrain"})})
+        pending = set(self.grid.push_messages(
+            [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]))
+        deadline = time.monotonic() + fed.round_timeout_s
+        while pending and (time.monotonic() < deadline or len(replies.contents) < fed.min_oracles):
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                self._take(reply, rnd, names, replies)
+            time.sleep(POLL_S if pending else 0)
+        return replies
+
+    def _take(self, reply: Message, rnd: int, names: list[str], replies: Replies) -> None:
+        """Keep a reply if it answers this round for an oracle that was asked and has not answered yet."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.warning(f"round {rnd}: SuperNode {node} failed: {reply.error.reason}")
+            return
+        content = reply.content
+        said = content.config_records.get("round")
+        name = said.get("oracle") if said is not None else None
+        if said is None or said.get("round") != rnd:
+            logger.warning(f"round {rnd}: refused a reply from SuperNode {node} made for round {said and said.get('round')}")
+        elif name not in names or "metrics" not in content.metric_records:
+            logger.warning(f"round {rnd}: refused a reply from SuperNode {node}: {name!r} is not an oracle asked this round")
+        elif name in replies.contents:
+            logger.warning(f"round {rnd}: refused a second reply for oracle '{name}' (SuperNode {node})")
+        else:
+            if self.node_of.get(name, node) != node:
+                logger.info(f"oracle '{name}' now answers from SuperNode {node}")
+            self.node_of[name] = node
+            self.met.add(node)
+            replies.contents[name] = content
+
+    def _resume(self) -> tuple[int, dict]:
+        checkpoint = self.run_dir.latest_checkpoint()
+        if checkpoint is None:
+            return 0, {}
+        load_weights_into(self.work.model, checkpoint / WEIGHTS, self.work.model.config)
+        state = load_state(checkpoint)
+        if "sizes" not in state:
+            raise DgptError(f"{checkpoint}: not a checkpoint of a flower run (no oracle sizes in it)")
+        logger.info(f"resumed from {checkpoint} at round {state['round']}")
+        return state["round"], state
+
+    def _save(self, rnd: int) -> None:
+        state = {"round": rnd, "strategy": self.strategy.state_dict(), "sizes": dict(self.work.sizes)}
+        model = self.work.model
+        save_checkpoint(self.run_dir.root, "round", rnd, weights_of(model), model.config, state, self.config.pretrain.keep_checkpoints)
+
+
+@contextmanager
+def _log_to(path):
+    """dgpt's messages in the run directory while the ServerApp runs (Flower owns its process's output)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("dgpt")
+    before = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before)
+        handler.close()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    path = context.run_config.get("config")
+    if not isinstance(path, str) or not path:
+        raise DgptError("flwr run needs --run-config 'config=\"/path/to/dgpt.toml\"' (the server's dgpt config)")
+    config = load_config(path)
+    with _log_to(RunDir(config.run_dir).server_log):
+        try:
+            FlowerServer(config, grid).run()
+        except DgptError as e:
+            logger.error(str(e))
+            raise
