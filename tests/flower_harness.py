@@ -1,0 +1,156 @@
+"""A Flower deployment on localhost for the tests: one SuperLink, one SuperNode per oracle, `flwr run`.
+
+Every process is started in its own session and stopped by its pid. TLS material and SuperNode keys are
+generated here with `cryptography` (what `openssl` and `ssh-keygen -t ecdsa -b 384` make in the README).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dgpt.rundir import RunDir
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tls(folder: Path) -> dict[str, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1 / localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, key, issuer, issuer_key, ca):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dgpt test CA")])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    ca_cert = cert(ca_name, ca_key, ca_name, ca_key, True)
+    server_cert = cert(server_name, server_key, ca_name, ca_key, False)
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    return paths
+
+
+def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's P-384 key pair in OpenSSH format (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+class Deployment:
+    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False):
+        self.root, self.tls, self.auth = root, tls, auth
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+                    "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+        cli_home = root / "flwr_cli"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n')
+
+    def _start(self, name: str, cmd: list[str], home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**self.env, "FLWR_HOME": str(home)})
+        log.close()
+
+    def start_superlink(self) -> None:
+        security = ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                    "--ssl-keyfile", str(self.tls["key"])] if self.tls else ["--insecure"]
+        self._start("superlink", [str(BIN / "flower-superlink"), *security, *(["--enable-supernode-auth"] if self.auth else []),
+                                  "--port", str(self.port), "--disable-runtime-dependency-installation",
+                                  "--database", str(self.root / "superlink.db")], self.root / "superlink_home")
+        self.wait_for(lambda: _listening(self.port), 60, "the SuperLink to listen")
+
+    def start_supernode(self, label: str, config: Path, oracle: str, key: Path | None = None) -> None:
+        security = ["--root-certificates", str(self.tls["ca"])] if self.tls else ["--insecure"]
+        self._start(label, [str(BIN / "flower-supernode"), *security, *(["--auth-supernode-private-key", str(key)] if key else []),
+                            "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                            "--node-config", f'config="{config}" oracle="{oracle}"'], self.root / f"{label}_home")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, "FLWR_HOME": str(self.root / "flwr_cli")})
+
+    def register(self, public_key: Path) -> None:
+        result = self.flwr("supernode", "register", str(public_key), "test")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def run_app(self, app: Path) -> None:
+        result = self.flwr("run", str(app), "test")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def wait_for(self, done, timeout: float, what: str, watch: tuple[str, ...] = ("superlink",)) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            dead = {n: p.returncode for n, p in self.procs.items() if n in watch and p.poll() is not None}
+            assert not dead, f"exited while waiting for {what}: {dead}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.5)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def finished(run_dir: str) -> bool:
+    log = RunDir(run_dir).server_log
+    return log.is_file() and "communication:" in log.read_text()
+
+
+def round_done(run_dir: str, rnd: int) -> bool:
+    return RunDir(run_dir).checkpoint("round", rnd).is_dir()
