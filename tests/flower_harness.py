@@ -120,11 +120,16 @@ class Deployment:
         result = self.flwr("run", str(app), "test")
         assert result.returncode == 0, result.stdout + result.stderr
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop a process and what it started (SIGTERM: a SuperNode leaves the federation on its way out)."""
         proc = self.procs.pop(name)
         if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            proc.wait()
 
     def close(self) -> None:
         for name in list(self.procs):

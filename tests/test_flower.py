@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import pytest
 
@@ -50,3 +51,43 @@ def test_flower_insecure_equals_sim(tmp_path):
     assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
     assert rows[-1]["loss"] == pytest.approx(sim_rows[-1]["loss"], rel=1e-4)
     assert rows[0]["loss"] == pytest.approx(sim_rows[0]["loss"], rel=1e-4)
+
+
+def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
+    """TLS and SuperNode authentication: an unregistered SuperNode (claiming to be alpha) is refused and the run
+    goes on; gamma's SuperNode is killed after round 1, its rounds close without it after round_timeout_s, and
+    restarted it is aggregated again; with int8 the bytes of each reply's arrays are the bytes metrics.jsonl counts."""
+    server, oracles, app = flower_config(tmp_path, rounds=4, eval_interval=4, compression="int8", round_timeout_s=30,
+                                         min_oracles=2)
+    keys = {name: write_node_key(tmp_path / "keys", name) for name in (*server.oracle_names(), "intruder")}
+    fed = Deployment(tmp_path / "flwr", tls=write_tls(tmp_path / "tls"), auth=True)
+    try:
+        fed.start_superlink()
+        for name in server.oracle_names():
+            fed.register(keys[name][1])
+            fed.start_supernode(name, oracles, name, keys[name][0])
+        fed.start_supernode("intruder", oracles, "alpha", keys["intruder"][0])
+        fed.run_app(app)
+        fed.wait_for(lambda: round_done(server.run_dir, 1), 180, "round 1")
+        fed.stop("gamma", signal.SIGTERM)
+        fed.wait_for(lambda: round_done(server.run_dir, 2), 120, "round 2")
+        fed.start_supernode("gamma", oracles, "gamma", keys["gamma"][0])
+        fed.wait_for(lambda: finished(server.run_dir), 180, "the run")
+        superlink, intruder = fed.log("superlink"), fed.log("intruder")
+    finally:
+        fed.close()
+    rows = read_metrics(server.run_path / "metrics.jsonl")
+    accepted = {r["round"]: r["accepted"] for r in rows if r["kind"] == "round" and r["round"] > 0}
+    assert accepted[1] == ["alpha", "beta", "gamma"]
+    assert accepted[2] == ["alpha", "beta"]
+    assert accepted[4] == ["alpha", "beta", "gamma"]
+    gap = [r for r in rows if r["kind"] == "oracle" and r["oracle"] == "gamma" and r["round"] == 2]
+    assert gap[0]["participated"] is False and gap[0]["bytes_sent"] == 0
+    assert "alpha" in server.oracle_names() and "intruder" not in (server.run_path / "metrics.jsonl").read_text()
+    assert "No SuperNode found with the given public key" in superlink and "SuperNode ID" not in intruder
+    log = (server.run_path / "flower_server.log").read_text()
+    for r in rows:
+        if r["kind"] == "oracle" and r["participated"]:
+            assert f"round {r['round']}: oracle '{r['oracle']}' replied with {r['bytes_sent']:,} bytes of arrays" in log
+            numel = 27_712  # the tiny model: one int8 per parameter and one fp32 scale per tensor
+            assert numel < r["bytes_sent"] < numel + 4 * 40

@@ -147,21 +147,20 @@ class FlowerServer:
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
         content = RecordDict({"theta": wire.theta_record(self._theta()),
                               "round": ConfigRecord({"round": rnd, "work": "pretrain"})})
-        pending = set(self.grid.push_messages(
-            [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]))
+        sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
+        pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
         deadline = time.monotonic() + fed.round_timeout_s
         while pending and (time.monotonic() < deadline or len(replies.contents) < fed.min_oracles):
             for reply in self.grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                self._take(reply, rnd, names, replies)
+                self._take(reply, pending.pop(reply.metadata.reply_to_message_id), rnd, names, replies)
             time.sleep(POLL_S if pending else 0)
         return replies
 
-    def _take(self, reply: Message, rnd: int, names: list[str], replies: Replies) -> None:
+    def _take(self, reply: Message, node: int, rnd: int, names: list[str], replies: Replies) -> None:
         """Keep a reply if it answers this round for an oracle that was asked and has not answered yet."""
-        node = reply.metadata.src_node_id
         if reply.has_error():
-            logger.warning(f"round {rnd}: SuperNode {node} failed: {reply.error.reason}")
+            known = [n for n, id_ in self.node_of.items() if id_ == node]
+            logger.warning(f"round {rnd}: SuperNode {node} ({known[0] if known else 'not met yet'}) failed: {reply.error.reason}")
             return
         content = reply.content
         said = content.config_records.get("round")
