@@ -91,3 +91,30 @@ def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
             assert f"round {r['round']}: oracle '{r['oracle']}' replied with {r['bytes_sent']:,} bytes of arrays" in log
             numel = 27_712  # the tiny model: one int8 per parameter and one fp32 scale per tensor
             assert numel < r["bytes_sent"] < numel + 4 * 40
+
+
+def test_flower_server_killed_and_restarted_resumes(tmp_path):
+    """The SuperLink (and its ServerApp) killed after round 2: restarted and launched again, the run resumes from
+    the round 2 checkpoint, the oracles from their states of round 2, and ends with sim's model."""
+    fed_config = {**FED, "rounds": 4, "eval_interval": 4}
+    sim = tiny_config(tmp_path / "sim", federation=fed_config)
+    api.pretrain(sim)
+    server, oracles, app = flower_config(tmp_path, rounds=4, eval_interval=4)
+    fed = Deployment(tmp_path / "flwr")
+    try:
+        fed.start_superlink()
+        for name in server.oracle_names():
+            fed.start_supernode(name, oracles, name)
+        fed.run_app(app)
+        fed.wait_for(lambda: round_done(server.run_dir, 2), 180, "round 2")
+        fed.stop("superlink")
+        assert not round_done(server.run_dir, 4)
+        fed.start_superlink()
+        fed.run_app(app)
+        fed.wait_for(lambda: finished(server.run_dir), 240, "the resumed run")
+    finally:
+        fed.close()
+    assert "resumed from" in (server.run_path / "flower_server.log").read_text()
+    assert_same_model(sim, server)
+    rounds = [r["round"] for r in read_metrics(server.run_path / "metrics.jsonl") if r["kind"] == "round"]
+    assert rounds == [0, 1, 2, 3, 4]
