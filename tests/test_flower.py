@@ -29,7 +29,7 @@ def flower_config(tmp_path, **fed):
     server = dataclasses.replace(config, run_dir=str(tmp_path / "server"))
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
-    return server, path, write_flower_app(server, write_config(server, tmp_path / "server.toml"))
+    return server, path, write_flower_app(server)
 
 
 def test_flower_insecure_equals_sim(tmp_path):

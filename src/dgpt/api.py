@@ -78,6 +78,12 @@ def pretrain(config: Config, *, stop_after: int | None = None) -> dict:
 
 def _federated(config: Config, stop_after: int | None, **work) -> dict:
     """The torchrun runtime when asked for, or when a `sim` config is launched by torchrun; else sim."""
+    if config.federation.runtime == "flower":
+        from dgpt.runtimes.flower_app import require_flower
+
+        require_flower()
+        raise DgptError("federation.runtime = 'flower' runs under Flower: `dgpt flower-app CONFIG` writes the app, "
+                        "`flwr run RUN_DIR/flower_app SUPERLINK` starts it (README: Cross-organisation federation)")
     if config.federation.runtime == "torchrun" or launched_by_torchrun():
         from dgpt.runtimes.torchrun import pretrain_torchrun
 
@@ -85,6 +91,13 @@ def _federated(config: Config, stop_after: int | None, **work) -> dict:
     from dgpt.runtimes.sim import pretrain_sim
 
     return pretrain_sim(config, stop_after_round=stop_after, **work)
+
+
+def flower_app(config: Config) -> Path:
+    """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`."""
+    from dgpt.runtimes.flower_app import write_flower_app
+
+    return write_flower_app(config)
 
 
 def finetune(config: Config, *, stop_after: int | None = None) -> dict:

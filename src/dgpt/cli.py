@@ -40,6 +40,10 @@ def cmd_pretrain(args) -> None:
         print(f"final global validation loss {result['global']:.4f}")
 
 
+def cmd_flower_app(args) -> None:
+    print(api.flower_app(api.load_run_config(args.config, args.overrides)))
+
+
 def cmd_eval(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     losses = api.evaluate(config, max_windows=args.max_windows)
@@ -159,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step/round")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("flower-app", help="write the Flower App of a runtime = 'flower' config; start it with `flwr run`")
+    _config_args(p)
+    p.set_defaults(func=cmd_flower_app)
 
     p = sub.add_parser("eval", help="validation loss and perplexity per oracle")
     _config_args(p, "CONFIG_OR_RUN")

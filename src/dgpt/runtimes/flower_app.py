@@ -3,10 +3,11 @@ ServerApp and ClientApp (installed with dgpt on every machine) and the server's 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from dgpt.config import Config
+from dgpt.config import Config, dump_config
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.rundir import RunDir
@@ -40,13 +41,14 @@ def require_flower() -> None:
         raise DgptError(INSTALL) from None
 
 
-def write_flower_app(config: Config, config_path: str | Path) -> Path:
-    """RUN/flower_app/pyproject.toml for `flwr run` (the ServerApp reads `config_path` on the SuperLink's machine)."""
+def write_flower_app(config: Config) -> Path:
+    """RUN/flower_app/pyproject.toml for `flwr run`; the ServerApp reads the resolved config, RUN/config.toml, on
+    the SuperLink's machine (the app itself, which every SuperNode receives, holds no more than that path)."""
     require_flower()
     if config.federation.runtime != "flower":
-        raise DgptError(f"{config_path}: federation.runtime is {config.federation.runtime!r}; set it to 'flower'")
-    app = RunDir(config.run_dir).flower_app
-    quoted = '"' + str(Path(config_path).resolve()).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    write_text(app / "pyproject.toml", _APP.format(config=quoted))
-    logger.info(f"wrote {app}; start it with: flwr run {app} SUPERLINK_CONNECTION --stream")
-    return app
+        raise DgptError(f"federation.runtime is {config.federation.runtime!r}; set it to 'flower' for `dgpt flower-app`")
+    run = RunDir(config.run_dir)
+    write_text(run.config, dump_config(config))
+    write_text(run.flower_app / "pyproject.toml", _APP.format(config=json.dumps(str(run.config.resolve()))))
+    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream")
+    return run.flower_app

@@ -1,0 +1,86 @@
+"""What the flower runtime puts on the wire and what its server refuses, without starting Flower's processes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from conftest import tiny_config  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from dgpt import api  # noqa: E402
+from dgpt.config import config_from_dict  # noqa: E402
+from dgpt.errors import DgptError  # noqa: E402
+from dgpt.federation.codec import Codec  # noqa: E402
+from dgpt.runtimes import flower_wire as wire  # noqa: E402
+from dgpt.runtimes.flower_server import FlowerServer, Replies  # noqa: E402
+
+SEGMENTS = [300, 45, 7]
+
+
+@pytest.mark.parametrize("kind", ["none", "bf16", "int8"])
+def test_payload_arrays_hold_exactly_the_counted_bytes(kind):
+    codec = Codec(kind, SEGMENTS)
+    payload = codec.encode(torch.randn(sum(SEGMENTS)))
+    record = wire.payload_record(payload)
+    assert wire.payload_bytes(record) == payload.nbytes
+    back, problem = wire.payload_from(record, codec)
+    assert problem == ""
+    assert back.values.dtype == payload.values.dtype and torch.equal(back.values.view(-1), payload.values.view(-1))
+    assert torch.equal(codec.decode(back), codec.decode(payload))
+
+
+def test_malformed_arrays_are_refused_with_a_reason():
+    codec = Codec("int8", SEGMENTS)
+    good = wire.payload_record(codec.encode(torch.randn(sum(SEGMENTS))))
+    pickled = ArrayRecord({"values": Array(dtype="object", shape=(3,), stype="numpy.ndarray", data=b"\x80\x04"),
+                           "scales": good["scales"]})
+    short = ArrayRecord({"values": Array(dtype="int8", shape=(352,), stype=wire.RAW, data=b"\x00" * 10),
+                         "scales": good["scales"]})
+    for record, reason in ((pickled, "expected raw"), (short, "with 10 bytes"), (ArrayRecord({"x": good["values"]}), "no 'values'")):
+        payload, problem = wire.payload_from(record, codec)
+        assert payload is None and reason in problem
+    # well-formed arrays of the wrong kind reach the Strategy, whose check names them
+    wrong = wire.payload_record(Codec("none", SEGMENTS).encode(torch.randn(sum(SEGMENTS))))
+    payload, problem = wire.payload_from(wrong, codec)
+    assert problem == "" and payload.values.dtype == torch.float32
+
+
+def test_theta_of_another_model_is_refused():
+    record = wire.theta_record(torch.zeros(10))
+    assert wire.theta_from(record, 10).shape == (10,)
+    with pytest.raises(DgptError, match="where 11 float32 parameters"):
+        wire.theta_from(record, 11)
+
+
+def _reply(rnd, oracle):
+    """A reply as the Grid hands it over (a Message outside a Flower run cannot be made)."""
+    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord({"size": 1.0})})
+    return SimpleNamespace(content=content, has_error=lambda: False)
+
+
+def test_server_refuses_stale_unknown_and_duplicate_replies(tmp_path):
+    server = FlowerServer.__new__(FlowerServer)
+    server.node_of, server.met = {}, set()
+    replies = Replies()
+    server._take(_reply(3, "alpha"), 11, 4, ["alpha", "beta"], replies)  # made from round 3's Theta
+    server._take(_reply(4, "mallory"), 12, 4, ["alpha", "beta"], replies)  # no such oracle asked
+    assert replies.contents == {}
+    server._take(_reply(4, "alpha"), 11, 4, ["alpha", "beta"], replies)
+    server._take(_reply(4, "alpha"), 13, 4, ["alpha", "beta"], replies)  # a second SuperNode claiming alpha
+    assert list(replies.contents) == ["alpha"] and server.node_of == {"alpha": 11}
+
+
+def test_flower_config_checks_and_install_hint(tmp_path):
+    config = tiny_config(tmp_path, federation={"runtime": "flower"})
+    with pytest.raises(DgptError, match="flwr run"):
+        api.pretrain(config)
+    app = api.flower_app(config)
+    assert 'clientapp = "dgpt.runtimes.flower_client:app"' in (app / "pyproject.toml").read_text()
+    for bad, match in (({"min_oracles": 4}, "min_oracles"), ({"round_timeout_s": 0}, "round_timeout_s")):
+        with pytest.raises(DgptError, match=match):
+            config_from_dict({"oracles": [{"name": n} for n in "abc"], "federation": bad})
