@@ -1,9 +1,10 @@
 """The Flower ClientApp: one oracle, on its own organisation's SuperNode.
 
-Its SuperNode names it: `flower-supernode --node-config 'config="/path/to/dgpt.toml" oracle="alpha"'`. That
-config is the oracle's own copy: its `run_dir` holds the oracle's prepared shards (`dgpt prepare`, with the
-federation's tokenizer) and its private state (`oracles/<name>/round_N.pt`: inner AdamW, sampler position,
-RNG, a fine-tuning head), which never leaves the machine. Nothing here reads another oracle's data.
+Its SuperNode names it: `flower-supernode --node-config 'config="dgpt.toml" oracle="alpha" run-dir="runs/org_a"'`
+(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). The
+run directory is the oracle's own: its prepared shards (`dgpt prepare --oracle`, with the federation's
+tokenizer) and its private state (`oracles/<name>/round_N.pt`: inner AdamW, sampler position,
+RNG), which never leaves the machine. Nothing here reads another oracle's data.
 
 Flower starts the ClientApp afresh for each message, so everything an oracle carries from one round to the
 next is on its disk. A train message brings Theta and the round id; the oracle resumes from its newest state
@@ -13,6 +14,7 @@ the round's schedule, saves its state and replies with its encoded pseudo-gradie
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -41,12 +43,6 @@ class OwnData:
         return dict(local)
 
 
-def works() -> dict:
-    from dgpt.runtimes.finetune import finetune_work
-
-    return {"pretrain": pretraining_work, "finetune": finetune_work}
-
-
 class Oracle:
     """This SuperNode's oracle: its config, its Work (model, inner loop, data) and its private state files."""
 
@@ -55,12 +51,14 @@ class Oracle:
         if not isinstance(path, str) or not isinstance(name, str):
             raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
         self.config: Config = load_config(path)
+        if isinstance(node_config.get("run-dir"), str):  # this organisation's copy of the run: shards and private state
+            self.config = dataclasses.replace(self.config, run_dir=node_config["run-dir"])
         self.name = check_oracle_name(name, "--node-config oracle")
         if name not in self.config.oracle_names():
             raise DgptError(f"{path}: no oracle '{name}' (declared: {', '.join(self.config.oracle_names())})")
-        if work not in works():
-            raise DgptError(f"the server asked for unknown work {work!r}")
-        self.work: Work = works()[work](self.config, OwnData(), [name])
+        if work != "pretrain":  # fine-tuning (DSFT) does not run on Flower yet
+            raise DgptError(f"the server asked for {work!r}; this SuperNode's dgpt pre-trains only")
+        self.work: Work = pretraining_work(self.config, OwnData(), [name])
         fed = self.config.federation
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.run_dir = RunDir(self.config.run_dir)

@@ -1,0 +1,98 @@
+"""Seconds per round spent outside training (orchestration + transfer) for sim, torchrun and flower on localhost.
+
+Tiny model, 3 oracles, fp32 and int8. A round's wall time is T(H) = overhead + H * (time per inner step), so each
+runtime runs at two values of H and the overhead is the intercept. Rounds that validate are left out (the last).
+Flower: one SuperLink and three SuperNodes (insecure) on this machine; the ClientApp is a new process per message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _timing import machine_load, table, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
+
+from conftest import tiny_config  # noqa: E402
+from flower_harness import Deployment, finished  # noqa: E402
+
+from dgpt import api  # noqa: E402
+from dgpt.config import dump_config  # noqa: E402
+from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
+from dgpt.train.metrics import read_metrics  # noqa: E402
+
+ROUNDS, STEPS = 5, (1, 6)
+
+
+def round_seconds(run_dir: Path) -> float:
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "round" and 0 < r["round"] < ROUNDS]
+    return statistics.median(r["seconds"] for r in rows)
+
+
+def run(runtime: str, compression: str, steps: int, root: Path) -> float:
+    fed = {"rounds": ROUNDS, "inner_steps": steps, "eval_interval": ROUNDS, "compression": compression,
+           "runtime": runtime, "round_timeout_s": 120}
+    config = tiny_config(root, federation=fed)
+    api.prepare(config)
+    if runtime == "sim":
+        api.pretrain(config)
+    elif runtime == "torchrun":
+        path = root / "config.toml"
+        path.write_text(dump_config(config))
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m", "dgpt",
+                        "-q", "pretrain", str(path)], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")})
+    else:
+        oracles = root / "oracles.toml"
+        oracles.write_text(dump_config(config))
+        server = dataclasses.replace(config, run_dir=str(root / "server"))
+        (root / "server").mkdir()
+        (root / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
+        app = write_flower_app(server)
+        deployment = Deployment(root / "flwr")
+        deployment.env["PYTHONPATH"] = str(ROOT / "src")
+        try:
+            deployment.start_superlink()
+            for name in config.oracle_names():
+                deployment.start_supernode(name, oracles, name)
+            deployment.run_app(app)
+            deployment.wait_for(lambda: finished(server.run_dir), 900, "the run")
+        finally:
+            deployment.close()
+        return round_seconds(server.run_path)
+    return round_seconds(config.run_path)
+
+
+def main() -> None:
+    rows, load = [], machine_load()
+    for runtime in ("sim", "torchrun", "flower"):
+        for compression in ("none", "int8"):
+            times = {}
+            for steps in STEPS:
+                with tempfile.TemporaryDirectory() as tmp:
+                    times[steps] = run(runtime, compression, steps, Path(tmp))
+            per_step = (times[STEPS[1]] - times[STEPS[0]]) / (STEPS[1] - STEPS[0])
+            overhead = times[STEPS[0]] - STEPS[0] * per_step
+            rows.append([runtime, "fp32" if compression == "none" else compression, f"{times[STEPS[0]]:.2f}",
+                         f"{times[STEPS[1]]:.2f}", f"{per_step:.3f}", f"{overhead:.2f}"])
+            print(rows[-1], flush=True)
+    headers = ["runtime", "payload", f"s/round, H={STEPS[0]}", f"s/round, H={STEPS[1]}", "s per inner step (all oracles)",
+               "s/round outside training"]
+    intro = (f"Tiny model (2 layers, d_model 32, 27,712 parameters), 3 oracles, {ROUNDS} rounds; median wall seconds of the "
+             "rounds that do not validate, at two H; overhead = the intercept of T(H). sim trains the oracles one after "
+             "another, torchrun and flower side by side (3 processes on a 2-core machine). Flower starts a new ClientApp "
+             "process (Python, torch, the model and the oracle's state from disk) for every message: that is most of its "
+             f"overhead. Load at the start: `{load}`.")
+    write_report("runtime_overhead", "Seconds per round outside training: sim, torchrun, flower", intro,
+                 [table(headers, rows)])
+
+
+if __name__ == "__main__":
+    main()
