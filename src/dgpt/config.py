@@ -147,6 +147,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class LedgerConfig:
+    """The contribution ledger (ledger.jsonl) every federated run keeps."""
+
+    method: Literal["shapley", "off"] = "shapley"  # off: records without values (no extra validation passes)
+    exact_max: int = 6  # exact Shapley values up to this many accepted oracles in a round; sampled above
+    permutations: int = 16  # joining orders sampled per round above exact_max
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
 
@@ -162,6 +171,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -291,6 +301,8 @@ def validate(config: Config, source: str) -> None:
         raise DgptError(f"{source}: 'federation.drop_prob' must be in [0, 1), got {fed.drop_prob}")
     if not 0.0 <= fed.trim_fraction < 0.5:
         raise DgptError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {fed.trim_fraction}")
+    if config.ledger.exact_max < 1 or config.ledger.permutations < 2:
+        raise DgptError(f"{source}: 'ledger.exact_max' must be >= 1 and 'ledger.permutations' >= 2")
     if fed.mean_weights == "given":
         missing = [o.name for o in config.oracles if o.weight is None]
         if missing:

@@ -8,7 +8,8 @@ knows nothing of processes, sockets or files: sim, torchrun and a Flower server 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +32,7 @@ class RoundResult:
     update: torch.Tensor | None = None  # the combined pseudo-gradient; None when nothing was accepted
     agreement: float | None = None  # ||update|| / sum_j w_j ||Delta_j||
     scale: float | None = None  # the extrapolation factor the outer step applies to `update`
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the accepted updates, decoded
 
 
 class Strategy:
@@ -62,16 +64,31 @@ class Strategy:
                 result.rejected[name] = problem
             else:
                 deltas[name] = delta
-        if not deltas:
-            return result
-        fed, accepted = self.fed, list(deltas)
-        result.accepted, result.norms = accepted, {n: float(d.norm()) for n, d in deltas.items()}
-        w = normalise(self.weights, accepted)
-        clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in accepted]
-        result.update = combine(fed.aggregator, clipped, [w[n] for n in accepted], fed.trim_fraction)
-        result.agreement = agreement(result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
-        result.scale = extrapolation(fed.extrapolation, result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
+        result.accepted, result.norms = list(deltas), {n: float(d.norm()) for n, d in deltas.items()}
+        result.deltas = deltas
+        if deltas:
+            result.update, result.agreement, result.scale = self.combine(deltas)
         return result
+
+    def combine(self, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+        """(update, agreement, extrapolation factor) of accepted pseudo-gradients: clipped, then the aggregation rule."""
+        fed, names = self.fed, list(deltas)
+        norms = {n: float(d.norm()) for n, d in deltas.items()}
+        w = normalise(self.weights, names)
+        clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in names]
+        update = combine(fed.aggregator, clipped, [w[n] for n in names], fed.trim_fraction)
+        agree = agreement(update, norms, self.weights, fed.aggregator, fed.clip_norm)
+        return update, agree, extrapolation(fed.extrapolation, update, norms, self.weights, fed.aggregator, fed.clip_norm)
+
+    def preview(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Theta after a round in which only `deltas` had arrived, from the same outer state, committing nothing
+        (what the contribution ledger values coalitions with). No update leaves Theta where it is, as `apply` does."""
+        if not deltas:
+            return self.theta.clone()
+        update, _, scale = self.combine(deltas)
+        trial = OuterOptimizer(self.theta, self.fed.outer_lr, self.fed.outer_momentum, self.fed.nesterov)
+        trial.sgd.load_state_dict(copy.deepcopy(self.outer.sgd.state_dict()))
+        return trial.step(update * scale).clone()
 
     def apply(self, result: RoundResult, inner_steps: int) -> torch.Tensor:
         """Commit a round: the outer step along the (extrapolated) update, and its bytes. Returns the new Theta."""
