@@ -65,6 +65,9 @@ class ContributionLedger:
             return Valuation()
         t0, strategy, names = time.perf_counter(), self.driver.strategy, result.accepted
         baseline = self._loss(strategy.theta)
+        if baseline != baseline:  # no oracle has validation data: nothing to value with
+            self.driver.restore_theta()
+            return Valuation(evaluations=1, seconds=time.perf_counter() - t0)
         v = CachedValue(lambda s: baseline - self._loss(strategy.preview({n: result.deltas[n] for n in names if n in s})))
         valuation = Valuation()
         if len(names) <= self.config.ledger.exact_max:
