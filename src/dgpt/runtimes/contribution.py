@@ -61,7 +61,7 @@ class ContributionLedger:
 
     def value(self, result: RoundResult) -> Valuation:
         """Shapley values of the round's accepted oracles (call before the Strategy applies the round)."""
-        if self.method == "off" or not result.accepted:
+        if self.method == "off" or result.update is None:
             return Valuation()
         t0, strategy, names = time.perf_counter(), self.driver.strategy, result.accepted
         baseline = self._loss(strategy.theta)

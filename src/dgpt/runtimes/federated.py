@@ -160,6 +160,8 @@ class RoundDriver:
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
                 logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
+            if result.skipped:
+                logger.warning(f"round {rnd}: {result.skipped}")
             if self.report is not None:
                 self.report.round(record, self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds or rnd == stop_after:
