@@ -54,7 +54,7 @@ DOMAINS = {"shakespeare": "literature_shakespeare", "wikitext": "encyclopedia_wi
            "python_docs": "technical_python_docs", "dialogue": "dialogue_topical_chat"}
 EXTRA = {"random": "random_tokens", "copy": "shakespeare_copy", "small": "dialogue_5pct"}
 MODEL = {"preset": "tiny", "n_layer": 2, "d_model": 128, "n_head": 4, "d_ff": 512, "n_ctx": 64, "ln": "pre"}
-VOCAB, BATCH, EVAL_WINDOWS = 4096, 8, 32
+VOCAB, BATCH, EVAL_WINDOWS = 4096, 8, 16
 
 
 def oracle(name: str, corpora: Path) -> dict:
