@@ -70,6 +70,7 @@ def pretrain_config(work: Path, args) -> dict:
         "pretrain": {"batch_size": 16, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30, "eval_windows": 32},
         "federation": {"runtime": "sim", "rounds": args.pretrain_rounds, "inner_steps": args.pretrain_inner_steps,
                        "outer_lr": args.pretrain_outer_lr, "outer_momentum": args.pretrain_outer_momentum, "checkpoint_interval": 1000},
+        "ledger": {"method": "off"},
     }
 
 
@@ -90,7 +91,7 @@ def finetune_config(work: Path, variant: str, lr: float, seed: int, sst: tuple[P
         "finetune": finetune, "model": MODEL, "tokenizer": {"path": str(work / "pretrain" / "tokenizer.json")}}
     suffix = "" if seed == args.seeds[0] else f"_seed{seed}"
     return {"run_dir": str(work / f"finetune_{variant}_lr{lr:g}{suffix}"), "seed": seed, "oracles": oracles,
-            "federation": {"runtime": "sim", **outer(args)}, **start}
+            "federation": {"runtime": "sim", **outer(args)}, "ledger": {"method": "off"}, **start}
 
 
 def outer(args) -> dict:

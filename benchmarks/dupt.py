@@ -107,6 +107,7 @@ def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, e
                      "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
         "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True,
                        "checkpoint_interval": 10**9, **fed},
+        "ledger": {"method": "off"},  # the arms compare training, not contributions (benchmarks/ledger.py does those)
     }
 
 

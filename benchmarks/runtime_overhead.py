@@ -7,7 +7,6 @@ Flower: one SuperLink and three SuperNodes (insecure) on this machine; the Clien
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import subprocess
@@ -21,11 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
 
 from conftest import tiny_config  # noqa: E402
-from flower_harness import Deployment, finished  # noqa: E402
+from flower_harness import Deployment, finished, split_roles  # noqa: E402
 
 from dgpt import api  # noqa: E402
 from dgpt.config import dump_config  # noqa: E402
-from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 ROUNDS, STEPS = 5, (1, 6)
@@ -50,19 +48,11 @@ def run(runtime: str, compression: str, steps: int, root: Path) -> float:
                         "-q", "pretrain", str(path)], check=True, capture_output=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")})
     else:
-        oracles = root / "oracles.toml"
-        oracles.write_text(dump_config(config))
-        server = dataclasses.replace(config, run_dir=str(root / "server"))
-        (root / "server").mkdir()
-        (root / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
-        app = write_flower_app(server)
+        server, oracles, app = split_roles(config, root)
         deployment = Deployment(root / "flwr")
         deployment.env["PYTHONPATH"] = str(ROOT / "src")
         try:
-            deployment.start_superlink()
-            for name in config.oracle_names():
-                deployment.start_supernode(name, oracles, name)
-            deployment.run_app(app)
+            deployment.launch(app, oracles, config.oracle_names())
             deployment.wait_for(lambda: finished(server.run_dir), 900, "the run")
         finally:
             deployment.close()

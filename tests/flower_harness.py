@@ -6,6 +6,7 @@ generated here with `cryptography` (what `openssl` and `ssh-keygen -t ecdsa -b 3
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -16,9 +17,22 @@ import sys
 import time
 from pathlib import Path
 
+from dgpt.config import Config, dump_config
 from dgpt.rundir import RunDir
+from dgpt.runtimes.flower_app import write_flower_app
 
 BIN = Path(sys.executable).parent
+
+
+def split_roles(config: Config, root: Path) -> tuple[Config, Path, Path]:
+    """A prepared config as the server sees it (its own run_dir holding the tokenizer, no shards), the oracles'
+    config file (one run_dir their SuperNodes share; each keeps its state under oracles/<name>/), and the Flower App."""
+    oracles = root / "oracles.toml"
+    oracles.write_text(dump_config(config))
+    server = dataclasses.replace(config, run_dir=str(root / "server"))
+    (root / "server").mkdir(parents=True)
+    (root / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
+    return server, oracles, write_flower_app(server)
 
 
 def free_port() -> int:
@@ -107,6 +121,15 @@ class Deployment:
         self._start(label, [str(BIN / "flower-supernode"), *security, *(["--auth-supernode-private-key", str(key)] if key else []),
                             "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
                             "--node-config", f'config="{config}" oracle="{oracle}"'], self.root / f"{label}_home")
+
+    def launch(self, app: Path, oracles: Path, names: list[str], keys: dict[str, tuple[Path, Path]] | None = None) -> None:
+        """The SuperLink, one SuperNode per oracle (its key registered first when `keys`), then `flwr run`."""
+        self.start_superlink()
+        for name in names:
+            if keys:
+                self.register(keys[name][1])
+            self.start_supernode(name, oracles, name, keys[name][0] if keys else None)
+        self.run_app(app)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,

@@ -332,3 +332,36 @@ def test_trimmed_mean_cuts_at_least_one_from_each_end_with_three_updates():
     values = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([100.0])]
     assert trimmed_mean(values, 0.2).item() == 2.0  # int(0.2 * 3) = 0, yet the outlier is cut
     assert trimmed_mean(values, 0.0).item() == pytest.approx(103 / 3)
+
+
+def test_claimed_sizes_buy_at_most_the_weight_cap():
+    from dgpt.federation.aggregate import cap_shares
+
+    assert cap_shares({"a": 0.8, "b": 0.15, "c": 0.05}, 0.5) == pytest.approx({"a": 0.5, "b": 0.375, "c": 0.125})
+    assert cap_shares({"a": 0.9, "b": 0.1}, 0.4) == {"a": 0.5, "b": 0.5}  # 2 x 0.4 < 1: equal shares
+    liar = {"liar": 1e12, "b": 1000.0, "c": 1000.0}  # a rank claiming a trillion training tokens
+    s = Strategy(FederationConfig(outer_lr=1.0, outer_momentum=0.0, max_weight_share=0.5), Codec("none", [2]), liar, torch.zeros(2), 0)
+    sent = {"liar": torch.tensor([100.0, 0.0]), "b": torch.tensor([0.0, 1.0]), "c": torch.tensor([0.0, 1.0])}
+    result = s.aggregate({n: s.codec.encode(d) for n, d in sent.items()})
+    torch.testing.assert_close(result.update, torch.tensor([50.0, 0.5]))
+
+
+def test_robust_rules_skip_rounds_with_fewer_than_three_updates():
+    s = strategy(dict.fromkeys("ab", 1.0), 4, aggregator="median")
+    result = s.aggregate({n: s.codec.encode(torch.ones(4) * (i + 1)) for i, n in enumerate("ab")})
+    assert result.update is None and result.accepted == ["a", "b"]
+    assert result.skipped == "median needs at least 3 accepted updates, got 2: no update this round"
+    assert torch.equal(s.apply(result, 1), torch.zeros(4))
+
+
+def test_fedexp_under_a_robust_rule_ignores_a_huge_update_and_is_capped():
+    torch.manual_seed(0)
+    honest = {n: torch.randn(64) * 0.1 + 1.0 for n in "abcd"}
+    poisoned = {**honest, "e": torch.randn(64) * 1000.0}
+    fed = {"aggregator": "median", "extrapolation": "fedexp", "outer_lr": 1.0, "outer_momentum": 0.0}
+    s = strategy(dict.fromkeys("abcde", 1.0), 64, **fed)
+    result = s.aggregate({n: s.codec.encode(d) for n, d in poisoned.items()})
+    assert 1.0 <= result.scale < 1.5  # without the median cap on norms: ~1e5
+    spread = strategy(dict.fromkeys("abcd", 1.0), 64, fedexp_max=1.5, extrapolation="fedexp")
+    orthogonal = {n: torch.eye(64)[i] for i, n in enumerate("abcd")}  # FedExP alone would take 2
+    assert spread.aggregate({n: spread.codec.encode(d) for n, d in orthogonal.items()}).scale == 1.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 
 import pytest
@@ -10,26 +9,19 @@ import pytest
 pytest.importorskip("flwr")
 
 from conftest import tiny_config  # noqa: E402
-from flower_harness import Deployment, finished, round_done, write_node_key, write_tls  # noqa: E402
-from test_torchrun import assert_same_model, write_config  # noqa: E402
+from flower_harness import Deployment, finished, round_done, split_roles, write_node_key, write_tls  # noqa: E402
+from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
-from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 FED = {"rounds": 2, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "eval_interval": 2}
 
 
 def flower_config(tmp_path, **fed):
-    """The server's config and the oracles' config (one prepared run_dir their SuperNodes share; each keeps its
-    own state under oracles/<name>/), and the Flower App."""
     config = tiny_config(tmp_path / "fl", federation={**FED, "runtime": "flower", "round_timeout_s": 60, **fed})
     api.prepare(config)
-    path = write_config(config, tmp_path / "oracles.toml")
-    server = dataclasses.replace(config, run_dir=str(tmp_path / "server"))
-    (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
-    return server, path, write_flower_app(server)
+    return split_roles(config, tmp_path)
 
 
 def test_flower_insecure_equals_sim(tmp_path):
@@ -38,10 +30,7 @@ def test_flower_insecure_equals_sim(tmp_path):
     server, oracles, app = flower_config(tmp_path)
     fed = Deployment(tmp_path / "flwr")
     try:
-        fed.start_superlink()
-        for name in server.oracle_names():
-            fed.start_supernode(name, oracles, name)
-        fed.run_app(app)
+        fed.launch(app, oracles, server.oracle_names())
         fed.wait_for(lambda: finished(server.run_dir), 240, "the run")
     finally:
         fed.close()
@@ -62,12 +51,8 @@ def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
     keys = {name: write_node_key(tmp_path / "keys", name) for name in (*server.oracle_names(), "intruder")}
     fed = Deployment(tmp_path / "flwr", tls=write_tls(tmp_path / "tls"), auth=True)
     try:
-        fed.start_superlink()
-        for name in server.oracle_names():
-            fed.register(keys[name][1])
-            fed.start_supernode(name, oracles, name, keys[name][0])
+        fed.launch(app, oracles, server.oracle_names(), keys)
         fed.start_supernode("intruder", oracles, "alpha", keys["intruder"][0])
-        fed.run_app(app)
         fed.wait_for(lambda: round_done(server.run_dir, 1), 180, "round 1")
         fed.stop("gamma", signal.SIGTERM)
         fed.wait_for(lambda: round_done(server.run_dir, 2), 120, "round 2")
@@ -102,10 +87,7 @@ def test_flower_server_killed_and_restarted_resumes(tmp_path):
     server, oracles, app = flower_config(tmp_path, rounds=4, eval_interval=4)
     fed = Deployment(tmp_path / "flwr")
     try:
-        fed.start_superlink()
-        for name in server.oracle_names():
-            fed.start_supernode(name, oracles, name)
-        fed.run_app(app)
+        fed.launch(app, oracles, server.oracle_names())
         fed.wait_for(lambda: round_done(server.run_dir, 2), 180, "round 2")
         fed.stop("superlink")
         assert not round_done(server.run_dir, 4)

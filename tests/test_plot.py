@@ -31,7 +31,7 @@ def test_plot_federated_run(tmp_path, capsys):
     api.prepare(config)
     api.pretrain(config)
     assert_pngs(config.run_path, ["valid_loss.png", "valid_loss_vs_tokens.png", "valid_loss_vs_bytes.png",
-                                  "train_loss.png", "agreement.png"], capsys)
+                                  "train_loss.png", "agreement.png", "contribution.png"], capsys)
     assert not (config.run_path / "plots" / "outer_scale.png").exists()  # no extrapolation, nothing to draw
 
 

@@ -15,6 +15,7 @@ from conftest import host_config, tiny_config
 from safetensors.torch import load_file
 
 from dgpt import api
+from dgpt.audit import verify_ledger
 from dgpt.config import dump_config
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint
 from dgpt.train.metrics import read_metrics
@@ -68,6 +69,11 @@ def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
     assert [a["agreement"] for a in sim_rows[1:]] == pytest.approx([b["agreement"] for b in dist_rows[1:]], rel=1e-4)
     assert [a["outer_scale"] for a in sim_rows[1:]] == pytest.approx([b["outer_scale"] for b in dist_rows[1:]], rel=1e-4)
     assert (max(a["outer_scale"] for a in sim_rows[1:]) > 1) == (extrapolate == "fedexp")
+    # the contribution ledger: every rank values the same coalitions; rank 0 writes what sim writes
+    sim_values, dist_values = (verify_ledger(c.run_dir).oracles for c in (sim, dist))
+    for name in sim.oracle_names():
+        assert dist_values[name].value == pytest.approx(sim_values[name].value, rel=1e-3, abs=1e-6)
+        assert dist_values[name].bytes == sim_values[name].bytes
 
 
 @pytest.mark.parametrize("kind, dtype, value_bytes", [("int8", "int8", 1), ("bf16", "bfloat16", 2)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -125,6 +126,19 @@ def cmd_plot(args) -> None:
         print(f"wrote {path}")
 
 
+def cmd_ledger(args) -> None:
+    from dgpt.audit import verify_ledger
+
+    summary = verify_ledger(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(summary), indent=2))
+        return
+    print(f"ledger intact: {summary.rounds} rounds, {summary.checkpoints_checked} round checkpoints match; head {summary.head}")
+    print(f"{'oracle':<24} {'rounds':>6} {'accepted':>8} {'tokens':>12} {'bytes sent':>12} {'contribution':>13} {'share':>7}")
+    for name, t in summary.oracles.items():
+        print(f"{name:<24} {t.rounds:>6} {t.accepted:>8} {t.tokens:>12,} {t.bytes:>12,} {t.value:>13.5f} {t.share:>7.1%}")
+
+
 def cmd_demo(args) -> None:
     from dgpt.demo import run_demo
 
@@ -213,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ledger", help="verify a run's contribution ledger (hash chain, checkpoints) and total each oracle's share")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="the totals as JSON")
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/")
     p.add_argument("run_dir", metavar="RUN_DIR")

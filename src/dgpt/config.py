@@ -115,6 +115,8 @@ class FederationConfig:
     mean_weights: Literal["tokens", "uniform", "given"] = "tokens"  # given: oracles[].weight
     trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
+    max_weight_share: float = 1.0  # no oracle's weight in the mean above this share, whatever size it claims; 1 = off
+    fedexp_max: float = 10.0  # the largest factor FedExP may apply to an update
     compression: Literal["none", "bf16", "int8"] = "none"  # what travels: fp32 (none), bf16, or int8 + fp32 scales
     int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
     drop_prob: float = 0.0  # probability that an oracle misses a round (unreliable oracles)
@@ -149,6 +151,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class LedgerConfig:
+    """The contribution ledger (ledger.jsonl) every federated run keeps."""
+
+    method: Literal["shapley", "off"] = "shapley"  # off: records without values (no extra validation passes)
+    exact_max: int = 6  # exact Shapley values up to this many accepted oracles in a round; sampled above
+    permutations: int = 16  # joining orders sampled per round above exact_max
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
 
@@ -164,6 +175,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -295,8 +307,14 @@ def validate(config: Config, source: str) -> None:
         raise DgptError(f"{source}: 'federation.min_oracles' must be in [1, {len(names)}] (the oracles declared), got {fed.min_oracles}")
     if not fed.round_timeout_s > 0:
         raise DgptError(f"{source}: 'federation.round_timeout_s' must be > 0, got {fed.round_timeout_s}")
+    if not 0.0 < fed.max_weight_share <= 1.0:
+        raise DgptError(f"{source}: 'federation.max_weight_share' must be in (0, 1], got {fed.max_weight_share}")
+    if not fed.fedexp_max >= 1.0:
+        raise DgptError(f"{source}: 'federation.fedexp_max' must be >= 1, got {fed.fedexp_max}")
     if not 0.0 <= fed.trim_fraction < 0.5:
         raise DgptError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {fed.trim_fraction}")
+    if config.ledger.exact_max < 1 or config.ledger.permutations < 2:
+        raise DgptError(f"{source}: 'ledger.exact_max' must be >= 1 and 'ledger.permutations' >= 2")
     if fed.mean_weights == "given":
         missing = [o.name for o in config.oracles if o.weight is None]
         if missing:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from dgpt import api
+from dgpt.audit import verify_ledger
 from dgpt.config import Config, FederationConfig, FinetuneConfig, ModelConfig, OracleConfig, PretrainConfig, TaskConfig, TokenizerConfig
 from dgpt.data.embedded import write_embedded_corpora
 from dgpt.fileio import write_text
@@ -59,6 +60,11 @@ def run_demo(run_dir: Path, rounds: int = 8, inner_steps: int = 25) -> dict:
         f"\ncommunicated {human_bytes(rows[-1]['bytes_total'])} over {rounds} rounds of {inner_steps} inner steps; "
         f"synchronous data parallel: {human_bytes(rows[-1]['dp_bytes'])}"
     )
+    ledger = verify_ledger(run_dir)
+    print(f"\ncontribution ledger (`dgpt ledger {run_dir}`): chain and checkpoints verified; each oracle's Shapley share "
+          "of the validation loss the federation gained")
+    for name, total in ledger.oracles.items():
+        print(f"{name:<22} {total.value:>8.4f} nats  {total.share:>6.1%}")
     model, tokenizer = api.load_pretrained(run_dir, "cpu")
     print("\nsamples:")
     for prompt in PROMPTS:

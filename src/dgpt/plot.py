@@ -3,7 +3,8 @@
     central runs      train loss vs step; validation loss per oracle (and global) vs step
     federated runs    validation loss per oracle and global vs round, vs tokens trained, vs bytes
                       communicated (log x); train loss per oracle vs round; the agreement of the oracles'
-                      pseudo-gradients vs round; the FedExP factor vs round, when it lengthened any update
+                      pseudo-gradients vs round; the FedExP factor vs round, when it lengthened any update;
+                      each oracle's cumulative contribution vs round, from a ledger that verifies
     fine-tuning runs  every score per oracle (accuracy, F1, ...) vs round, from rows that carry
                       `metrics: {oracle: {name: value}}` or an `accuracy` field (per oracle or a dict)
 
@@ -12,13 +13,16 @@ matplotlib is optional (`pip install 'dgpt[plot]'`) and imported only here, with
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
+from dgpt.audit import verify_ledger
 from dgpt.errors import DgptError
 from dgpt.rundir import RunDir
 from dgpt.train.metrics import read_metrics
 
+logger = logging.getLogger(__name__)
 Series = dict[str, list[tuple[float, float]]]  # label -> [(x, y), ...]
 
 
@@ -94,6 +98,23 @@ def _scores(row: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def _plot_contributions(plt, run: RunDir) -> Path | None:
+    """Cumulative contribution per oracle vs round, from a ledger that verifies (none without one)."""
+    if not run.ledger.is_file():
+        return None
+    try:
+        summary = verify_ledger(run.root)
+    except DgptError as e:
+        logger.warning(f"no contribution plot: {e}")
+        return None
+    series: Series = defaultdict(list)
+    for name, points in summary.curve.items():
+        for rnd, value in points:
+            _add(series, name, rnd, value)
+    return _plot(plt, series, run.plots / "contribution.png", "round", "cumulative contribution (validation loss reduction)",
+                 "Contribution per oracle (Shapley values, summed over rounds)")
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the run's PNGs into its plots folder and return their paths."""
     run = RunDir(run_dir)
@@ -145,6 +166,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                                  "FedExP extrapolation (1: plain mean)"))
         for name, series in sorted(scores.items()):
             written.append(_plot(plt, series, out / f"{name}.png", "round", name, f"{name} per oracle"))
+        written.append(_plot_contributions(plt, run))
     paths = [p for p in written if p is not None]
     if not paths:
         raise DgptError(f"{run.metrics}: no loss or score rows that can be plotted")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from dgpt.errors import DgptError
@@ -33,6 +35,22 @@ def normalise(weights: dict[str, float], names: list[str]) -> dict[str, float]:
     if total <= 0:
         raise DgptError(f"oracle weights of {', '.join(names)} sum to {total}; weights must be positive")
     return {n: weights[n] / total for n in names}
+
+
+def cap_shares(shares: dict[str, float], cap: float) -> dict[str, float]:
+    """Normalised shares of at most `cap` each, the excess spread over the others in proportion to their shares:
+    however large a size an oracle claims, it buys at most `cap` of the mean (equal shares when k * cap <= 1)."""
+    if cap >= 1:
+        return shares
+    if len(shares) * cap <= 1:
+        return {n: 1.0 / len(shares) for n in shares}
+    free, capped = dict(shares), set()
+    while over := [n for n, s in free.items() if s > cap]:
+        capped.update(over)
+        rest = {n: s for n, s in free.items() if n not in capped}
+        left, total = 1.0 - cap * len(capped), sum(rest.values())
+        free = {n: s * left / total for n, s in rest.items()}
+    return {n: cap if n in capped else free[n] for n in shares}
 
 
 def weighted_mean(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -109,12 +127,18 @@ def extrapolation(
 
     Oracles that moved alike get 1 (plain averaging); updates that partly cancel (non-IID oracles pulling toward
     their own domains, or small-batch noise at small H) leave a short mean, which FedExP lengthens: k orthogonal
-    updates of equal norm and weight get k / 2. It needs only the norms every runtime already gathers.
+    updates of equal norm and weight get k / 2. It needs only the norms every runtime already gathers. Under a
+    robust rule the norms count at most as their median: one huge update, which the rule left out, cannot lengthen
+    the step.
     """
     if kind == "none":
         return 1.0
     if kind != "fedexp":
         raise DgptError(f"unknown extrapolation {kind!r}; expected none or fedexp")
-    spread = sum(w * norm * norm for w, norm in _received(norms, weights, rule, clip_norm))
+    received = _received(norms, weights, rule, clip_norm)
+    if rule != "mean":  # the robust rules ignored an outlier: its norm must not lengthen their step either
+        middle = statistics.median(norm for _, norm in received)
+        received = [(w, min(norm, middle)) for w, norm in received]
+    spread = sum(w * norm * norm for w, norm in received)
     length = float(update.norm()) ** 2
     return max(1.0, spread / (2 * length)) if length > 0 else 1.0

@@ -8,15 +8,18 @@ knows nothing of processes, sockets or files: sim, torchrun and a Flower server 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import torch
 
 from dgpt.config import FederationConfig
 from dgpt.federation.accounting import ByteLedger
-from dgpt.federation.aggregate import agreement, clip_to_norm, combine, extrapolation, is_finite, normalise
+from dgpt.federation.aggregate import agreement, cap_shares, clip_to_norm, combine, extrapolation, is_finite, normalise
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.outer import OuterOptimizer
+
+ROBUST_MIN = 3  # accepted updates a robust rule needs to be more than a mean
 
 
 @dataclass
@@ -31,6 +34,8 @@ class RoundResult:
     update: torch.Tensor | None = None  # the combined pseudo-gradient; None when nothing was accepted
     agreement: float | None = None  # ||update|| / sum_j w_j ||Delta_j||
     scale: float | None = None  # the extrapolation factor the outer step applies to `update`
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the accepted updates, decoded
+    skipped: str = ""  # why no update was made of the accepted ones ("" when one was, or none was accepted)
 
 
 class Strategy:
@@ -62,16 +67,39 @@ class Strategy:
                 result.rejected[name] = problem
             else:
                 deltas[name] = delta
-        if not deltas:
-            return result
-        fed, accepted = self.fed, list(deltas)
-        result.accepted, result.norms = accepted, {n: float(d.norm()) for n, d in deltas.items()}
-        w = normalise(self.weights, accepted)
-        clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in accepted]
-        result.update = combine(fed.aggregator, clipped, [w[n] for n in accepted], fed.trim_fraction)
-        result.agreement = agreement(result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
-        result.scale = extrapolation(fed.extrapolation, result.update, result.norms, self.weights, fed.aggregator, fed.clip_norm)
+        result.accepted, result.norms = list(deltas), {n: float(d.norm()) for n, d in deltas.items()}
+        result.deltas = deltas
+        result.skipped = self._too_few(len(deltas)) if deltas else ""
+        if deltas and not result.skipped:
+            result.update, result.agreement, result.scale = self.combine(deltas)
         return result
+
+    def _too_few(self, accepted: int) -> str:
+        """A robust rule over fewer than 3 updates is a plain mean: one poisoned update would pass. Such rounds are skipped."""
+        if self.fed.aggregator == "mean" or accepted >= ROBUST_MIN:
+            return ""
+        return f"{self.fed.aggregator} needs at least {ROBUST_MIN} accepted updates, got {accepted}: no update this round"
+
+    def combine(self, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+        """(update, agreement, extrapolation factor) of accepted pseudo-gradients: clipped, then the aggregation rule."""
+        fed, names = self.fed, list(deltas)
+        norms = {n: float(d.norm()) for n, d in deltas.items()}
+        w = cap_shares(normalise(self.weights, names), fed.max_weight_share)
+        clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in names]
+        update = combine(fed.aggregator, clipped, [w[n] for n in names], fed.trim_fraction)
+        agree = agreement(update, norms, w, fed.aggregator, fed.clip_norm)
+        scale = extrapolation(fed.extrapolation, update, norms, w, fed.aggregator, fed.clip_norm)
+        return update, agree, min(scale, fed.fedexp_max)
+
+    def preview(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Theta after a round in which only `deltas` had arrived, from the same outer state, committing nothing
+        (what the contribution ledger values coalitions with). No update leaves Theta where it is, as `apply` does."""
+        if not deltas or self._too_few(len(deltas)):
+            return self.theta.clone()
+        update, _, scale = self.combine(deltas)
+        trial = OuterOptimizer(self.theta, self.fed.outer_lr, self.fed.outer_momentum, self.fed.nesterov)
+        trial.sgd.load_state_dict(copy.deepcopy(self.outer.sgd.state_dict()))
+        return trial.step(update * scale).clone()
 
     def apply(self, result: RoundResult, inner_steps: int) -> torch.Tensor:
         """Commit a round: the outer step along the (extrapolated) update, and its bytes. Returns the new Theta."""

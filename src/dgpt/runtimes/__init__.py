@@ -1,5 +1,6 @@
 """Runtimes: where the trainers run and how tensors move between them (central, sim, torchrun).
 
-The round driver, its transports and the code that reads and writes a run directory (through RunDir).
-Imports data, model, train and federation; never the interfaces (cli, api, plot, interop, demo).
+The round driver, its transports, the contribution ledger's writer and the code that reads and writes a run
+directory (through RunDir). Imports data, model, train and federation; never the interfaces (cli, api, plot,
+audit, interop, demo).
 """

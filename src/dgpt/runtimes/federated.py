@@ -28,6 +28,7 @@ from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.strategy import Strategy
 from dgpt.model.gpt import GPT
+from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
@@ -143,12 +144,13 @@ class RoundDriver:
         self.codec = Codec(fed.compression, [p.numel() for p in work.params], fed.int8_block)
         weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in config.oracles})
         self.strategy = Strategy(fed, self.codec, weights, self._theta(), config.seed)
-        self.start = self._resume()
+        self.start, ledger_head = self._resume()
         self.report = RoundReport(config, self.run_dir, work, self.start) if transport.is_leader else None
+        self.ledger = ContributionLedger(config, self, self.start, ledger_head)
 
     def run(self, stop_after: int | None) -> dict:
         work, fed = self.work, self.config.federation
-        valid, scores = self._validate()
+        valid, scores = self.validate()
         if self.report is not None:
             self.report.started(self.start, valid, scores)
         bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
@@ -159,14 +161,18 @@ class RoundDriver:
             trained = {n: self._train_oracle(n, rnd) for n in work.loops if n in participants}
             received = self.transport.exchange({n: p for n, (p, _) in trained.items()}, participants, self.codec)
             result = self.strategy.aggregate(received)
-            copy_into(work.params, self.strategy.apply(result, work.inner_steps))
+            valuation = self.ledger.value(result)
+            self.load_theta(self.strategy.apply(result, work.inner_steps))
+            self.ledger.record(rnd, result, received, valuation)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
-            valid, scores = self._validate() if evaluated else ({}, {})
-            record = RoundRecord(rnd, result, self._gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
-            record.tokens = int(sum(self._gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
+            valid, scores = self.validate() if evaluated else ({}, {})
+            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
+            record.tokens = int(sum(self.gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
                 logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
+            if result.skipped:
+                logger.warning(f"round {rnd}: {result.skipped}")
             if self.report is not None:
                 self.report.round(record, self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds or rnd == stop_after:
@@ -185,7 +191,15 @@ class RoundDriver:
     def _theta(self) -> torch.Tensor:
         return parameters_to_vector(self.work.params).detach()
 
-    def _gather(self, local: dict[str, float]) -> dict[str, float]:
+    def load_theta(self, theta: torch.Tensor) -> None:
+        copy_into(self.work.params, theta)
+
+    def restore_theta(self) -> None:
+        """Back to the Strategy's Theta (after the parameters held an oracle's or a trial's)."""
+        self.load_theta(self.strategy.theta)
+
+    def gather(self, local: dict[str, float]) -> dict[str, float]:
+        """Every oracle's value from the processes that hold them (oracles without one left out)."""
         return {n: v for n, v in self.transport.gather_scalars(local).items() if v == v}
 
     def _train_oracle(self, name: str, rnd: int) -> tuple[Payload, float]:
@@ -193,20 +207,21 @@ class RoundDriver:
         delta, loss = train_round(self.work, name, self.strategy.theta, rnd)
         return self.codec.encode(delta), loss
 
-    def _validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """Every oracle's validation loss, and its other metrics (fine-tuning: accuracy, F1, ...)."""
+    def validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Every oracle's validation loss at the current parameters, and its other metrics (fine-tuning: accuracy, ...)."""
         mine = self.work.evaluate()
-        gathered = {k: self._gather({n: m[k] for n, m in mine.items() if k in m}) for k in self.work.metric_names}
+        gathered = {k: self.gather({n: m[k] for n, m in mine.items() if k in m}) for k in self.work.metric_names}
         extra = {n: {k: v[n] for k, v in gathered.items() if k != "loss" and n in v} for n in self.config.oracle_names()}
         return gathered["loss"], {n: m for n, m in extra.items() if m}
 
-    def _resume(self) -> int:
-        """Load the newest round checkpoint and this process's oracle states; every process must agree on the round."""
-        checkpoint, start, work = self.run_dir.latest_checkpoint(), 0, self.work
+    def _resume(self) -> tuple[int, str | None]:
+        """Load the newest round checkpoint and this process's oracle states; every process must agree on the round.
+        Returns the round and the ledger head the checkpoint anchors."""
+        checkpoint, start, head, work = self.run_dir.latest_checkpoint(), 0, None, self.work
         if checkpoint is not None:
             load_weights_into(work.model, checkpoint / WEIGHTS, work.model.config)
             state = load_state(checkpoint)
-            start = state["round"]
+            start, head = state["round"], state.get("ledger_head")
             for name, loop in work.loops.items():
                 loop.load_state_dict(load_oracle_state(self.run_dir.oracle_state(name, start)))
                 move_optimizer_state(loop.optimizer, PARKED)
@@ -217,7 +232,7 @@ class RoundDriver:
             found = ", ".join(f"'{n}' from round {int(r)}" for n, r in starts.items())
             raise DgptError(f"the oracles would resume from different rounds ({found}): every host's run_dir needs the "
                             "same newest checkpoints/round_N")
-        return start
+        return start, head
 
     def _save(self, rnd: int) -> None:
         """Each process saves its oracles' inner state; then the round checkpoint is committed on every filesystem."""
@@ -226,7 +241,7 @@ class RoundDriver:
             with atomic_path(run_dir.oracle_state(name, rnd)) as tmp:
                 torch.save(loop.state_dict(), tmp)
         self.transport.barrier()
-        state = {"round": rnd, "strategy": self.strategy.state_dict()}
+        state = {"round": rnd, "strategy": self.strategy.state_dict(), "ledger_head": self.ledger.head}
         keep = self.config.pretrain.keep_checkpoints
         # every process holds the same global model and Strategy: each host without a shared run_dir gets its copy
         self.transport.each_filesystem(

@@ -60,7 +60,7 @@ class RoundReport:
             round=record.number, kind="round", **self._evaluated(record.valid, record.scores), participants=result.participants,
             accepted=result.accepted, rejected=list(result.rejected), agreement=result.agreement, outer_scale=result.scale,
             bytes_total=sent.total, bytes_sent=sum(sent.sent.values()), dp_bytes=sent.dp_bytes, seconds=record.seconds,
-            tokens=record.tokens,
+            tokens=record.tokens, **({"skipped": result.skipped} if result.skipped else {}),
         )
         for name in self.sizes:
             self.metrics.log(

@@ -38,10 +38,11 @@ class Validator:
 def weighted_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
     """The global validation loss: oracles' losses weighted by their training tokens (every runtime).
 
-    Oracles without a loss (NaN: no validation data) are left out.
+    Oracles without a loss (NaN: no validation data) are left out; NaN when no oracle has one.
     """
     names = [n for n in losses if losses[n] == losses[n]]
-    return sum(losses[n] * weights[n] for n in names) / sum(weights[n] for n in names)
+    total = sum(weights[n] for n in names)
+    return sum(losses[n] * weights[n] for n in names) / total if total else float("nan")
 
 
 def perplexity(loss: float) -> float:

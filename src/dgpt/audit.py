@@ -1,0 +1,103 @@
+"""`dgpt ledger RUN_DIR`: check a run's contribution ledger and total what each oracle gave.
+
+The chain must hold record by record (each `prev` is the SHA-256 of the line before), each round must start
+from the parameters the round before ended with, and where a round checkpoint is kept its weights must hash to
+the record's `theta_after` and its state must anchor that very record (`ledger_head`), which also seals the last
+record. The first thing that does not match ends the check with its round. Reads the run, writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dgpt.errors import DgptError
+from dgpt.federation.ledger import check_chain, record_sha256, weights_sha256
+from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
+from dgpt.train.checkpoint import load_state
+
+
+@dataclass
+class OracleTotal:
+    rounds: int = 0  # rounds it sent an update in (accepted or rejected)
+    accepted: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    value: float = 0.0  # cumulative contribution: the sum of its per-round values (validation loss reduction)
+    share: float = 0.0  # its value over the sum of every oracle's
+
+
+@dataclass
+class LedgerSummary:
+    rounds: int
+    head: str  # SHA-256 of the last record: publish it and anyone holding the ledger can check it
+    checkpoints_checked: int
+    oracles: dict[str, OracleTotal] = field(default_factory=dict)
+    curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # oracle -> (round, cumulative value)
+
+
+def verify_ledger(run_dir: str | Path) -> LedgerSummary:
+    """Check a run's ledger against itself and its round checkpoints; raise DgptError on the first mismatch."""
+    run = RunDir(run_dir)
+    path = run.ledger
+    if not path.is_file():
+        raise DgptError(f"{path}: not found; is {run.root} a federated run?")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records, problem = check_chain(lines)
+    if problem:
+        raise DgptError(f"{path}: {problem}")
+    if not records or records[0].get("kind") != "genesis":
+        raise DgptError(f"{path}: the first record is not a genesis record")
+    by_round = {r["round"]: (r, line) for r, line in zip(records, lines)}
+    previous = records[0].get("theta")
+    for record in records[1:]:
+        if record.get("theta_before") != previous:
+            raise DgptError(f"{path}: round {record['round']}: theta_before is not the parameters the round before ended with")
+        previous = record.get("theta_after")
+    checked = sum(_check_checkpoint(checkpoint, by_round, path) for checkpoint in run.list_checkpoints())
+    return _totals(records, record_sha256(lines[-1]), checked)
+
+
+def _check_checkpoint(checkpoint: Path, by_round: dict, path: Path) -> int:
+    """1 when a round checkpoint matches its round's record (0 for checkpoints of other kinds)."""
+    if not checkpoint.name.startswith("round_"):
+        return 0
+    rnd = checkpoint_number(checkpoint)
+    if rnd not in by_round:
+        raise DgptError(f"{path}: round {rnd} has a checkpoint ({checkpoint}) but no record")
+    record, line = by_round[rnd]
+    try:
+        weights = load_file(str(checkpoint / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise DgptError(f"{checkpoint / WEIGHTS}: unreadable ({e})") from None
+    if weights_sha256(weights) != record.get("theta_after"):
+        raise DgptError(f"{path}: round {rnd}: the checkpoint's weights ({checkpoint / WEIGHTS}) do not hash to the "
+                        "record's theta_after (the checkpoint or the record was changed)")
+    head = load_state(checkpoint).get("ledger_head")
+    if head is not None and head != record_sha256(line):
+        raise DgptError(f"{path}: round {rnd}: the record is not the one the checkpoint anchors (ledger_head in "
+                        f"{checkpoint}): the record was changed")
+    return 1
+
+
+def _totals(records: list[dict], head: str, checked: int) -> LedgerSummary:
+    names = records[0].get("oracles", [])
+    totals = {n: OracleTotal() for n in names}
+    curve: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for record in records[1:]:
+        for name, row in record.get("oracles", {}).items():
+            total = totals.setdefault(name, OracleTotal())
+            total.rounds += row.get("status") in ("accepted", "rejected")
+            total.accepted += row.get("status") == "accepted"
+            total.tokens += int(row.get("tokens", 0))
+            total.bytes += int(row.get("bytes", 0))
+            total.value += float(row.get("value", 0.0))
+            curve[name].append((record["round"], total.value))
+    whole = sum(t.value for t in totals.values())
+    for total in totals.values():
+        total.share = total.value / whole if whole else 0.0
+    return LedgerSummary(len(records) - 1, head, checked, totals, dict(curve))

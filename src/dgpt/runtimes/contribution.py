@@ -1,0 +1,139 @@
+"""The contribution ledger of a federated run: what each oracle gave in each round, valued, in `ledger.jsonl`.
+
+Every process builds the same records from what the aggregator received (so each host's round checkpoint can
+anchor the chain's head); the leader appends them. An oracle's value in a round is its Shapley value for the
+round's gain in global validation loss: for each coalition S of the round's accepted oracles, Theta is moved as
+if only S's updates had arrived (same rule, same outer state, nothing committed) and every oracle evaluates it
+on its own validation windows, reporting only a loss. Nothing about an oracle's data leaves it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dgpt.config import Config, dump_config
+from dgpt.errors import DgptError
+from dgpt.fileio import write_text
+from dgpt.federation.codec import Payload
+from dgpt.federation.ledger import LedgerChain, check_chain, payload_sha256, record_sha256, weights_sha256
+from dgpt.federation.shapley import CachedValue, exact_shapley, sampled_shapley
+from dgpt.federation.strategy import RoundResult, Strategy
+from dgpt.rundir import RunDir
+from dgpt.train.checkpoint import weights_of
+from dgpt.train.evaluate import weighted_loss
+
+
+@dataclass
+class Valuation:
+    """Each accepted oracle's value in one round (the loss reduction it is credited with) and what it cost."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)  # sampled Shapley only
+    full: float | None = None  # v(all accepted): the round's whole gain, the values' sum (exact Shapley)
+    evaluations: int = 0  # validation passes over every oracle
+    seconds: float = 0.0
+
+
+class ContributionLedger:
+    def __init__(self, config: Config, driver, start: int, head: str | None):
+        """`driver`: the RoundDriver (its work, transport and strategy); `head`: the chain head the resumed
+        round checkpoint recorded (None: a new run, or a checkpoint written before the ledger existed)."""
+        self.config, self.driver, self.path = config, driver, RunDir(config.run_dir).ledger
+        self.method = config.ledger.method
+        self.seen = self._tokens()
+        self.theta_hash = weights_sha256(weights_of(driver.work.model))
+        if head is None:
+            self.chain = LedgerChain()
+            genesis = {"round": start, "kind": "genesis", "config_sha256": record_sha256(dump_config(config)),
+                       "oracles": config.oracle_names(), "theta": self.theta_hash, "method": self.method}
+            self._rewrite([self.chain.link(genesis)])
+        else:
+            self.chain = LedgerChain(head)
+            self._rewrite(self._kept(start, head))
+
+    @property
+    def head(self) -> str:
+        return self.chain.prev
+
+    def value(self, result: RoundResult) -> Valuation:
+        """Shapley values of the round's accepted oracles (call before the Strategy applies the round)."""
+        if self.method == "off" or result.update is None:
+            return Valuation()
+        t0, strategy, names = time.perf_counter(), self.driver.strategy, result.accepted
+        baseline = self._loss(strategy.theta)
+        if baseline != baseline:  # no oracle has validation data: nothing to value with
+            self.driver.restore_theta()
+            return Valuation(evaluations=1, seconds=time.perf_counter() - t0)
+        v = CachedValue(lambda s: baseline - self._loss(strategy.preview({n: result.deltas[n] for n in names if n in s})))
+        valuation = Valuation()
+        if len(names) <= self.config.ledger.exact_max:
+            valuation.values = exact_shapley(names, v)
+        else:
+            orders = torch.Generator().manual_seed(self.config.seed * 31 + len(self.seen))
+            valuation.values, valuation.stderr = sampled_shapley(names, v, self.config.ledger.permutations, orders)
+        valuation.full = v(frozenset(names))
+        self.driver.restore_theta()
+        valuation.evaluations, valuation.seconds = v.evaluations + 1, time.perf_counter() - t0
+        return valuation
+
+    def record(self, rnd: int, result: RoundResult, received: dict[str, Payload], valuation: Valuation) -> None:
+        """Append the round's record (call after the Strategy applied it)."""
+        seen, before = self._tokens(), self.theta_hash
+        self.theta_hash = weights_sha256(weights_of(self.driver.work.model))
+        oracles = {}
+        for name in self.config.oracle_names():
+            row = {"tokens": int(seen.get(name, 0) - self.seen.get(name, 0)), "bytes": result.bytes_received.get(name, 0),
+                   "status": "accepted" if name in result.accepted else "rejected" if name in result.rejected else "absent"}
+            if name in received:
+                row["payload_sha256"] = payload_sha256(received[name])
+            if name in result.rejected:
+                row["reason"] = result.rejected[name]
+            if name in result.norms:
+                row["norm"] = result.norms[name]
+            if name in valuation.values:
+                row["value"] = valuation.values[name]
+            if name in valuation.stderr:
+                row["stderr"] = valuation.stderr[name]
+            oracles[name] = row
+        self.seen = seen
+        record = {"round": rnd, "kind": "round", "theta_before": before, "theta_after": self.theta_hash, "oracles": oracles,
+                  "cost": {"evaluations": valuation.evaluations, "seconds": round(valuation.seconds, 6)}}
+        if valuation.full is not None:
+            record["value"] = {"method": self.method, "full": valuation.full}
+        self._append(self.chain.link(record))
+
+    def _loss(self, theta: torch.Tensor) -> float:
+        """The token-weighted global validation loss at `theta` (every oracle evaluates it on its own windows)."""
+        self.driver.load_theta(theta)
+        return weighted_loss(self.driver.validate()[0], self.driver.work.sizes)
+
+    def _tokens(self) -> dict[str, float]:
+        return self.driver.gather({n: float(loop.tokens) for n, loop in self.driver.work.loops.items()})
+
+    def _append(self, line: str) -> None:
+        """One whole line per write, flushed to disk: a crash leaves at most a partial last line, dropped on resume."""
+        if self.driver.transport.is_leader:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _rewrite(self, lines: list[str]) -> None:
+        if self.driver.transport.is_leader:
+            write_text(self.path, "".join(line + "\n" for line in lines))
+
+    def _kept(self, start: int, head: str) -> list[str]:
+        """The leader's records up to round `start`, which must end where the round checkpoint says the chain did."""
+        if not self.driver.transport.is_leader:
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        records, problem = check_chain(lines)
+        kept = [line for line, r in zip(lines, records) if r["round"] <= start]
+        if not kept or record_sha256(kept[-1]) != head:
+            why = problem or "it does not hold the record the checkpoint anchors"
+            raise DgptError(f"{self.path}: cannot resume the ledger at round {start}: {why}")
+        return kept
