@@ -37,7 +37,7 @@ def round_seconds(run_dir: Path) -> float:
 def run(runtime: str, compression: str, steps: int, root: Path) -> float:
     fed = {"rounds": ROUNDS, "inner_steps": steps, "eval_interval": ROUNDS, "compression": compression,
            "runtime": runtime, "round_timeout_s": 120}
-    config = tiny_config(root, federation=fed)
+    config = tiny_config(root, federation=fed, ledger={"method": "off"})  # orchestration only: no Shapley valuation
     api.prepare(config)
     if runtime == "sim":
         api.pretrain(config)

@@ -6,6 +6,7 @@ generated here with `cryptography` (what `openssl` and `ssh-keygen -t ecdsa -b 3
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
@@ -102,6 +103,7 @@ class Deployment:
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n')
 
     def _start(self, name: str, cmd: list[str], home: Path) -> None:
+        """`home` is also how close() finds what Flower starts detached from this process (see _detached)."""
         home.mkdir(parents=True, exist_ok=True)
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -153,10 +155,27 @@ class Deployment:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid in self._detached(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+    def _detached(self, name: str) -> list[int]:
+        """Processes Flower started in sessions of their own (SuperExec, the ServerApp) for one of ours: they
+        carry the FLWR_HOME it was given."""
+        homes = {f"FLWR_HOME={self.root / name}_home".encode()}
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                environ = set((proc / "environ").read_bytes().split(b"\0"))
+            except OSError:  # not a process, gone, or not ours to read
+                continue
+            if proc.name.isdigit() and environ & homes:
+                found.append(int(proc.name))
+        return found
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

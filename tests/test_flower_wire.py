@@ -57,21 +57,23 @@ def test_theta_of_another_model_is_refused():
         wire.theta_from(record, 11)
 
 
-def _reply(rnd, oracle):
+def _reply(rnd, oracle, size=1.0):
     """A reply as the Grid hands it over (a Message outside a Flower run cannot be made)."""
-    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord({"size": 1.0})})
+    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord({"size": size})})
     return SimpleNamespace(content=content, has_error=lambda: False)
 
 
 def test_server_refuses_stale_unknown_and_duplicate_replies(tmp_path):
     server = FlowerServer.__new__(FlowerServer)
     server.node_of, server.met = {}, set()
-    replies = Replies()
-    server._take(_reply(3, "alpha"), 11, 4, ["alpha", "beta"], replies)  # made from round 3's Theta
-    server._take(_reply(4, "mallory"), 12, 4, ["alpha", "beta"], replies)  # no such oracle asked
+    replies, asked, needed = Replies(), ["alpha", "beta"], ("size",)
+    server._take(_reply(3, "alpha"), 11, 4, asked, replies, needed)  # made from round 3's Theta
+    server._take(_reply(4, "mallory"), 12, 4, asked, replies, needed)  # no such oracle asked
+    server._take(_reply(4, "beta", float("nan")), 12, 4, asked, replies, needed)  # its size is no number
+    server._take(_reply(4, "beta"), 12, 4, asked, replies, ("size", "train_loss"))  # no train loss
     assert replies.contents == {}
-    server._take(_reply(4, "alpha"), 11, 4, ["alpha", "beta"], replies)
-    server._take(_reply(4, "alpha"), 13, 4, ["alpha", "beta"], replies)  # a second SuperNode claiming alpha
+    server._take(_reply(4, "alpha"), 11, 4, asked, replies, needed)
+    server._take(_reply(4, "alpha"), 13, 4, asked, replies, needed)  # a second SuperNode claiming alpha
     assert list(replies.contents) == ["alpha"] and server.node_of == {"alpha": 11}
 
 

@@ -13,6 +13,7 @@ checkpoints, `metrics.jsonl` and resuming after a restart work as in `RoundDrive
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,16 +29,22 @@ from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.strategy import Strategy
 from dgpt.runtimes import flower_wire as wire
+from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, read_run
 from dgpt.rundir import WEIGHTS, RunDir
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
-from dgpt.train.evaluate import weighted_loss
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
 POLL_S = 0.2
+
+
+class Aggregator:
+    """The server's place among a run's processes, as the contribution ledger asks: it writes the run's files."""
+
+    is_leader, prepares_data = True, False
 
 
 @dataclass
@@ -59,34 +66,36 @@ class FlowerServer:
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
         self.met: set[int] = set()  # every SuperNode that ever answered
-        self.tokens: dict[str, float] = {}
+        self.tokens: dict[str, float] = {}  # each oracle's trained tokens, as it last reported them
+        self.transport, self.round = Aggregator(), 0
 
-    def run(self) -> dict:
+    def run(self) -> None:
         fed, work = self.config.federation, self.work
         self._wait_for_nodes()
         start, state = self._resume()
+        self.round = start
         if start == 0:
             valid = self._ask(wire.EVALUATE, 0, self.config.oracle_names())
             work.sizes.update(self._sizes(valid))
         else:
             work.sizes.update(state["sizes"])
+            self.tokens.update(state.get("tokens", {}))
         weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in self.config.oracles})
         self.strategy = Strategy(fed, self.codec, weights, self._theta(), self.config.seed)
         if state:
             self.strategy.load_state_dict(state["strategy"], self._theta())
         report = RoundReport(self.config, self.run_dir, work, start)
+        self.ledger = ContributionLedger(self.config, self, start, state.get("ledger_head"))
         if start == 0:
             report.started(0, self._valid(valid), {})
         for rnd in range(start + 1, work.rounds + 1):
-            record = self._round(rnd)
-            report.round(record, self.strategy)
+            report.round(self._round(rnd), self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
                 self._save(rnd)
         report.finished(self.strategy)
-        return {"valid": record.valid, "global": weighted_loss(record.valid, work.sizes), "bytes_total": self.strategy.bytes.total}
 
     def _round(self, rnd: int) -> RoundRecord:
-        t0, fed = time.perf_counter(), self.config.federation
+        t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
         participants = self.strategy.sample()
         replies = self._ask(wire.TRAIN, rnd, participants)
         received, train_loss = {}, {}
@@ -101,16 +110,33 @@ class FlowerServer:
             logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
         result = self.strategy.aggregate(received)
         result.rejected.update(replies.refused)
-        copy_into(self.work.params, self.strategy.apply(result, self.work.inner_steps))
+        valuation = self.ledger.value(result)  # each coalition's Theta validated by the oracles, through the Grid
+        self.load_theta(self.strategy.apply(result, self.work.inner_steps))
+        self.ledger.record(rnd, result, received, valuation)
+        if result.skipped:
+            logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
             if name not in received:
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name, 'no reply in time')}")
-        valid = {}
-        if rnd % fed.eval_interval == 0 or rnd == self.work.rounds:
-            valid = self._valid(self._ask(wire.EVALUATE, rnd, self.config.oracle_names()))
+        valid = self.validate()[0] if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else {}
         record = RoundRecord(rnd, result, train_loss, valid, {}, int(sum(self.tokens.values())))
         record.seconds = time.perf_counter() - t0
         return record
+
+    # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
+
+    def validate(self) -> tuple[dict[str, float], dict]:
+        """Every reachable oracle's validation loss at the current parameters."""
+        return self._valid(self._ask(wire.EVALUATE, self.round, self.config.oracle_names())), {}
+
+    def gather(self, local: dict[str, float]) -> dict[str, float]:
+        return {**self.tokens, **local}
+
+    def load_theta(self, theta: torch.Tensor) -> None:
+        copy_into(self.work.params, theta)
+
+    def restore_theta(self) -> None:
+        self.load_theta(self.strategy.theta)
 
     def _valid(self, replies: Replies) -> dict[str, float]:
         found = {n: c.metric_records["metrics"].get("valid_loss") for n, c in replies.contents.items()}
@@ -152,12 +178,13 @@ class FlowerServer:
         deadline = time.monotonic() + fed.round_timeout_s
         while pending and (time.monotonic() < deadline or len(replies.contents) < fed.min_oracles):
             for reply in self.grid.pull_messages(list(pending)):
-                self._take(reply, pending.pop(reply.metadata.reply_to_message_id), rnd, names, replies)
+                self._take(reply, pending.pop(reply.metadata.reply_to_message_id), rnd, names, replies, _NEEDED[kind])
             time.sleep(POLL_S if pending else 0)
         return replies
 
-    def _take(self, reply: Message, node: int, rnd: int, names: list[str], replies: Replies) -> None:
-        """Keep a reply if it answers this round for an oracle that was asked and has not answered yet."""
+    def _take(self, reply: Message, node: int, rnd: int, names: list[str], replies: Replies, needed: tuple[str, ...]) -> None:
+        """Keep a reply if it answers this round for an oracle that was asked and has not answered yet, with the
+        `needed` metrics as finite numbers (and a positive size)."""
         if reply.has_error():
             known = [n for n, id_ in self.node_of.items() if id_ == node]
             logger.warning(f"round {rnd}: SuperNode {node} ({known[0] if known else 'not met yet'}) failed: {reply.error.reason}")
@@ -167,8 +194,10 @@ class FlowerServer:
         name = said.get("oracle") if said is not None else None
         if said is None or said.get("round") != rnd:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node} made for round {said and said.get('round')}")
-        elif name not in names or "metrics" not in content.metric_records:
+        elif name not in names:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node}: {name!r} is not an oracle asked this round")
+        elif not _has_numbers(content, needed):
+            logger.warning(f"round {rnd}: refused the reply for oracle '{name}': it lacks finite {', '.join(needed)}")
         elif name in replies.contents:
             logger.warning(f"round {rnd}: refused a second reply for oracle '{name}' (SuperNode {node})")
         else:
@@ -190,9 +219,19 @@ class FlowerServer:
         return state["round"], state
 
     def _save(self, rnd: int) -> None:
-        state = {"round": rnd, "strategy": self.strategy.state_dict(), "sizes": dict(self.work.sizes)}
+        state = {"round": rnd, "strategy": self.strategy.state_dict(), "sizes": dict(self.work.sizes),
+                 "tokens": dict(self.tokens), "ledger_head": self.ledger.head}
         model = self.work.model
         save_checkpoint(self.run_dir.root, "round", rnd, weights_of(model), model.config, state, self.config.pretrain.keep_checkpoints)
+
+
+_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",)}
+
+
+def _has_numbers(content: RecordDict, keys: tuple[str, ...]) -> bool:
+    metrics = content.metric_records.get("metrics")
+    values = [metrics.get(k) if metrics is not None else None for k in keys]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) and metrics["size"] > 0
 
 
 @contextmanager
