@@ -208,7 +208,9 @@ def _read_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if (hf_dir / name).is_file():
             weight_map = _read_json(hf_dir / name).get("weight_map") or {}
             state = {}
-            for shard in sorted(set(weight_map.values())):
+            for shard in sorted(set(map(str, weight_map.values()))):
+                if Path(shard).name != shard or shard in (".", ".."):
+                    raise DgptError(f"{hf_dir / name}: weight_map names {shard!r}, not a file of {hf_dir}")
                 state.update(_load_tensors(hf_dir / shard))
             return state, hf_dir / name
     raise DgptError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
