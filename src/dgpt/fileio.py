@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -92,12 +93,22 @@ def remove_stale_temps(root: str | Path, older_than: float) -> list[Path]:
 
 
 def torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a Python file, so that a full disk is an OSError with its errno (torch's own
-    writer reports it as a RuntimeError without one)."""
+    """torch.save, serialised in memory and written by Python, so that a full disk is an OSError with its errno
+    (torch's own writer reports a short write as a RuntimeError without one)."""
     import torch
 
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Path.write_bytes, the path named in the OSError of a failed write (Python names it only when open fails)."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, torch_save, write_checksums
+from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums
 from dgpt.model.gpt import GPTConfig, tied_weight_names
 from dgpt.rundir import CHECKSUMS, STATE, WEIGHTS, RunDir
 
@@ -31,7 +31,7 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(path: Path, weights: dict[str, torch.Tensor], model_config: GPTConfig, extra: dict | None = None) -> None:
     metadata = {"model_config": json.dumps(model_config.to_dict(), sort_keys=True), "format": "dgpt"}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file(weights, str(path), metadata=metadata)
+    write_bytes(path, save(weights, metadata=metadata))  # written by Python: a full disk is an OSError
 
 
 def read_model_config(path: Path) -> GPTConfig:
