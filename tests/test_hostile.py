@@ -301,9 +301,14 @@ def test_written_files_get_the_umask_permissions(tmp_path):
         ("finetune.beta2=1.0", "'finetune.beta2' must be in [0, 1)"),
         ("tokenizer.vocab_size=100", "'tokenizer.vocab_size' must be >= 261"),
         ("oracles.0.weight=-2", "'oracles[0].weight' must be >= 0"),
+        ("federation.aggregator=\"krum\"", "federation.aggregator' is 'krum'"),
+        ("federation.inner_steps=0", "inner_steps' must be >= 1"),
+        ("federation.compression=\"fp8\"", "federation.compression' is 'fp8'"),
+        ("federation.extrapolation=\"adam\"", "federation.extrapolation' is 'adam'; expected one of none, fedexp"),
+        ("federation.mean_weights=\"given\"", "have no weight"),
     ],
 )
-def test_config_values_out_of_range_name_the_key(tmp_path, override, message):
+def test_bad_config_values_name_the_key(tmp_path, override, message):
     path = tmp_path / "c.toml"
     path.write_text('[[oracles]]\nname = "a"\ntrain = ["x.txt"]\n')
     with pytest.raises(DgptError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
