@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tokenizers import AddedToken, Tokenizer
 
 from dgpt.config import Config, ModelConfig, TokenizerConfig, dump_config
 from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, read_json_object, write_json, write_text
+from dgpt.fileio import atomic_dir, read_json_object, write_bytes, write_json, write_text
 from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.rundir import RunDir
 from dgpt.runtimes.setup import newest_weights
@@ -164,7 +164,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     eot, pad, *extra = SPECIAL_TOKENS
     special = dict(bos_token=eot, eos_token=eot, unk_token=eot, pad_token=pad, additional_special_tokens=extra)
     with atomic_dir(out_dir) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_bytes(tmp / "model.safetensors", save(weights, metadata={"format": "pt"}))
         write_json(tmp / "config.json", hf)
         write_json(tmp / "generation_config.json",
                    dict(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id))

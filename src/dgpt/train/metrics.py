@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from dgpt.errors import DgptError
+from dgpt.fileio import write_text
 from dgpt.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ class MetricsLog:
         self._board = _summary_writer(RunDir(self.path.parent).tensorboard) if tensorboard else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
-            self.path.write_text("")
+            write_text(self.path, "")
         elif self.path.exists():
             kept = [row for row in read_metrics(self.path) if row.get(key, 0) <= resume_after]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, **row) -> None:
