@@ -96,8 +96,10 @@ def _acquire(run: RunDir, me: dict) -> bool:
 
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold the run directory's lock while the block runs (created if missing)."""
+    """Hold the run directory's lock while the block runs (the directory is made if missing, and removed again
+    if it is still empty)."""
     run = RunDir(run_dir)
+    created = not run.root.exists()
     run.root.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
           "job": torchrun_job()}
@@ -111,3 +113,6 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     finally:
         if taken and _read_holder(run.lock) == me:
             run.lock.unlink()
+        if created:  # a command that failed before writing anything leaves no empty run directory behind
+            with contextlib.suppress(OSError):
+                run.root.rmdir()
