@@ -45,6 +45,7 @@ from dgpt import api  # noqa: E402
 from dgpt.audit import verify_ledger  # noqa: E402
 from dgpt.config import config_from_dict  # noqa: E402
 from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
+from dgpt.rundir import RunDir, checkpoint_number  # noqa: E402
 from dgpt.runtimes.setup import read_run  # noqa: E402
 from dgpt.train.evaluate import Validator, weighted_loss  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
@@ -100,13 +101,16 @@ def write(path: Path, text: str) -> None:
 
 
 def train(job: tuple) -> dict:
-    """One run in its own process: a ledger run (totals, curve, seconds) or a retraining (its final model's path)."""
+    """One run in its own process: a ledger run (totals, curve, seconds) or a retraining (its final model's path).
+    A run whose final checkpoint exists is reused, so an interrupted benchmark picks up where it stopped."""
     kind, run_dir, names, corpora, args, seed, ledger = job
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
-    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config(Path(run_dir), names, Path(corpora), args, seed, ledger, central=kind == "alone")
-    api.pretrain(cfg)
+    last = RunDir(run_dir).latest_checkpoint()
+    if kind == "overhead" or last is None or checkpoint_number(last) != args.rounds * (args.inner_steps if kind == "alone" else 1):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        api.pretrain(cfg)
     out = {"kind": kind, "run_dir": str(run_dir), "names": names, "seed": seed}
     if ledger:
         summary = verify_ledger(run_dir)
@@ -238,7 +242,7 @@ def overhead(args, runs: Path, corpora: Path) -> str:
     rows = []
     for label, ledger in (("off", {"method": "off"}), ("exact_max 4 (sampled)", {"method": "shapley", "exact_max": 4}),
                           ("exact_max 6 (exact)", {"method": "shapley", "exact_max": 6})):
-        r = train(("ledger" if ledger["method"] != "off" else "time", runs / f"overhead_{ledger.get('exact_max', 0)}",
+        r = train(("overhead", runs / f"overhead_{ledger.get('exact_max', 0)}",
                    [*DOMAINS, EXTRA["small"]], corpora, args, args.seeds[0], ledger))
         rounds = [x for x in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if x["kind"] == "round" and x["round"] > 0]
         per_round = sum(x["seconds"] for x in rounds) / len(rounds)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
+import math
 import os
 import sys
-from contextlib import contextmanager
+import contextlib
 from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin while waiting make steps several times slower when the
@@ -18,6 +20,33 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dgpt import api  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
+from dgpt.runlock import run_lock  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end like every other bad input: one `dgpt: error:` line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"dgpt: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, ok, what: str):
+    """An argparse type: a finite `kind` for which `ok` holds, else an error saying `what` was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, lambda v: v >= 1, "an integer >= 1")
+MAX_SAMPLES, MAX_NEW_TOKENS, MAX_BATCH = 256, 100_000, 65_536  # bounds that keep one command within memory
 
 
 def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
@@ -27,16 +56,21 @@ def _config_args(p: argparse.ArgumentParser, what: str = "CONFIG") -> None:
 
 
 def cmd_prepare(args) -> None:
-    api.prepare(api.load_run_config(args.config, args.overrides), oracles=args.oracles)
+    config = api.load_run_config(args.config, args.overrides)
+    with run_lock(config.run_dir):
+        api.prepare(config, oracles=args.oracles)
 
 
 def cmd_count_pretokens(args) -> None:
-    api.count_pretokens(api.load_run_config(args.config, args.overrides), args.oracle, args.out, args.min_count)
+    config = api.load_run_config(args.config, args.overrides)
+    with run_lock(config.run_dir) if args.out is None else contextlib.nullcontext():
+        api.count_pretokens(config, args.oracle, args.out, args.min_count)
 
 
 def cmd_pretrain(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
-    result = api.pretrain(config, stop_after=args.stop_after)
+    with run_lock(config.run_dir):
+        result = api.pretrain(config, stop_after=args.stop_after)
     if result and "global" in result:
         print(f"final global validation loss {result['global']:.4f}")
 
@@ -109,12 +143,15 @@ def cmd_import(args) -> None:
 
 def cmd_finetune(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
-    result = api.finetune(config, stop_after=args.stop_after)
+    with run_lock(config.run_dir):
+        result = api.finetune(config, stop_after=args.stop_after)
     for name, scores in sorted((result or {}).get("metrics", {}).items()):
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 def cmd_predict(args) -> None:
+    if Path(args.output).is_dir():
+        raise DgptError(f"{args.output}: --output is a directory; name the JSONL file to write")
     rows = api.predict(args.run_dir, args.oracle, args.input, args.output, device=args.device, batch_size=args.batch_size)
     print(f"wrote {len(rows)} predictions to {args.output}")
 
@@ -142,7 +179,8 @@ def cmd_ledger(args) -> None:
 def cmd_demo(args) -> None:
     from dgpt.demo import run_demo
 
-    run_demo(Path(args.run_dir), rounds=args.rounds, inner_steps=args.inner_steps)
+    with run_lock(args.run_dir):
+        run_demo(Path(args.run_dir), rounds=args.rounds, inner_steps=args.inner_steps)
 
 
 def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
@@ -154,7 +192,7 @@ def _verbosity_args(p: argparse.ArgumentParser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgpt", description="Decentralized GPT: pre-train and fine-tune across data owners")
+    parser = _Parser(prog="dgpt", description="Decentralized GPT: pre-train and fine-tune across data owners")
     _verbosity_args(parser, logging.INFO)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -169,13 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--oracle", required=True, metavar="NAME", help="the oracle whose training text is counted")
     p.add_argument("--out", help="count file (default: RUN_DIR/pretoken_counts/NAME.json)")
-    p.add_argument("--min-count", type=int, default=1, metavar="N",
+    p.add_argument("--min-count", type=POSITIVE, default=1, metavar="N",
                    help="leave out pre-tokens seen fewer than N times (default 1: keep all; > 1 changes the tokenizer)")
     p.set_defaults(func=cmd_count_pretokens)
 
     p = sub.add_parser("pretrain", help="pre-train (central, sim or torchrun runtime, from the config)")
     _config_args(p)
-    p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step/round")
+    p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop (checkpointed) after this step/round")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("flower-app", help="write the Flower App of a runtime = 'flower' config; start it with `flwr run`")
@@ -184,18 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and perplexity per oracle")
     _config_args(p, "CONFIG_OR_RUN")
-    p.add_argument("--max-windows", type=int, default=None, help="validation windows per oracle")
+    p.add_argument("--max-windows", type=POSITIVE, default=None, help="validation windows per oracle")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_number(int, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
+                   default=100)
+    p.add_argument("--num-samples", type=_number(int, lambda v: 1 <= v <= MAX_SAMPLES, f"an integer in [1, {MAX_SAMPLES}]"),
+                   default=1)
+    p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_number(int, lambda v: v >= 0, "an integer >= 0"), default=0, help="0 = off")
+    p.add_argument("--top-p", type=_number(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=0.95)
+    p.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"), default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
@@ -216,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune across oracles, one task head each (DSFT; sim or torchrun runtime)")
     _config_args(p)
-    p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this round")
+    p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop (checkpointed) after this round")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("predict", help="label a JSONL file with a fine-tuned run and one oracle's head")
@@ -224,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", required=True, help="whose head to use")
     p.add_argument("--input", required=True, metavar="IN.jsonl", help="rows with the task's fields (a label is not needed)")
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="one {label, probabilities} object per input row")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_number(int, lambda v: 1 <= v <= MAX_BATCH, f"an integer in [1, {MAX_BATCH}]"),
+                   default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
 
@@ -239,15 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--inner-steps", type=int, default=25, help="inner steps per oracle per round (H)")
+    p.add_argument("--rounds", type=POSITIVE, default=8)
+    p.add_argument("--inner-steps", type=POSITIVE, default=25, help="inner steps per oracle per round (H)")
     p.set_defaults(func=cmd_demo)
     for p in sub.choices.values():  # -v / -q also after the command; given there, they win
         _verbosity_args(p, argparse.SUPPRESS)
     return parser
 
 
-@contextmanager
+@contextlib.contextmanager
 def _messages_on_stderr(level: int):
     """dgpt's messages as plain lines on stderr (stdout carries the commands' results) while the block runs;
     main may run more than once in a process (tests, notebooks), so logging is left as it was found."""
@@ -266,13 +307,39 @@ def _messages_on_stderr(level: int):
         logger.setLevel(before)
 
 
+_OS_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or the file size limit",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+def _os_error(e: OSError) -> str:
+    """An error of the environment as one line: the file, what happened, and that nothing complete was lost."""
+    what = _OS_ERRORS.get(e.errno, e.strerror or str(e))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what += " (files are written under temporary names: the complete ones, the last checkpoint included, are intact)"
+    return f"{e.filename}: {what}" if e.filename is not None else what
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or bad arguments (already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
     with _messages_on_stderr(args.log_level):
         try:
             args.func(args)
         except DgptError as e:
             print(f"dgpt: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if args.log_level <= logging.DEBUG:
+                raise
+            print(f"dgpt: error: {_os_error(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("dgpt: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

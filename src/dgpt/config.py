@@ -1,12 +1,13 @@
 """Typed run configuration: dataclasses filled from TOML, `--set section.key=value` overrides.
 
 Every value has a default, so an empty file is a valid config. Unknown keys and values of the wrong
-type are errors that name the key. Relative paths are taken from the current directory.
+type, out of their range (`dgpt.config_ranges`) or not finite are errors that name the key. Relative paths are taken from the current directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -19,6 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from dgpt.config_ranges import check_ranges
 from dgpt.errors import DgptError
 from dgpt.rundir import check_oracle_name
 
@@ -216,9 +218,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise DgptError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise DgptError(f"{source}: '{key}' must be a finite number, got {value!r}")
     return value
 
 
@@ -295,52 +299,25 @@ def validate(config: Config, source: str) -> None:
             raise DgptError(f"{source}: oracle name '{name}' is used twice")
     if config.tokenizer.path and config.tokenizer.counts:
         raise DgptError(f"{source}: set one of 'tokenizer.path' (a ready tokenizer) and 'tokenizer.counts' (train from counts)")
-    fed = config.federation
-    if fed.inner_steps < 1:
-        raise DgptError(f"{source}: 'federation.inner_steps' must be >= 1, got {fed.inner_steps}")
-    for key in ("rounds", "eval_interval", "checkpoint_interval"):
-        if getattr(fed, key) < 1:
-            raise DgptError(f"{source}: 'federation.{key}' must be >= 1, got {getattr(fed, key)}")
-    if not 0.0 <= fed.drop_prob < 1.0:
-        raise DgptError(f"{source}: 'federation.drop_prob' must be in [0, 1), got {fed.drop_prob}")
-    if not 1 <= fed.min_oracles <= max(len(names), 1):
-        raise DgptError(f"{source}: 'federation.min_oracles' must be in [1, {len(names)}] (the oracles declared), got {fed.min_oracles}")
-    if not fed.round_timeout_s > 0:
-        raise DgptError(f"{source}: 'federation.round_timeout_s' must be > 0, got {fed.round_timeout_s}")
-    if not 0.0 < fed.max_weight_share <= 1.0:
-        raise DgptError(f"{source}: 'federation.max_weight_share' must be in (0, 1], got {fed.max_weight_share}")
-    if not fed.fedexp_max >= 1.0:
-        raise DgptError(f"{source}: 'federation.fedexp_max' must be >= 1, got {fed.fedexp_max}")
-    if not 0.0 <= fed.trim_fraction < 0.5:
-        raise DgptError(f"{source}: 'federation.trim_fraction' must be in [0, 0.5), got {fed.trim_fraction}")
-    if config.ledger.exact_max < 1 or config.ledger.permutations < 2:
-        raise DgptError(f"{source}: 'ledger.exact_max' must be >= 1 and 'ledger.permutations' >= 2")
-    if fed.mean_weights == "given":
+    check_ranges(config, source)
+    if config.federation.min_oracles > max(len(names), 1):
+        raise DgptError(f"{source}: 'federation.min_oracles' must be at most the {len(names)} oracles declared, "
+                        f"got {config.federation.min_oracles}")
+    if config.federation.mean_weights == "given":
         missing = [o.name for o in config.oracles if o.weight is None]
         if missing:
             raise DgptError(f"{source}: mean_weights = 'given' but oracle(s) {', '.join(missing)} have no weight")
-    if config.pretrain.steps < 1 or config.pretrain.batch_size < 1 or config.pretrain.grad_accum < 1:
-        raise DgptError(f"{source}: pretrain.steps, batch_size and grad_accum must be >= 1")
-    _validate_finetune(config, source)
+    _validate_tasks(config, source)
 
 
-def _validate_finetune(config: Config, source: str) -> None:
-    ft = config.finetune
-    if ft.batch_size < 1 or ft.inner_steps < 1 or ft.rounds < 0 or ft.epochs <= 0 or ft.eval_batch_size < 1:
-        raise DgptError(f"{source}: finetune.batch_size, inner_steps, eval_batch_size and epochs must be > 0, rounds >= 0")
-    if ft.lambda_lm < 0 or not 0.0 <= ft.warmup < 1.0 or not 0.0 <= ft.classifier_dropout < 1.0:
-        raise DgptError(f"{source}: finetune.lambda_lm must be >= 0, warmup and classifier_dropout in [0, 1)")
-    if ft.max_len != 0 and ft.max_len < 4:
-        raise DgptError(f"{source}: 'finetune.max_len' must be 0 (n_ctx) or >= 4, got {ft.max_len}")
+def _validate_tasks(config: Config, source: str) -> None:
     for oracle in config.oracles:
         task, where = oracle.task, f"{source}: oracle '{oracle.name}' task"
         if task is None:
             continue
         if task.regression and (task.type == "multiple_choice" or task.labels):
             raise DgptError(f"{where}: regression needs a non-multiple-choice type and no labels")
-        if task.num_choices < 0 or task.num_choices == 1:
-            raise DgptError(f"{where}: num_choices must be 0 (from the data) or >= 2, got {task.num_choices}")
-    if ft.shared_head:
+    if config.finetune.shared_head:
         kinds = {(t.type, t.regression, tuple(t.labels), t.num_choices) if t else None for t in (o.task for o in config.oracles)}
         kind = kinds.pop() if len(kinds) == 1 else None
         if kind is None or (kind[0] != "multiple_choice" and not kind[1] and not kind[2]):

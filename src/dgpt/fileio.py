@@ -1,17 +1,41 @@
-"""Atomic file writes: a file appears under its final name only when it is complete."""
+"""Atomic file writes: a file appears under its final name only when it is complete.
+
+Temporary names are `.NAME.XXXXXXXX.tmp` beside the target (`TEMP_NAME`); what an interrupted write left
+behind is removed by `remove_stale_temps` when the next writer takes the run (see `dgpt.runlock`).
+Files get the permissions the umask gives any new file (mkstemp alone would make them 0600), and an
+OSError inside the block names the final path, not the temporary one.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from dgpt.errors import DgptError
+
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what tempfile.mkstemp/mkdtemp make from the prefix and suffix below
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _named(error: OSError, tmp: Path, final: Path) -> OSError:
+    """The error with its filename the final path (or the final path's counterpart of a file inside `tmp`)."""
+    name = str(error.filename) if error.filename is not None else str(tmp)
+    if name.startswith(str(tmp)):
+        error.filename = str(final) + name[len(str(tmp)):]
+    return error
 
 
 @contextlib.contextmanager
@@ -23,7 +47,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, Path(tmp), path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -37,12 +64,51 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def remove_stale_temps(root: str | Path, older_than: float) -> list[Path]:
+    """Remove the temporary files and directories of interrupted atomic writes under `root` last modified
+    before `older_than` (a file-system timestamp); return what was removed."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [n for n in dirs + files if TEMP_NAME.match(n)]:
+            path = Path(folder) / name
+            if path.lstat().st_mtime < older_than:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not TEMP_NAME.match(d)]
+    return removed
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save, serialised in memory and written by Python, so that a full disk is an OSError with its errno
+    (torch's own writer reports a short write as a RuntimeError without one)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Path.write_bytes, the path named in the OSError of a failed write (Python names it only when open fails)."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -60,6 +126,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def write_checksums(folder: Path, name: str) -> None:
+    """`folder/name`: the SHA-256 of every other file in `folder` (not recursive)."""
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != name)
+    write_json(folder / name, {"sha256": {f: sha256_file(folder / f) for f in files}})
+
+
+def checksum_problem(folder: Path, name: str) -> str | None:
+    """What is wrong with `folder` against its `name` file (None: every listed file matches). A folder
+    without the file (written before checksums were kept) is not checked."""
+    if not (folder / name).is_file():
+        return None
+    try:
+        listed = read_json_object(folder / name)["sha256"]
+    except (DgptError, KeyError) as e:
+        return f"unreadable {name} ({e})"
+    for file, digest in sorted(listed.items()):
+        if not (folder / file).is_file():
+            return f"{file} is missing"
+        if sha256_file(folder / file) != digest:
+            return f"{file} does not match its SHA-256 in {name}"
+    return None
 
 
 def read_json_object(path: str | Path, missing: str = "not found") -> dict:

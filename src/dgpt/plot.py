@@ -41,10 +41,7 @@ def _read(run: RunDir) -> list[dict]:
     path = run.metrics
     if not path.is_file():
         raise DgptError(f"{path}: not found; is {run.root} a run directory that has trained?")
-    try:
-        rows = [r for r in read_metrics(path) if isinstance(r, dict)]
-    except ValueError as e:
-        raise DgptError(f"{path}: not valid JSON lines ({e})") from None
+    rows = read_metrics(path)
     if not rows:
         raise DgptError(f"{path}: no metrics rows to plot")
     return rows

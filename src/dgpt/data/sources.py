@@ -127,8 +127,19 @@ def iter_hf_rows(spec: str) -> Iterator[tuple[str, dict]]:
     except ImportError:
         raise DgptError(f"{spec}: the 'datasets' package is not installed (pip install 'dgpt[hf]')") from None
     try:
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        rows = datasets.load_dataset(name, config, split=split, streaming=True, **no_remote_code(datasets.__version__, spec))
     except Exception as e:  # the hub raises many types; the user needs one line
         raise DgptError(f"{spec}: cannot load dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for i, row in enumerate(rows):
         yield f"{spec} row {i}", row
+
+
+def no_remote_code(version: str, spec: str) -> dict:
+    """The keyword that keeps `datasets.load_dataset` from running a dataset's own script: none from 4.0 (which
+    runs no scripts), `trust_remote_code=False` from 2.16; older versions run scripts unasked and are refused."""
+    major, minor = (int(p) if p.isdigit() else 0 for p in (version.split(".") + ["0"])[:2])
+    if major >= 4:
+        return {}
+    if (major, minor) >= (2, 16):
+        return {"trust_remote_code": False}
+    raise DgptError(f"{spec}: datasets {version} may run a dataset's remote code; install datasets>=2.18 (pip install 'dgpt[hf]')")

@@ -24,6 +24,7 @@ from dgpt.fileio import atomic_path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|start|>", "<|delim|>", "<|extract|>")
 _BYTE_ALPHABET = 256
+SMALLEST_VOCAB = _BYTE_ALPHABET + len(SPECIAL_TOKENS)  # every byte and the special tokens
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -56,9 +57,8 @@ class TextTokenizer:
     @classmethod
     def train_from_counts(cls, counts: Mapping[str, int], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
         """BPE from pre-token counts (see `count_pretokens`): the tokenizer that the counted text trains."""
-        smallest = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
-        if vocab_size < smallest:
-            raise DgptError(f"tokenizer.vocab_size is {vocab_size}; it must be at least {smallest} (256 bytes + special tokens)")
+        if vocab_size < SMALLEST_VOCAB:
+            raise DgptError(f"tokenizer.vocab_size is {vocab_size}; it must be at least {SMALLEST_VOCAB} (256 bytes + special tokens)")
         hf = Tokenizer(models.BPE())  # no pre-tokenizer while training: each item fed below is one pre-token
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

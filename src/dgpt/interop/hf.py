@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tokenizers import AddedToken, Tokenizer
 
 from dgpt.config import Config, ModelConfig, TokenizerConfig, dump_config
 from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, read_json_object, write_json, write_text
+from dgpt.fileio import atomic_dir, read_json_object, write_bytes, write_json, write_text
 from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.rundir import RunDir
 from dgpt.runtimes.setup import newest_weights
@@ -164,7 +164,7 @@ def export_hf(run_dir: Path, out_dir: Path) -> Path:
     eot, pad, *extra = SPECIAL_TOKENS
     special = dict(bos_token=eot, eos_token=eot, unk_token=eot, pad_token=pad, additional_special_tokens=extra)
     with atomic_dir(out_dir) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_bytes(tmp / "model.safetensors", save(weights, metadata={"format": "pt"}))
         write_json(tmp / "config.json", hf)
         write_json(tmp / "generation_config.json",
                    dict(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.pad_id))
@@ -208,7 +208,9 @@ def _read_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
         if (hf_dir / name).is_file():
             weight_map = _read_json(hf_dir / name).get("weight_map") or {}
             state = {}
-            for shard in sorted(set(weight_map.values())):
+            for shard in sorted(set(map(str, weight_map.values()))):
+                if Path(shard).name != shard or shard in (".", ".."):
+                    raise DgptError(f"{hf_dir / name}: weight_map names {shard!r}, not a file of {hf_dir}")
                 state.update(_load_tensors(hf_dir / shard))
             return state, hf_dir / name
     raise DgptError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")

@@ -33,7 +33,7 @@ from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
-from dgpt.fileio import atomic_path
+from dgpt.fileio import atomic_path, torch_save
 from dgpt.train.evaluate import Validator, weighted_loss
 from dgpt.train.local import InnerLoop, LoopSettings, move_optimizer_state
 
@@ -239,7 +239,7 @@ class RoundDriver:
         run_dir, work = self.run_dir, self.work
         for name, loop in work.loops.items():
             with atomic_path(run_dir.oracle_state(name, rnd)) as tmp:
-                torch.save(loop.state_dict(), tmp)
+                torch_save(loop.state_dict(), tmp)
         self.transport.barrier()
         state = {"round": rnd, "strategy": self.strategy.state_dict(), "ledger_head": self.ledger.head}
         keep = self.config.pretrain.keep_checkpoints

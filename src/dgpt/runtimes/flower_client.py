@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from dgpt.config import Config, load_config
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
-from dgpt.fileio import atomic_path
+from dgpt.fileio import atomic_path, torch_save
 from dgpt.runtimes import flower_wire as wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
 from dgpt.rundir import RunDir, check_oracle_name
@@ -73,7 +73,7 @@ class Oracle:
 
     def save(self, rnd: int) -> None:
         with atomic_path(self.run_dir.oracle_state(self.name, rnd)) as tmp:
-            torch.save(self.work.loops[self.name].state_dict(), tmp)
+            torch_save(self.work.loops[self.name].state_dict(), tmp)
         states = self.run_dir.oracle_states(self.name)
         for old in sorted(states)[:-KEEP_STATES]:
             states[old].unlink()

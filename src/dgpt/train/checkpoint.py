@@ -1,8 +1,9 @@
 """Checkpoints: weights as safetensors, the rest (optimizers, step, RNG, data position) as a state file.
 
 A checkpoint is the directory `RunDir.checkpoint(kind, n)` with the WEIGHTS file (its metadata holds
-the model config) and the STATE file (read with `weights_only=True`: nothing is unpickled). It is
-written under a temporary name and renamed when complete, so a directory that exists is whole.
+the model config), the STATE file (read with `weights_only=True`: nothing is unpickled) and CHECKSUMS, the
+SHA-256 of both. It is written under a temporary name and renamed when complete, so a directory that
+exists is whole; `RunDir.latest_checkpoint` checks the checksums and falls back past a corrupt one.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir
+from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums
 from dgpt.model.gpt import GPTConfig, tied_weight_names
-from dgpt.rundir import STATE, WEIGHTS, RunDir
+from dgpt.rundir import CHECKSUMS, STATE, WEIGHTS, RunDir
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(path: Path, weights: dict[str, torch.Tensor], model_config: GPTConfig, extra: dict | None = None) -> None:
     metadata = {"model_config": json.dumps(model_config.to_dict(), sort_keys=True), "format": "dgpt"}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file(weights, str(path), metadata=metadata)
+    write_bytes(path, save(weights, metadata=metadata))  # written by Python: a full disk is an OSError
 
 
 def read_model_config(path: Path) -> GPTConfig:
@@ -70,7 +71,8 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, kind, n)
     with atomic_dir(final) as tmp:
         save_weights(tmp / WEIGHTS, weights, model_config)
-        torch.save(state, tmp / STATE)
+        torch_save(state, tmp / STATE)
+        write_checksums(tmp, CHECKSUMS)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final

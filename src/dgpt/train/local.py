@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from dgpt.config import PretrainConfig
 from dgpt.data.loader import WindowSampler
+from dgpt.errors import DgptError
 from dgpt.objectives import lm_loss
 
 
@@ -46,9 +47,18 @@ class LoopSettings:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one), or the device named, refused in one line when absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DgptError(f"device {name!r}: not a device (expected auto, cpu, cuda or cuda:N)") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise DgptError(f"device {name!r} is not available: torch sees {count} CUDA device(s) "
+                        "(set pretrain.device or --device to auto or cpu)")
+    return device
 
 
 def autocast(device: torch.device, dtype: str):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from dgpt.errors import DgptError
+from dgpt.fileio import write_text
 from dgpt.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -20,10 +24,10 @@ class MetricsLog:
         self._board = _summary_writer(RunDir(self.path.parent).tensorboard) if tensorboard else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
-            self.path.write_text("")
+            write_text(self.path, "")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get(key, 0) <= resume_after]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row.get(key, 0) <= resume_after]
+            write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, **row) -> None:
@@ -59,4 +63,21 @@ def _summary_writer(log_dir: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics log. A last line cut short (a crash mid-write) is left out with a warning;
+    any other line that is not a JSON object is an error naming it."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise DgptError(f"{path}: line {number} is not valid JSON") from None
+            logger.warning(f"{path}: line {number} is cut short (an interrupted write); left out")
+            continue
+        if not isinstance(row, dict):
+            raise DgptError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
