@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dgpt import api
 from dgpt.audit import verify_ledger
+from dgpt.runtimes.sim import pretrain_sim
 from dgpt.config import dump_config
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint
 from dgpt.train.metrics import read_metrics
@@ -101,6 +102,28 @@ def test_torchrun_sends_compressed_payloads_and_equals_sim(tmp_path, kind, dtype
         counted = [r["bytes_sent"] for r in oracle_rows if r["oracle"] == name]
         sent = [p["nbytes"] + (s["nbytes"] if scales else 0) for p, s in zip(payloads, scales or payloads)]
         assert counted == sent == [numel * value_bytes + 4 * tensors * (kind == "int8")] * FED["rounds"]
+
+
+@pytest.mark.parametrize("factor, aggregator", [("nan", "mean"), ("1000", "median")])
+def test_a_lying_rank_is_checked_by_every_receiver(tmp_path, factor, aggregator):
+    """Rank 1 sends NaN (which used to crash every rank) or x1000 updates: every rank checks what it received, so the
+    run goes on exactly as sim's aggregator would have handled the same oracle."""
+    fed = {**FED, "aggregator": aggregator}
+    sim = tiny_config(tmp_path / "sim", federation=fed)
+    pretrain_sim(sim, tamper=lambda name, delta: delta * float(factor) if name == "beta" else delta)
+    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"})
+    api.prepare(dist)
+    result = torchrun(write_config(dist, tmp_path / "dist.toml"), launch=(str(PROBE), str(tmp_path / "calls")),
+                      env={"DGPT_PROBE_LIE": f"1:{factor}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_model(sim, dist)
+    rows = [r for r in read_metrics(dist.run_path / "metrics.jsonl") if r["kind"] == "round"][1:]
+    if factor == "nan":
+        assert all(r["rejected"] == ["beta"] for r in rows) and "oracle 'beta' was left out" in result.stderr
+    clean = tiny_config(tmp_path / "clean", federation=fed)
+    api.pretrain(clean)
+    clean_loss = [r for r in read_metrics(clean.run_path / "metrics.jsonl") if r["kind"] == "round"][-1]["loss"]
+    assert rows[-1]["loss"] < clean_loss * 1.05
 
 
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):

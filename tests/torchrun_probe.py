@@ -4,7 +4,8 @@
 
 Each rank writes OUT_PREFIX.rank<R>.json: one {"op", "dtype", "numel", "nbytes"} per collective call, describing the
 tensor that rank handed to it (what actually went over the wire). With DGPT_PROBE_VANISH="R:N" in the environment,
-rank R exits silently (status 0, no message) instead of starting its N-th gather: a host that went away.
+rank R exits silently (status 0, no message) instead of starting its N-th gather: a host that went away. With
+DGPT_PROBE_LIE="R:F", rank R multiplies every pseudo-gradient it sends by F (e.g. nan or 1000): a rank that lies.
 """
 
 import json
@@ -19,6 +20,7 @@ from dgpt.runtimes.torchrun import DistTransport
 
 calls = []
 vanish_rank, vanish_call = map(int, os.environ.get("DGPT_PROBE_VANISH", "-1:0").split(":"))
+lie_rank, lie_factor = os.environ.get("DGPT_PROBE_LIE", "-1:1").split(":")
 
 
 def recorded(collective):
@@ -40,7 +42,17 @@ def vanishing(gather):
     return call
 
 
+def lying(exchange):
+    def call(self, sent, participants, codec):
+        if self.rank == int(lie_rank):
+            sent = {n: codec.encode(codec.decode(p) * float(lie_factor)) for n, p in sent.items()}
+        return exchange(self, sent, participants, codec)
+
+    return call
+
+
 DistTransport._gather = vanishing(DistTransport._gather)
+DistTransport.exchange = lying(DistTransport.exchange)
 
 
 for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce", "gather", "scatter"):
