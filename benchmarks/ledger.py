@@ -159,7 +159,8 @@ def jobs_for(args, runs: Path, corpora: Path) -> list[tuple]:
 
 def analyse(results: list[dict], args, runs: Path, corpora: Path) -> dict:
     by_dir = {Path(r["run_dir"]).name: r for r in results}
-    report = {"setup": {"rounds": args.rounds, "inner_steps": args.inner_steps, "seeds": args.seeds, "model": MODEL}, "variants": []}
+    report = {"setup": {"rounds": args.rounds, "inner_steps": args.inner_steps, "seeds": args.seeds, "model": MODEL,
+                        "command": " ".join(sys.argv[1:])}, "variants": []}
     for seed in args.seeds:
         base = by_dir[f"base_s{seed}"]
         for variant, extra in EXTRA.items():
@@ -186,7 +187,7 @@ def analyse(results: list[dict], args, runs: Path, corpora: Path) -> dict:
 def markdown(report: dict) -> str:
     s = report["setup"]
     lines = [f"# Contribution ledger: Shapley totals vs leave-one-out retraining\n",
-             f"Produced by `python benchmarks/ledger.py {' '.join(sys.argv[1:])}`. Five oracles, sim runtime, FedAvg, "
+             f"Produced by `python benchmarks/ledger.py {s['command']}` (the overhead by `--overhead`). Five oracles, sim runtime, FedAvg, "
              f"{s['rounds']} rounds of {s['inner_steps']} inner steps (batch {BATCH} x {MODEL['n_ctx']} tokens), pre-LN tiny body "
              f"(2 x 128), seeds {s['seeds']}. Values are nats of token-weighted global validation loss (all five oracles' "
              "validation sets); a total is the sum of the oracle's per-round exact Shapley values.\n"]
