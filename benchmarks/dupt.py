@@ -56,6 +56,7 @@ from dgpt import api  # noqa: E402
 from dgpt.config import config_from_dict  # noqa: E402
 from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
 from dgpt.federation.accounting import human_bytes  # noqa: E402
+from dgpt.logs import messages_to  # noqa: E402
 from dgpt.model.gpt import GPT  # noqa: E402
 from dgpt.runtimes.setup import model_config_for  # noqa: E402
 from dgpt.runtimes.sim import pretrain_sim  # noqa: E402
@@ -125,15 +126,8 @@ def fresh_run_dir(runs: Path, name: str) -> Path:
 @contextmanager
 def messages_as(label: str):
     """dgpt's messages printed as `  [label] message` while the block runs."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(f"  [{label}] %(message)s"))
-    logger = logging.getLogger("dgpt")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with messages_to(logging.StreamHandler(sys.stdout), fmt=f"  [{label}] %(message)s"):
         yield
-    finally:
-        logger.removeHandler(handler)
 
 
 def run_central(run_dir: Path, setup: dict, steps: int, fed: dict, poisoned: bool, oracles_per_batch: int = 4) -> list[dict]:

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dgpt import api  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
+from dgpt.logs import messages_to  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runlock import run_lock  # noqa: E402
 
@@ -294,17 +295,8 @@ def _messages_on_stderr(level: int):
     main may run more than once in a process (tests, notebooks), so logging is left as it was found."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         level = max(level, logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("dgpt")
-    before = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
+    with messages_to(logging.StreamHandler(sys.stderr), level):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(before)
 
 
 _OS_ERRORS = {

@@ -21,7 +21,7 @@ from dgpt.fileio import write_text
 from dgpt.federation.codec import Payload
 from dgpt.federation.ledger import LedgerChain, check_chain, payload_sha256, record_sha256, weights_sha256
 from dgpt.federation.shapley import CachedValue, exact_shapley, sampled_shapley
-from dgpt.federation.strategy import RoundResult, Strategy
+from dgpt.federation.strategy import RoundResult
 from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import weights_of
 from dgpt.train.evaluate import weighted_loss

@@ -26,8 +26,9 @@ from torch.nn.utils import parameters_to_vector
 from dgpt.config import Config, load_config
 from dgpt.errors import DgptError
 from dgpt.federation.aggregate import mean_weights
-from dgpt.federation.codec import Codec, Payload
+from dgpt.federation.codec import Codec
 from dgpt.federation.strategy import Strategy
+from dgpt.logs import messages_to
 from dgpt.runtimes import flower_wire as wire
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.federated import Work, copy_into
@@ -238,18 +239,8 @@ def _has_numbers(content: RecordDict, keys: tuple[str, ...]) -> bool:
 def _log_to(path):
     """dgpt's messages in the run directory while the ServerApp runs (Flower owns its process's output)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("dgpt")
-    before = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
+    with messages_to(logging.FileHandler(path, encoding="utf-8"), fmt="%(asctime)s %(levelname)s %(message)s"):
         yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(before)
-        handler.close()
 
 
 @app.main()
