@@ -174,6 +174,23 @@ def test_lambda_zero_trains_a_different_model(tmp_path, pretrained):
     assert not torch.equal(results[0.0], results[0.5])
 
 
+def test_first_order_ledger_values_fine_tuning_rounds(tmp_path, pretrained):
+    """ledger.method = "first_order" on DSFT: each oracle's validation task-loss gradient, one pass per round; the
+    values add up and agree with the evaluated Shapley values of the same rounds."""
+    kinds = ("classification", "entailment")
+    runs = {m: ft_config(tmp_path / m, pretrained, kinds, ledger={"method": m}) for m in ("shapley", "first_order")}
+    rows = {}
+    for method, config in runs.items():
+        api.finetune(config)
+        rows[method] = [json.loads(line) for line in RunDir(config.run_path).ledger.read_text().splitlines()][1:]
+    for exact, first in zip(rows["shapley"], rows["first_order"]):
+        assert first["cost"]["evaluations"] == 1 and first["theta_after"] == exact["theta_after"]
+        values = {n: o["value"] for n, o in first["oracles"].items()}
+        assert sum(values.values()) == pytest.approx(first["value"]["full"], abs=1e-6)
+        for name, o in exact["oracles"].items():
+            assert values[name] == pytest.approx(o["value"], rel=0.15)
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
     whole = ft_config(tmp_path / "whole", pretrained, kinds=("entailment", "multiple_choice"))
     api.finetune(whole)

@@ -67,7 +67,8 @@ def test_sim_ledger_values_every_round_and_resumes_exactly(tmp_path):
         values = [o["value"] for o in row["oracles"].values() if o["status"] == "accepted"]
         assert sum(values) == pytest.approx(row["value"]["full"], abs=1e-6)  # efficiency, per round
         assert all("value" not in o and o["bytes"] == 0 for o in row["oracles"].values() if o["status"] == "absent")
-        assert row["cost"]["evaluations"] == 2 ** len(values)
+        # 2^k - 1 coalitions; the baseline at Theta is the driver's own validation of the previous round
+        assert row["cost"]["evaluations"] == 2 ** len(values) - 1
     assert any(o["status"] == "absent" for row in rows[1:] for o in row["oracles"].values())
     cut = tiny_config(tmp_path / "cut", federation=fed)
     pretrain_sim(cut, stop_after_round=1)
@@ -108,3 +109,44 @@ def test_ledger_off_writes_records_without_values(tmp_path):
     assert len(rows) == 3 and all("value" not in r and r["cost"]["evaluations"] == 0 for r in rows[1:])
     assert all("value" not in o and o["tokens"] > 0 for r in rows[1:] for o in r["oracles"].values())
     assert verify_ledger(config.run_dir).oracles["beta"].value == 0.0
+
+
+def test_validation_gradient_matches_finite_differences(tmp_path):
+    """The first-order ledger's gradient: <g, d> equals the validation loss's slope along d."""
+    from dgpt.runtimes.federated import copy_into, pretraining_work
+    from dgpt.runtimes.sim import SimTransport
+
+    config = tiny_config(tmp_path, federation={"rounds": 1, "inner_steps": 1})
+    work = pretraining_work(config, SimTransport(), config.oracle_names())
+    theta = torch.cat([p.detach().flatten() for p in work.params]).double()
+    grads = work.gradient()
+    direction = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-2
+    eps = 1e-1
+
+    def losses_at(vector):
+        copy_into(work.params, vector.float())
+        return {n: m["loss"] for n, m in work.evaluate().items()}
+
+    plus, minus = losses_at(theta + eps * direction), losses_at(theta - eps * direction)
+    for name, g in grads.items():
+        slope = (plus[name] - minus[name]) / (2 * eps)
+        assert float(g.double() @ direction) == pytest.approx(slope, rel=2e-2)
+
+
+def test_first_order_ledger_tracks_the_evaluated_values(tmp_path):
+    """ledger.method = "first_order": one gradient pass per round, values that add up to the round's linearised gain
+    and agree with the exact (evaluated) Shapley values of the same rounds."""
+    fed = {"rounds": 3, "inner_steps": 2, "outer_lr": 0.5, "outer_momentum": 0.0}
+    exact = tiny_config(tmp_path / "exact", federation=fed)
+    first = tiny_config(tmp_path / "first", federation=fed, ledger={"method": "first_order"})
+    pretrain_sim(exact)
+    pretrain_sim(first)
+    for e, f in zip(records(exact)[1:], records(first)[1:]):
+        assert f["theta_after"] == e["theta_after"]  # valuing does not change training
+        assert f["cost"]["evaluations"] == 1 and f["value"]["method"] == "first_order"
+        values = {n: o["value"] for n, o in f["oracles"].items()}
+        assert sum(values.values()) == pytest.approx(f["value"]["full"], abs=1e-6)
+        assert min(values, key=values.get) == min(e["oracles"], key=lambda n: e["oracles"][n]["value"])
+        for name, o in e["oracles"].items():
+            assert values[name] == pytest.approx(o["value"], rel=0.25)
+    assert verify_ledger(first.run_dir).rounds == 3

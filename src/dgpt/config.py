@@ -156,7 +156,9 @@ class FinetuneConfig:
 class LedgerConfig:
     """The contribution ledger (ledger.jsonl) every federated run keeps."""
 
-    method: Literal["shapley", "off"] = "shapley"  # off: records without values (no extra validation passes)
+    # shapley: coalitions evaluated on validation windows; first_order: each oracle's validation gradient at Theta
+    # instead (one backward pass per oracle per round, coalitions valued by inner products); off: no values
+    method: Literal["shapley", "first_order", "off"] = "shapley"
     exact_max: int = 6  # exact Shapley values up to this many accepted oracles in a round; sampled above
     permutations: int = 16  # joining orders sampled per round above exact_max
 

@@ -5,6 +5,8 @@ anchor the chain's head); the leader appends them. An oracle's value in a round 
 round's gain in global validation loss: for each coalition S of the round's accepted oracles, Theta is moved as
 if only S's updates had arrived (same rule, same outer state, nothing committed) and every oracle evaluates it
 on its own validation windows, reporting only a loss. Nothing about an oracle's data leaves it.
+`ledger.method = "first_order"` replaces the evaluations by a linear estimate: each oracle computes the gradient of
+its validation loss at Theta once per round and reports, for each coalition's move, only the inner product.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ class ContributionLedger:
         round checkpoint recorded (None: a new run, or a checkpoint written before the ledger existed)."""
         self.config, self.driver, self.path = config, driver, RunDir(config.run_dir).ledger
         self.method = config.ledger.method
+        if self.method == "first_order" and driver.work.gradient is None:
+            raise DgptError(f"ledger.method = 'first_order' needs the oracles' validation gradients, which the "
+                            f"{config.federation.runtime} runtime does not carry; use 'shapley' or 'off'")
         self.seen = self._tokens()
         self.theta_hash = weights_sha256(weights_of(driver.work.model))
+        self.baseline: tuple[str, float] = ("", float("nan"))  # (Theta's hash, global validation loss there)
         if head is None:
             self.chain = LedgerChain()
             genesis = {"round": start, "kind": "genesis", "config_sha256": record_sha256(dump_config(config)),
@@ -64,11 +70,10 @@ class ContributionLedger:
         if self.method == "off" or result.update is None:
             return Valuation()
         t0, strategy, names = time.perf_counter(), self.driver.strategy, result.accepted
-        baseline = self._loss(strategy.theta)
-        if baseline != baseline:  # no oracle has validation data: nothing to value with
+        v, passes = self._first_order(result) if self.method == "first_order" else self._evaluated(result)
+        if v is None:  # no oracle has validation data: nothing to value with
             self.driver.restore_theta()
-            return Valuation(evaluations=1, seconds=time.perf_counter() - t0)
-        v = CachedValue(lambda s: baseline - self._loss(strategy.preview({n: result.deltas[n] for n in names if n in s})))
+            return Valuation(evaluations=passes, seconds=time.perf_counter() - t0)
         valuation = Valuation()
         if len(names) <= self.config.ledger.exact_max:
             valuation.values = exact_shapley(names, v)
@@ -77,8 +82,40 @@ class ContributionLedger:
             valuation.values, valuation.stderr = sampled_shapley(names, v, self.config.ledger.permutations, orders)
         valuation.full = v(frozenset(names))
         self.driver.restore_theta()
-        valuation.evaluations, valuation.seconds = v.evaluations + 1, time.perf_counter() - t0
+        coalitions = v.evaluations if self.method == "shapley" else 0  # first order: inner products, no passes
+        valuation.evaluations, valuation.seconds = passes + coalitions, time.perf_counter() - t0
         return valuation
+
+    def validated(self, losses: dict[str, float]) -> None:
+        """The driver's validation at the current Theta: the next round's baseline needs no pass of its own (unless
+        the oracles' private heads train in between)."""
+        if losses and not self.driver.work.private_heads:  # the parameters are the Theta whose hash `record` (or the start) just took
+            self.baseline = (self.theta_hash, weighted_loss(losses, self.driver.work.sizes))
+
+    def _evaluated(self, result: RoundResult) -> tuple[CachedValue | None, int]:
+        """v(S) = the global validation loss at Theta minus the loss at Theta moved by S's updates alone; and the
+        validation passes spent outside the coalitions (the baseline at Theta, unless the driver just validated it)."""
+        strategy, (cached_hash, baseline), passes = self.driver.strategy, self.baseline, 0
+        if cached_hash != self.theta_hash:
+            baseline, passes = self._loss(strategy.theta), 1
+        if baseline != baseline:
+            return None, passes
+        return CachedValue(lambda s: baseline - self._loss(strategy.preview(_coalition(result, s)))), passes
+
+    def _first_order(self, result: RoundResult) -> tuple[CachedValue | None, int]:
+        """v(S) ~ -<g, Theta_S - Theta>, g the token-weighted gradient of the validation loss at Theta: each oracle
+        computes its own gradient once and reports only inner products with the candidate moves."""
+        strategy = self.driver.strategy
+        self.driver.restore_theta()
+        grads = self.driver.work.gradient()
+        if not self.driver.gather({n: 1.0 for n in grads}):
+            return None, 1
+
+        def gain(s: frozenset) -> float:
+            move = strategy.preview(_coalition(result, s)) - strategy.theta
+            return -weighted_loss(self.driver.gather({n: float(g @ move) for n, g in grads.items()}), self.driver.work.sizes)
+
+        return CachedValue(gain), 1
 
     def record(self, rnd: int, result: RoundResult, received: dict[str, Payload], valuation: Valuation) -> None:
         """Append the round's record (call after the Strategy applied it)."""
@@ -137,3 +174,8 @@ class ContributionLedger:
             why = problem or "it does not hold the record the checkpoint anchors"
             raise DgptError(f"{self.path}: cannot resume the ledger at round {start}: {why}")
         return kept
+
+
+def _coalition(result: RoundResult, members: frozenset) -> dict[str, torch.Tensor]:
+    """The coalition's updates in the round's order (a set's order differs between processes: the sums would too)."""
+    return {n: result.deltas[n] for n in result.accepted if n in members}

@@ -72,6 +72,9 @@ class Work:
     inner_steps: int  # H
     metric_names: tuple[str, ...] = ("loss",)
     unit: str = "tokens"
+    # this process's oracles -> the gradient of their validation loss at the current parameters (flat, over `params`)
+    gradient: Callable[[], dict[str, torch.Tensor]] | None = None
+    private_heads: bool = False  # evaluation also uses state outside `params` that trains every round (DSFT heads)
 
 
 def pretraining_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
@@ -92,7 +95,12 @@ def pretraining_work(config: Config, transport: Transport, local_names: list[str
     def evaluate() -> dict[str, dict[str, float]]:
         return {name: {"loss": loss} for name, loss in validator(model, setup.device, cfg.dtype).items()}
 
-    return Work(model, list(model.parameters()), loops, sizes, evaluate, fed.rounds, fed.inner_steps)
+    params = list(model.parameters())
+
+    def gradient() -> dict[str, torch.Tensor]:
+        return validator.gradients(model, params, setup.device, cfg.dtype)
+
+    return Work(model, params, loops, sizes, evaluate, fed.rounds, fed.inner_steps, gradient=gradient)
 
 
 def oracle_seed(seed: int, index: int) -> int:
@@ -151,6 +159,7 @@ class RoundDriver:
     def run(self, stop_after: int | None) -> dict:
         work, fed = self.work, self.config.federation
         valid, scores = self.validate()
+        self.ledger.validated(valid)
         if self.report is not None:
             self.report.started(self.start, valid, scores)
         bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
@@ -166,6 +175,7 @@ class RoundDriver:
             self.ledger.record(rnd, result, received, valuation)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
             valid, scores = self.validate() if evaluated else ({}, {})
+            self.ledger.validated(valid)
             record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
             record.tokens = int(sum(self.gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
             record.seconds = time.perf_counter() - t0

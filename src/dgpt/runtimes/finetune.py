@@ -26,7 +26,7 @@ from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_s
 from dgpt.runtimes.setup import model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import LoopSettings, pick_device
-from dgpt.train.task_eval import METRICS, evaluate_task
+from dgpt.train.task_eval import METRICS, evaluate_task, task_gradient
 from dgpt.train.task_loop import TaskLoop
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,12 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
             for name, (spec, _, valid) in data.items() if valid is not None and len(valid)
         }
 
-    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples")
+    def gradient() -> dict[str, torch.Tensor]:
+        return {name: task_gradient(loops[name].model, valid, params, ft.eval_batch_size, device, settings.dtype)
+                for name, (_, _, valid) in data.items() if valid is not None and len(valid)}
+
+    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples", gradient,
+                private_heads=shared is None)
 
 
 def loop_settings(config: Config, total_steps: int) -> LoopSettings:

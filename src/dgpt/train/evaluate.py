@@ -22,17 +22,33 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device, dtype: str = "float32") -> dict[str, float]:
+        return {name: sum(loss.item() for loss in self._losses(model, windows, device, dtype))
+                for name, windows in self.windows.items()}
+
+    def gradients(self, model: torch.nn.Module, params: list[torch.Tensor], device: torch.device,
+                  dtype: str = "float32") -> dict[str, torch.Tensor]:
+        """{oracle: the gradient of its validation loss with respect to `params`, flattened}: one backward pass
+        per batch of windows (the contribution ledger's first-order estimate)."""
+        grads = {}
+        for name, windows in self.windows.items():
+            total = [torch.zeros_like(p) for p in params]
+            with torch.enable_grad():
+                for loss in self._losses(model, windows, device, dtype):
+                    for t, g in zip(total, torch.autograd.grad(loss, params)):
+                        t += g
+            grads[name] = torch.cat([t.flatten() for t in total])
+        return grads
+
+    def _losses(self, model: torch.nn.Module, windows, device: torch.device, dtype: str):
+        """Each batch's share of the mean token loss over `windows`, in eval mode (no dropout)."""
         was_training = model.training
         model.eval()
-        losses = {}
-        for name, windows in self.windows.items():
-            total = 0.0
+        try:
             for x, y in batches(windows, self.batch_size):
                 with autocast(device, dtype):
-                    total += lm_loss(model(x.to(device)), y.to(device)).item() * len(x)
-            losses[name] = total / len(windows)
-        model.train(was_training)
-        return losses
+                    yield lm_loss(model(x.to(device)), y.to(device)) * (len(x) / len(windows))
+        finally:
+            model.train(was_training)
 
 
 def weighted_loss(losses: dict[str, float], weights: dict[str, float]) -> float:

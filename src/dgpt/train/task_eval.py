@@ -66,3 +66,19 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     ranks[np.argsort(x, kind="mergesort")] = np.arange(len(x))
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     return (np.bincount(inverse, weights=ranks) / counts)[inverse]
+
+
+def task_gradient(model: torch.nn.Module, examples: TaskExamples, params: list[torch.Tensor], batch_size: int,
+                  device: torch.device, dtype: str = "float32") -> torch.Tensor:
+    """The gradient of the mean validation task loss (L2) with respect to `params`, flattened (eval mode)."""
+    was_training = model.training
+    model.eval()
+    total = [torch.zeros_like(p) for p in params]
+    for batch in examples.batches(batch_size):
+        with autocast(device, dtype):
+            outputs, _ = model(batch.ids.to(device), batch.lengths.to(device))
+        loss = task_loss(outputs.float(), batch.labels.to(device)) * (len(batch.labels) / len(examples))
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    model.train(was_training)
+    return torch.cat([t.flatten() for t in total])
