@@ -190,13 +190,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     kinds = ("classification", "entailment", "similarity", "multiple_choice")  # one rank per task type
     sim = ft_config(tmp_path / "sim", pretrained, kinds=kinds)
-    api.finetune(sim)
+    summary = api.finetune(sim)
     dist = ft_config(tmp_path / "dist", pretrained, kinds=kinds, federation={"runtime": "torchrun"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(kinds)}",
            "-m", "dgpt", "finetune", write_config(dist, tmp_path / "dist.toml")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0 alone prints the run's summary, with every rank's tokens
+    assert result.stdout.count("final global validation loss") == 1 and "at round 2 of 2 (torchrun)" in result.stdout
+    assert f"trained {summary.tokens:,} tokens" in result.stdout
     wa, wb = (load_file(str(latest_checkpoint(c.run_path) / WEIGHTS)) for c in (sim, dist))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)

@@ -71,9 +71,13 @@ def cmd_count_pretokens(args) -> None:
 def cmd_pretrain(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     with run_lock(config.run_dir):
-        result = api.pretrain(config, stop_after=args.stop_after)
-    if result and "global" in result:
-        print(f"final global validation loss {result['global']:.4f}")
+        _print_summary(api.pretrain(config, stop_after=args.stop_after))
+
+
+def _print_summary(summary) -> None:
+    """Every training run's closing lines (`RunSummary`); under torchrun, rank 0 speaks for the run."""
+    if os.environ.get("RANK", "0") == "0":
+        print("\n".join(summary.lines()))
 
 
 def cmd_flower_app(args) -> None:
@@ -145,9 +149,7 @@ def cmd_import(args) -> None:
 def cmd_finetune(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     with run_lock(config.run_dir):
-        result = api.finetune(config, stop_after=args.stop_after)
-    for name, scores in sorted((result or {}).get("metrics", {}).items()):
-        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        _print_summary(api.finetune(config, stop_after=args.stop_after))
 
 
 def cmd_predict(args) -> None:

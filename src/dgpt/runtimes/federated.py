@@ -31,6 +31,7 @@ from dgpt.model.gpt import GPT
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
+from dgpt.runtimes.summary import RunSummary
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
 from dgpt.fileio import atomic_path, torch_save
@@ -44,6 +45,7 @@ PARKED = torch.device("cpu")  # where idle oracles keep their optimizer state
 class Transport(Protocol):
     """Moves what the driver sends between the processes of a run."""
 
+    name: str  # the runtime, as its summary names it
     is_leader: bool  # writes metrics and the global checkpoint
     prepares_data: bool  # whether this process may (re)build the shards
 
@@ -131,8 +133,8 @@ def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[t
 def train_federated(
     config: Config, transport: Transport, local_names: list[str], *, stop_after_round: int | None = None,
     work: Callable[[Config, Transport, list[str]], Work] = pretraining_work,
-) -> dict:
-    """Run the work's rounds, resuming from the newest round checkpoint; returns the last validation."""
+) -> RunSummary:
+    """Run the work's rounds, resuming from the newest round checkpoint; returns the run's summary."""
     return RoundDriver(config, transport, work(config, transport, local_names)).run(stop_after_round)
 
 
@@ -148,9 +150,11 @@ class RoundDriver:
         self.report = RoundReport(config, self.run_dir, work, self.start) if transport.is_leader else None
         self.ledger = ContributionLedger(config, self, self.start, ledger_head)
 
-    def run(self, stop_after: int | None) -> dict:
+    def run(self, stop_after: int | None) -> RunSummary:
         work, fed = self.work, self.config.federation
+        t_start = time.perf_counter()
         valid, scores = self.validate()
+        validated = done = self.start
         if self.report is not None:
             self.report.started(self.start, valid, scores)
         bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
@@ -165,9 +169,11 @@ class RoundDriver:
             self.load_theta(self.strategy.apply(result, work.inner_steps))
             self.ledger.record(rnd, result, received, valuation)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
-            valid, scores = self.validate() if evaluated else ({}, {})
-            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
-            record.tokens = int(sum(self.gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
+            now = self.validate() if evaluated else ({}, {})
+            if evaluated:
+                (valid, scores), validated = now, rnd
+            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), *now)
+            record.tokens = self._tokens()
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
                 logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
@@ -179,14 +185,22 @@ class RoundDriver:
                 self._save(rnd)
             bar.set_postfix(record.postfix())
             bar.update()
+            done = rnd
             if stop_after is not None and rnd >= stop_after:
                 break
         bar.close()
         if self.report is not None:
             self.report.finished(self.strategy)
         sent = self.strategy.bytes
-        return {"valid": valid, "global": weighted_loss(valid, work.sizes), "metrics": scores, "bytes_total": sent.total,
-                "dp_bytes": sent.dp_bytes}
+        return RunSummary(
+            self.transport.name, "round", done, work.rounds, validated, weighted_loss(valid, work.sizes),
+            {n: {"loss": loss, **scores.get(n, {})} for n, loss in valid.items()}, self._tokens(), sent.total,
+            sent.dp_bytes, time.perf_counter() - t_start, language_model=work.unit == "tokens",
+        )
+
+    def _tokens(self) -> int:
+        """Tokens trained so far by every oracle."""
+        return int(sum(self.gather({n: float(loop.tokens) for n, loop in self.work.loops.items()}).values()))
 
     def _theta(self) -> torch.Tensor:
         return parameters_to_vector(self.work.params).detach()
