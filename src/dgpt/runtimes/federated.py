@@ -73,7 +73,12 @@ class Work:
     rounds: int
     inner_steps: int  # H
     metric_names: tuple[str, ...] = ("loss",)
-    unit: str = "tokens"
+    unit: str = "tokens"  # what `sizes` count: tokens (pre-training, a language-model loss) or examples (fine-tuning)
+    total_steps: int = 0  # each oracle's steps over the whole run; 0 = rounds x H (else the last round is shorter)
+
+    def steps_in(self, rnd: int) -> int:
+        """H, or in the last round what is left of `total_steps`."""
+        return min(self.inner_steps, (self.total_steps or self.rounds * self.inner_steps) - (rnd - 1) * self.inner_steps)
 
 
 def pretraining_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
@@ -120,12 +125,13 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
 
 
 def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[torch.Tensor, float]:
-    """One oracle's share of round `rnd`: H inner steps from Theta; its pseudo-gradient Theta - Theta_j and mean loss."""
+    """One oracle's share of round `rnd`: H inner steps from Theta (fewer in a shorter last round); its pseudo-gradient
+    Theta - Theta_j and mean loss."""
     loop = work.loops[name]
     copy_into(work.params, theta)
     loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule
     move_optimizer_state(loop.optimizer, theta.device)
-    losses = [loop.train_step() for _ in range(work.inner_steps)]
+    losses = [loop.train_step() for _ in range(work.steps_in(rnd))]
     move_optimizer_state(loop.optimizer, PARKED)
     return theta - parameters_to_vector(work.params).detach(), sum(losses) / len(losses)
 
@@ -166,7 +172,7 @@ class RoundDriver:
             received = self.transport.exchange({n: p for n, (p, _) in trained.items()}, participants, self.codec)
             result = self.strategy.aggregate(received)
             valuation = self.ledger.value(result)
-            self.load_theta(self.strategy.apply(result, work.inner_steps))
+            self.load_theta(self.strategy.apply(result, work.steps_in(rnd)))
             self.ledger.record(rnd, result, received, valuation)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
             now = self.validate() if evaluated else ({}, {})

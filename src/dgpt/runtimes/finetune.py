@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dgpt.config import Config, OracleConfig, dump_config
+from dgpt.config import Config, FinetuneConfig, OracleConfig, dump_config
 from dgpt.data.tasks import ExampleSampler, TaskExamples, TaskSpec, encode_examples, load_split, read_rows, task_spec
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
@@ -73,8 +73,8 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     if transport.is_leader:
         tokenizer.save(run_dir.tokenizer)
         write_text(run_dir.config, dump_config(config))
-    rounds = ft.rounds or max(1, math.ceil(math.ceil(ft.epochs * max(sizes.values()) / ft.batch_size) / ft.inner_steps))
-    settings = loop_settings(config, rounds * ft.inner_steps)
+    rounds, steps, examples = schedule(ft, int(max(sizes.values())))
+    settings = loop_settings(config, steps)
     device = pick_device(config.pretrain.device)
     gpt = _body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
@@ -84,7 +84,7 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
         seed = oracle_seed(config.seed, names.index(name))
         head = shared or _head(spec, model_config, ft.classifier_dropout, seed, device)
         sampler = ExampleSampler(train, seed, name)
-        loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, rounds * ft.inner_steps, device, seed, ft.lambda_lm)
+        loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, steps, device, seed, ft.lambda_lm, examples)
     params = list(gpt.parameters()) + (list(shared.parameters()) if shared is not None else [])
 
     def evaluate() -> dict[str, dict[str, float]]:
@@ -93,7 +93,21 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
             for name, (spec, _, valid) in data.items() if valid is not None and len(valid)
         }
 
-    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples")
+    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples", steps)
+
+
+def schedule(ft: FinetuneConfig, largest: int) -> tuple[int, int, int | None]:
+    """Rounds, each oracle's optimizer steps, and the examples each oracle trains (None: every batch full).
+
+    `finetune.rounds` set: that many rounds of H full steps. Otherwise exactly `epochs` passes over the largest
+    oracle's set: the last batch and the last round are as short as that needs, so oracles holding parts of a task
+    train on as many examples together as one oracle holding all of it.
+    """
+    if ft.rounds:
+        return ft.rounds, ft.rounds * ft.inner_steps, None
+    examples = max(1, round(ft.epochs * largest))
+    steps = math.ceil(examples / ft.batch_size)
+    return math.ceil(steps / ft.inner_steps), steps, examples
 
 
 def loop_settings(config: Config, total_steps: int) -> LoopSettings:
