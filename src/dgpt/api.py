@@ -24,7 +24,6 @@ from dgpt.errors import DgptError
 from dgpt.model.generate import generate
 from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
-from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import pick_device
 
 if TYPE_CHECKING:
@@ -157,11 +156,9 @@ def predict(
 
 def load_pretrained(run_dir: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]:
     """The newest checkpoint of a run and its tokenizer, ready for generation or evaluation."""
-    from dgpt.runtimes.setup import newest_weights
+    from dgpt.runtimes.setup import load_newest
 
-    tokenizer, model_config, weights = newest_weights(Path(run_dir))
-    model = GPT(model_config)
-    load_weights_into(model, weights, model_config)
+    tokenizer, model, _ = load_newest(Path(run_dir))
     return model.to(pick_device(device)).eval(), tokenizer
 
 
@@ -194,13 +191,10 @@ def generate_text(
     return texts
 
 
-def evaluate(config: Config, max_windows: int | None = None) -> dict[str, float]:
-    """Validation loss per oracle of the run's newest checkpoint (the run is only read)."""
-    from dgpt.runtimes.setup import read_run
-    from dgpt.train.evaluate import Validator
+def evaluate(config: Config, max_windows: int | None = None, full: bool = False) -> Evaluation:
+    """The run's newest checkpoint re-scored (the run is only read). Pre-training: loss per oracle and global on
+    `max_windows` validation windows per oracle (default pretrain.eval_windows; `full`: all of them). Fine-tuning:
+    each oracle's head on its validation set. `.scores[oracle]` holds the figures, `.lines()` the printed table."""
+    from dgpt.runtimes.evaluation import evaluate_run
 
-    setup = read_run(config)
-    model, _ = load_pretrained(config.run_dir, config.pretrain.device)
-    windows = max_windows or config.pretrain.eval_windows
-    validator = Validator(setup.valid, model.config.n_ctx, windows, config.pretrain.batch_size)
-    return validator(model, next(model.parameters()).device, config.pretrain.dtype)
+    return evaluate_run(config, None if full else max_windows or config.pretrain.eval_windows)

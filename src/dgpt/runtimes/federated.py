@@ -107,10 +107,10 @@ def oracle_seed(seed: int, index: int) -> int:
     return seed * 1009 + 7919 * (index + 1)
 
 
-def load_oracle_state(path) -> dict:
-    """An oracle's private state file (read with weights_only: nothing is unpickled)."""
+def load_oracle_state(path, mmap: bool = False) -> dict:
+    """An oracle's private state file (read with weights_only: nothing is unpickled; `mmap`: tensors mapped, not read)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise DgptError(f"{path}: oracle state file missing") from None
     except Exception as e:  # torch raises several types for truncated or foreign files

@@ -23,7 +23,7 @@ from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.model.heads import TaskHead, TaskModel
 from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed
-from dgpt.runtimes.setup import model_config_for, newest_weights
+from dgpt.runtimes.setup import load_newest, model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import LoopSettings, pick_device
 from dgpt.train.task_eval import METRICS, evaluate_task
@@ -147,17 +147,21 @@ def _head(spec: TaskSpec, model_config: GPTConfig, dropout: float, seed: int, de
 
 def load_task_model(run_dir: Path, oracle: str, device: torch.device) -> tuple[TaskModel, TaskSpec, TextTokenizer]:
     """A fine-tuning run's newest body with one oracle's head (read from that oracle's own state file)."""
-    tokenizer, model_config, weights = newest_weights(run_dir)
+    tokenizer, gpt, weights = load_newest(run_dir)
+    head, spec = load_head(run_dir, oracle, checkpoint_number(weights.parent), gpt.config)
+    return TaskModel(gpt, head).to(device).eval(), spec, tokenizer
+
+
+def load_head(run_dir: Path, oracle: str, rnd: int, model_config: GPTConfig) -> tuple[TaskHead, TaskSpec]:
+    """One oracle's head and task spec at round `rnd`, from its own state file."""
     run = RunDir(run_dir)
-    path = run.oracle_state(oracle, checkpoint_number(weights.parent))
+    path = run.oracle_state(oracle, rnd)
     if not path.is_file():
         raise DgptError(f"{run_dir}: no oracle '{oracle}' in this run (oracles: {', '.join(run.oracles_with_state()) or 'none'})")
     state = load_oracle_state(path)
     if "head" not in state or "task" not in state:
         raise DgptError(f"{path}: oracle '{oracle}' has no task head; is {run_dir} a fine-tuning run?")
     spec = TaskSpec(**state["task"])
-    gpt = GPT(model_config)
-    load_weights_into(gpt, weights, model_config)
     head = TaskHead(model_config.d_model, spec.type, spec.num_outputs, 0.0, spec.regression)
     head.load_state_dict(state["head"])
-    return TaskModel(gpt, head).to(device).eval(), spec, tokenizer
+    return head, spec
