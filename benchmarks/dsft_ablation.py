@@ -258,7 +258,7 @@ def seed_table(seeds: dict, chosen: dict, args) -> list[str]:
     return lines
 
 
-def report(accuracy: dict, runs: dict, curves: dict, chosen: dict, seeds: dict, pretrain_seconds: float, pre_result: dict, config, rounds: int, args) -> str:
+def report(accuracy: dict, runs: dict, curves: dict, chosen: dict, seeds: dict, pretrain_seconds: float, pre_result, config, rounds: int, args) -> str:
     names = {"sst2_a": "SST-2 (oracle sst2_a, 5,000 train)", "sst2_b": "SST-2 (oracle sst2_b, 5,000 train)",
              "rte": "RTE (oracle rte, 2,490 train)", "copa": "COPA (oracle copa, 800 train incl. mirrored)"}
     head = "| task (validation accuracy, %) | (a) pre-trained, λ=0.5 | (b) pre-trained, λ=0 | (c) from scratch | (d) majority class |"
@@ -315,7 +315,7 @@ def report(accuracy: dict, runs: dict, curves: dict, chosen: dict, seeds: dict, 
         f"n_ctx {MODEL['n_ctx']}, {MODEL['ln']}-LN; byte-level BPE with {args.vocab} tokens trained on the pre-training corpora.",
         f"- pre-training (DUPT, sim): 4 oracles ({', '.join(CORPORA)}), {args.pretrain_rounds} rounds x "
         f"{args.pretrain_inner_steps} inner steps x 16 windows of 128 tokens, outer {outer_name(args.pretrain_outer_lr, args.pretrain_outer_momentum)}; "
-        f"final global validation loss {pre_result['global']:.3f}.",
+        f"final global validation loss {pre_result.loss:.3f}.",
         f"- fine-tuning (DSFT, sim): lr grid {', '.join(f'{lr:g}' for lr in args.lrs)} (GPT-1: 6.25e-5, for a far larger, longer pre-trained model), batch {ft.batch_size}, "
         f"{ft.epochs:g} epochs of the largest oracle = {rounds} rounds x {ft.inner_steps} inner steps, "
         f"linear warmup {ft.warmup:.1%} then linear decay, classifier dropout {ft.classifier_dropout}, max_len {MODEL['n_ctx']}, "

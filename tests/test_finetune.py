@@ -1,6 +1,7 @@
 """DSFT end to end: `dgpt finetune` / `dgpt predict` for every task type, heads that never leave their
 oracle, a shared head, resume, torchrun == sim, and one clear line for each kind of bad input."""
 
+import collections
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from taskdata import write_jsonl, write_task
 from dgpt import api
 from dgpt.cli import main
 from dgpt.config import config_from_dict, dump_config
+from dgpt.data.tasks import TaskExamples
 from dgpt.errors import DgptError
 from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
@@ -62,7 +64,7 @@ def test_finetune_and_predict_every_task_type_via_cli(tmp_path, pretrained, caps
     rows = [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round" and "metrics" in r]
     assert [r["round"] for r in rows] == [0, 1, 2]
     last = rows[-1]["metrics"]
-    assert set(last["classification"]) == {"accuracy"}  # three labels: no F1
+    assert set(last["classification"]) == {"accuracy", "macro_f1"}  # three labels: macro-F1
     assert set(last["entailment"]) == set(last["similarity"]) == {"accuracy", "f1"}
     assert set(last["regression"]) == {"pearson", "spearman"}
     assert set(last["multiple_choice"]) == {"accuracy"}
@@ -207,13 +209,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     kinds = ("classification", "entailment", "similarity", "multiple_choice")  # one rank per task type
     sim = ft_config(tmp_path / "sim", pretrained, kinds=kinds)
-    api.finetune(sim)
+    summary = api.finetune(sim)
     dist = ft_config(tmp_path / "dist", pretrained, kinds=kinds, federation={"runtime": "torchrun"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(kinds)}",
            "-m", "dgpt", "finetune", write_config(dist, tmp_path / "dist.toml")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0 alone prints the run's summary, with every rank's tokens
+    assert result.stdout.count("final global validation loss") == 1 and "at round 2 of 2 (torchrun)" in result.stdout
+    assert f"trained {summary.tokens:,} tokens" in result.stdout
     wa, wb = (load_file(str(latest_checkpoint(c.run_path) / WEIGHTS)) for c in (sim, dist))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
@@ -225,6 +230,39 @@ def test_torchrun_finetune_equals_sim(tmp_path, pretrained):
     assert [x[2] for x in flat[0]] == pytest.approx([x[2] for x in flat[1]])
     outputs = [api.predict(c.run_path, "similarity", c.oracles[2].task.valid[0], tmp_path / f"{i}.jsonl") for i, c in enumerate((sim, dist))]
     assert [o["label"] for o in outputs[0]] == [o["label"] for o in outputs[1]]
+
+
+def test_epochs_are_exact_and_split_oracles_train_what_one_oracle_would(tmp_path, pretrained, monkeypatch):
+    """finetune.epochs = 3 trains every example exactly 3 times (the last batch and the last round are shorter), and two
+    oracles holding the halves of a task train on as many examples together as one oracle holding all of it."""
+    rows = [json.loads(line) for line in open(write_task(tmp_path / "task", "classification", n_train=42)["train"][0])]
+    drawn = collections.Counter()  # (examples, index) -> times trained on
+    batch = TaskExamples.batch
+
+    def counting(examples, indices):
+        drawn.update((id(examples), i) for i in indices)
+        return batch(examples, indices)
+
+    monkeypatch.setattr(TaskExamples, "batch", counting)  # no validation sets: every batch is a training batch
+    trained = {}
+    for holders in ({"all": rows}, {"first": rows[:21], "second": rows[21:]}):
+        drawn.clear()
+        oracles = [{"name": name, "task": {"type": "classification", "labels": ["alpha", "beta", "gamma"],
+                                           "train": [str(write_jsonl(tmp_path / f"{name}.jsonl", part))]}}
+                   for name, part in holders.items()]
+        run = tmp_path / "-".join(holders)
+        config = config_from_dict({"run_dir": str(run), "seed": 5, "oracles": oracles, "finetune": {
+            "init_from": str(pretrained), **FINETUNE, "rounds": 0, "epochs": 3, "inner_steps": 3}}, "<test>")
+        summary = api.finetune(config)
+        assert len(drawn) == 42 and set(drawn.values()) == {3}, holders.keys()
+        trained[len(holders)] = sum(drawn.values())
+        # 42 examples in batches of 8: 16 steps (the last of 6 examples) in rounds of 3, 3, 3, 3, 3, 1; halves: 8 steps
+        # (the last of 7) in rounds of 3, 3, 2. Synchronous data parallel would have sent a gradient per step.
+        steps = 16 if len(holders) == 1 else 8
+        assert summary.done == summary.total == -(-steps // 3)
+        params = sum(t.numel() for t in load_file(str(latest_checkpoint(run) / WEIGHTS)).values())
+        assert summary.dp_bytes == 2 * 4 * params * steps * len(holders)
+    assert trained == {1: 126, 2: 126}
 
 
 # --- bad input: one line, non-zero exit, nothing written ------------------------------------------------

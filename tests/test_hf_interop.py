@@ -234,4 +234,4 @@ def test_imported_run_continues_pretraining(tmp_path, tokenizer):
     assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
     assert latest_checkpoint(run_dir).name == "step_0000003"
     initial = [r["loss"] for r in rows if r["kind"] == "valid"][0]  # the imported weights, before any step
-    assert initial == pytest.approx(api.evaluate(config, max_windows=2)["alpha"], rel=0.5)
+    assert initial == pytest.approx(api.evaluate(config, max_windows=2).scores["alpha"]["loss"], rel=0.5)

@@ -5,9 +5,11 @@ import shutil
 
 import pytest
 from conftest import tiny_config
+from taskdata import write_task
 
 from dgpt import api
 from dgpt.cli import main
+from dgpt.config import config_from_dict
 from dgpt.rundir import RunDir
 
 
@@ -15,6 +17,16 @@ from dgpt.rundir import RunDir
 def trained(tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("trained"), federation={"rounds": 2, "inner_steps": 1})
     api.pretrain(config)
+    return config.run_path
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, trained):
+    root = tmp_path_factory.mktemp("finetuned")
+    oracles = [{"name": kind, "task": write_task(root, kind)} for kind in ("classification", "similarity")]
+    config = config_from_dict({"run_dir": str(root / "run"), "oracles": oracles, "finetune": {
+        "init_from": str(trained), "rounds": 1, "inner_steps": 1, "batch_size": 4}}, "<test>")
+    api.finetune(config)
     return config.run_path
 
 
@@ -29,12 +41,16 @@ def writes(root) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("command", [["eval", "--max-windows", "2"], ["info"], ["generate", "--max-new-tokens", "4"]])
-def test_reading_a_run_leaves_it_byte_identical(trained, capsys, command):
-    before, written = contents(trained), writes(trained)
-    assert main([command[0], str(trained), *command[1:]]) == 0
-    assert contents(trained) == before  # no file changed, added or removed
-    assert writes(trained) == written  # nor rewritten
+@pytest.mark.parametrize("run, command", [
+    ("trained", ["eval", "--max-windows", "2"]), ("trained", ["eval", "--full"]), ("trained", ["info"]),
+    ("trained", ["generate", "--max-new-tokens", "4"]), ("finetuned", ["eval"]), ("finetuned", ["info"]),
+])
+def test_reading_a_run_leaves_it_byte_identical(request, capsys, run, command):
+    run = request.getfixturevalue(run)
+    before, written = contents(run), writes(run)
+    assert main([command[0], str(run), *command[1:]]) == 0
+    assert contents(run) == before  # no file changed, added or removed
+    assert writes(run) == written  # nor rewritten
 
 
 def test_plot_writes_only_the_plots(trained, capsys):

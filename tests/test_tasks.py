@@ -13,6 +13,7 @@ from dgpt.errors import DgptError
 from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.model.heads import TaskHead, TaskModel
 from dgpt.objectives import IGNORE_INDEX, finetune_loss, lm_loss, lm_targets, task_loss
+from dgpt.train.task_eval import task_metrics
 
 TEXTS = ["the king rode a horse", "a queen held the crown", "hello friend", "music and games", "so", "because"]
 
@@ -166,3 +167,18 @@ def test_shared_task_files_read_with_the_standard_field_names(tok, name, type_):
     spec = task_spec(TaskConfig(type=type_), rows, 64, name)
     ex = encode_examples(rows[:50], spec, tok, name)
     assert len(ex) == 50 and spec.sequences == {"similarity": 2, "multiple_choice": 2}.get(type_, 1)
+
+
+def test_f1_for_two_labels_and_macro_f1_for_more():
+    def scores(predicted, labels, n):
+        outputs = torch.nn.functional.one_hot(torch.tensor(predicted), n).float()
+        return task_metrics(outputs, torch.tensor(labels), TaskSpec("classification", labels=list(range(n))))
+
+    # label 1 (positive): TP 2, FP 1, FN 1 -> F1 2*2 / (2*2 + 2)
+    binary = scores([1, 1, 0, 1, 0], [1, 0, 1, 1, 0], 2)
+    assert binary["f1"] == pytest.approx(4 / 6) and binary["accuracy"] == pytest.approx(3 / 5) and "macro_f1" not in binary
+    # class 0: TP 2, FP 0, FN 1 -> 0.8; class 1: TP 1, FP 2, FN 0 -> 0.5; class 2: TP 0, FP 0, FN 1 -> 0; class 3 never
+    # occurs (neither label nor prediction) and is left out of the mean, as scikit-learn's f1_score(average="macro") does
+    multi = scores([0, 0, 1, 1, 1], [0, 0, 0, 1, 2], 4)
+    assert multi["macro_f1"] == pytest.approx((0.8 + 0.5 + 0.0) / 3) and "f1" not in multi
+    assert scores([2, 2], [2, 2], 3)["macro_f1"] == 1.0

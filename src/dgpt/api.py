@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,8 +24,11 @@ from dgpt.errors import DgptError
 from dgpt.model.generate import generate
 from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
-from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import pick_device
+
+if TYPE_CHECKING:
+    from dgpt.runtimes.evaluation import Evaluation
+    from dgpt.runtimes.summary import RunSummary
 
 __all__ = [
     "load_config", "load_run_config", "prepare", "pretrain", "finetune", "predict", "load_pretrained", "generate_text", "evaluate",
@@ -63,11 +67,12 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def pretrain(config: Config, *, stop_after: int | None = None) -> dict:
+def pretrain(config: Config, *, stop_after: int | None = None) -> RunSummary:
     """Centralised (`central`) or decentralized (`sim`, `torchrun`) pre-training, as the config says.
 
     Under a torchrun launch a `sim` config runs on the torchrun runtime: one config for both.
     `stop_after` ends the run early after that step (central) or round (federated), checkpointed.
+    Returns the run's summary (final validation, tokens, bytes, time; `.lines()` as `dgpt pretrain` prints it).
     """
     if config.federation.runtime == "central":
         from dgpt.runtimes.central import pretrain_central
@@ -76,7 +81,7 @@ def pretrain(config: Config, *, stop_after: int | None = None) -> dict:
     return _federated(config, stop_after)
 
 
-def _federated(config: Config, stop_after: int | None, **work) -> dict:
+def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
     """The torchrun runtime when asked for, or when a `sim` config is launched by torchrun; else sim."""
     if config.federation.runtime == "flower":
         from dgpt.runtimes.flower_app import require_flower
@@ -100,10 +105,11 @@ def flower_app(config: Config) -> Path:
     return write_flower_app(config)
 
 
-def finetune(config: Config, *, stop_after: int | None = None) -> dict:
+def finetune(config: Config, *, stop_after: int | None = None) -> RunSummary:
     """DSFT: fine-tune the body across oracles (sim, or torchrun), one head per oracle; see docs/finetune.md.
 
-    Returns {"valid": loss per oracle, "metrics": {oracle: {accuracy, f1, pearson, spearman}}, ...}.
+    Returns the run's summary: `.oracles[name]` holds each oracle's validation loss and scores (accuracy, f1 or
+    macro_f1, pearson, spearman).
     """
     from dgpt.runtimes.finetune import finetune_work
 
@@ -150,11 +156,9 @@ def predict(
 
 def load_pretrained(run_dir: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]:
     """The newest checkpoint of a run and its tokenizer, ready for generation or evaluation."""
-    from dgpt.runtimes.setup import newest_weights
+    from dgpt.runtimes.setup import load_newest
 
-    tokenizer, model_config, weights = newest_weights(Path(run_dir))
-    model = GPT(model_config)
-    load_weights_into(model, weights, model_config)
+    tokenizer, model, _ = load_newest(Path(run_dir))
     return model.to(pick_device(device)).eval(), tokenizer
 
 
@@ -187,13 +191,10 @@ def generate_text(
     return texts
 
 
-def evaluate(config: Config, max_windows: int | None = None) -> dict[str, float]:
-    """Validation loss per oracle of the run's newest checkpoint (the run is only read)."""
-    from dgpt.runtimes.setup import read_run
-    from dgpt.train.evaluate import Validator
+def evaluate(config: Config, max_windows: int | None = None, full: bool = False) -> Evaluation:
+    """The run's newest checkpoint re-scored (the run is only read). Pre-training: loss per oracle and global on
+    `max_windows` validation windows per oracle (default pretrain.eval_windows; `full`: all of them). Fine-tuning:
+    each oracle's head on its validation set. `.scores[oracle]` holds the figures, `.lines()` the printed table."""
+    from dgpt.runtimes.evaluation import evaluate_run
 
-    setup = read_run(config)
-    model, _ = load_pretrained(config.run_dir, config.pretrain.device)
-    windows = max_windows or config.pretrain.eval_windows
-    validator = Validator(setup.valid, model.config.n_ctx, windows, config.pretrain.batch_size)
-    return validator(model, next(model.parameters()).device, config.pretrain.dtype)
+    return evaluate_run(config, None if full else max_windows or config.pretrain.eval_windows)

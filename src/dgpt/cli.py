@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dgpt import api  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.logs import messages_to  # noqa: E402
-from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runlock import run_lock  # noqa: E402
 
 
@@ -71,9 +70,13 @@ def cmd_count_pretokens(args) -> None:
 def cmd_pretrain(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     with run_lock(config.run_dir):
-        result = api.pretrain(config, stop_after=args.stop_after)
-    if result and "global" in result:
-        print(f"final global validation loss {result['global']:.4f}")
+        _print_summary(api.pretrain(config, stop_after=args.stop_after))
+
+
+def _print_summary(summary) -> None:
+    """Every training run's closing lines (`RunSummary`); under torchrun, rank 0 speaks for the run."""
+    if os.environ.get("RANK", "0") == "0":
+        print("\n".join(summary.lines()))
 
 
 def cmd_flower_app(args) -> None:
@@ -82,12 +85,7 @@ def cmd_flower_app(args) -> None:
 
 def cmd_eval(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
-    losses = api.evaluate(config, max_windows=args.max_windows)
-    from dgpt.train.evaluate import perplexity
-
-    print(f"{'oracle':<28} {'loss':>8} {'perplexity':>11}")
-    for name, loss in losses.items():
-        print(f"{name:<28} {loss:>8.4f} {perplexity(loss):>11.2f}")
+    print("\n".join(api.evaluate(config, max_windows=args.max_windows, full=args.full).lines()))
 
 
 def cmd_generate(args) -> None:
@@ -103,31 +101,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from dgpt.data.shards import read_manifest
-    from dgpt.data.tokenizer import TextTokenizer
-    from dgpt.model.gpt import GPT
-    from dgpt.runtimes.setup import model_config_for
+    from dgpt.runinfo import info_lines
 
-    config = api.load_run_config(args.config, args.overrides)
-    run = RunDir(config.run_dir)
-    vocab = TextTokenizer.load(run.tokenizer).vocab_size if run.tokenizer.is_file() else config.tokenizer.vocab_size
-    model_config = model_config_for(config, vocab)
-    import torch
-
-    with torch.device("meta"):
-        params = GPT(model_config).num_params()
-    print(f"run_dir     {run.root}")
-    print(f"model       {config.model.preset}: {params:,} parameters  " + json.dumps(model_config.to_dict()))
-    print(f"runtime     {config.federation.runtime}")
-    for oracle in config.oracles:
-        if run.manifest(oracle.name).is_file():
-            m = read_manifest(run.oracle_data(oracle.name))
-            counts = ", ".join(f"{s} {m['splits'][s]['tokens']:,} tokens" for s in m["splits"])
-        else:
-            counts = "not prepared"
-        print(f"oracle      {oracle.name}: {counts}")
-    for ckpt in run.list_checkpoints():
-        print(f"checkpoint  {ckpt}")
+    print("\n".join(info_lines(api.load_run_config(args.config, args.overrides))))
 
 
 def cmd_export(args) -> None:
@@ -145,9 +121,7 @@ def cmd_import(args) -> None:
 def cmd_finetune(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     with run_lock(config.run_dir):
-        result = api.finetune(config, stop_after=args.stop_after)
-    for name, scores in sorted((result or {}).get("metrics", {}).items()):
-        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        _print_summary(api.finetune(config, stop_after=args.stop_after))
 
 
 def cmd_predict(args) -> None:
@@ -221,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_flower_app)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity per oracle")
+    p = sub.add_parser("eval", help="re-score the newest checkpoint: loss and perplexity per oracle and global "
+                                    "(pre-training), each oracle's head on its validation set (fine-tuning)")
     _config_args(p, "CONFIG_OR_RUN")
-    p.add_argument("--max-windows", type=POSITIVE, default=None, help="validation windows per oracle")
+    windows = p.add_mutually_exclusive_group()
+    windows.add_argument("--max-windows", type=POSITIVE, default=None,
+                         help="validation windows per oracle (default: pretrain.eval_windows)")
+    windows.add_argument("--full", action="store_true", help="every validation window")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")

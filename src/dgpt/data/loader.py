@@ -43,9 +43,14 @@ class WindowSampler:
         self.generator.set_state(state["generator"])
 
 
+def eval_spans(arrays: list[np.ndarray], n_ctx: int) -> list[tuple[int, int]]:
+    """(array, start) of every validation window: n_ctx + 1 tokens, each predicting n_ctx tokens none other does."""
+    return [(i, s) for i, a in enumerate(arrays) for s in range(0, len(a) - n_ctx - 1, n_ctx)]
+
+
 def eval_windows(arrays: list[np.ndarray], n_ctx: int, max_windows: int) -> torch.Tensor:
     """Fixed, non-overlapping windows of n_ctx + 1 tokens, evenly spread when there are too many."""
-    spans = [(i, s) for i, a in enumerate(arrays) for s in range(0, len(a) - n_ctx - 1, n_ctx)]
+    spans = eval_spans(arrays, n_ctx)
     if not spans:
         return torch.empty(0, n_ctx + 1, dtype=torch.long)
     if len(spans) > max_windows:

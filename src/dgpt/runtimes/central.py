@@ -11,6 +11,7 @@ from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
 from dgpt.rundir import RunDir
 from dgpt.runtimes.setup import build_model, load_run
+from dgpt.runtimes.summary import RunSummary
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of
 from dgpt.train.evaluate import Validator, weighted_loss
 from dgpt.train.local import InnerLoop
@@ -19,8 +20,8 @@ from dgpt.train.metrics import MetricsLog
 logger = logging.getLogger(__name__)
 
 
-def pretrain_central(config: Config, *, stop_after: int | None = None) -> dict:
-    """Train for config.pretrain.steps, resuming from the newest checkpoint; returns the last validation."""
+def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSummary:
+    """Train for config.pretrain.steps, resuming from the newest checkpoint; returns the run's summary."""
     setup = load_run(config)
     cfg, run_dir = config.pretrain, setup.run_dir
     model, forward = build_model(setup)
@@ -47,7 +48,8 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> dict:
         metrics.log(step=step, tokens=loop.tokens, kind="valid", loss=weighted_loss(losses, train_tokens), oracles=losses)
         return losses
 
-    losses = validate(0) if start == 0 else {}
+    t_start = time.perf_counter()
+    losses, validated = validate(0) if start == 0 else {}, start
     logger.info(f"model: {model.num_params():,} parameters; {loop.sampler.num_tokens:,} pooled training tokens")
     bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
     t0, tokens0 = time.perf_counter(), loop.tokens
@@ -59,11 +61,14 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
         bar.update()
         if step % cfg.eval_interval == 0 or step == cfg.steps:
-            losses = validate(step)
+            losses, validated = validate(step), step
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
             save_checkpoint(run_dir, "step", step, weights_of(model), setup.model_config, {"loop": loop.state_dict()}, cfg.keep_checkpoints)
         if stop_after is not None and step >= stop_after:
             break
     bar.close()
     metrics.close()
-    return losses
+    if not losses:  # resumed without validating since: the summary's validation, not logged again
+        losses, validated = validator(model, setup.device, cfg.dtype), loop.step
+    return RunSummary("central", "step", loop.step, cfg.steps, validated, weighted_loss(losses, train_tokens),
+                      {n: {"loss": loss} for n, loss in losses.items()}, loop.tokens, 0, 0, time.perf_counter() - t_start)

@@ -31,6 +31,7 @@ from dgpt.model.gpt import GPT
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
+from dgpt.runtimes.summary import RunSummary
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
 from dgpt.fileio import atomic_path, torch_save
@@ -44,6 +45,7 @@ PARKED = torch.device("cpu")  # where idle oracles keep their optimizer state
 class Transport(Protocol):
     """Moves what the driver sends between the processes of a run."""
 
+    name: str  # the runtime, as its summary names it
     is_leader: bool  # writes metrics and the global checkpoint
     prepares_data: bool  # whether this process may (re)build the shards
 
@@ -71,10 +73,15 @@ class Work:
     rounds: int
     inner_steps: int  # H
     metric_names: tuple[str, ...] = ("loss",)
-    unit: str = "tokens"
+    unit: str = "tokens"  # what `sizes` count: tokens (pre-training, a language-model loss) or examples (fine-tuning)
+    total_steps: int = 0  # each oracle's steps over the whole run; 0 = rounds x H (else the last round is shorter)
     # this process's oracles -> the gradient of their validation loss at the current parameters (flat, over `params`)
     gradient: Callable[[], dict[str, torch.Tensor]] | None = None
     private_heads: bool = False  # evaluation also uses state outside `params` that trains every round (DSFT heads)
+
+    def steps_in(self, rnd: int) -> int:
+        """H, or in the last round what is left of `total_steps`."""
+        return min(self.inner_steps, (self.total_steps or self.rounds * self.inner_steps) - (rnd - 1) * self.inner_steps)
 
 
 def pretraining_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
@@ -108,10 +115,10 @@ def oracle_seed(seed: int, index: int) -> int:
     return seed * 1009 + 7919 * (index + 1)
 
 
-def load_oracle_state(path) -> dict:
-    """An oracle's private state file (read with weights_only: nothing is unpickled)."""
+def load_oracle_state(path, mmap: bool = False) -> dict:
+    """An oracle's private state file (read with weights_only: nothing is unpickled; `mmap`: tensors mapped, not read)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise DgptError(f"{path}: oracle state file missing") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -126,12 +133,13 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
 
 
 def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[torch.Tensor, float]:
-    """One oracle's share of round `rnd`: H inner steps from Theta; its pseudo-gradient Theta - Theta_j and mean loss."""
+    """One oracle's share of round `rnd`: H inner steps from Theta (fewer in a shorter last round); its pseudo-gradient
+    Theta - Theta_j and mean loss."""
     loop = work.loops[name]
     copy_into(work.params, theta)
     loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule
     move_optimizer_state(loop.optimizer, theta.device)
-    losses = [loop.train_step() for _ in range(work.inner_steps)]
+    losses = [loop.train_step() for _ in range(work.steps_in(rnd))]
     move_optimizer_state(loop.optimizer, PARKED)
     return theta - parameters_to_vector(work.params).detach(), sum(losses) / len(losses)
 
@@ -139,8 +147,8 @@ def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[t
 def train_federated(
     config: Config, transport: Transport, local_names: list[str], *, stop_after_round: int | None = None,
     work: Callable[[Config, Transport, list[str]], Work] = pretraining_work,
-) -> dict:
-    """Run the work's rounds, resuming from the newest round checkpoint; returns the last validation."""
+) -> RunSummary:
+    """Run the work's rounds, resuming from the newest round checkpoint; returns the run's summary."""
     return RoundDriver(config, transport, work(config, transport, local_names)).run(stop_after_round)
 
 
@@ -156,10 +164,12 @@ class RoundDriver:
         self.report = RoundReport(config, self.run_dir, work, self.start) if transport.is_leader else None
         self.ledger = ContributionLedger(config, self, self.start, ledger_head)
 
-    def run(self, stop_after: int | None) -> dict:
+    def run(self, stop_after: int | None) -> RunSummary:
         work, fed = self.work, self.config.federation
+        t_start = time.perf_counter()
         valid, scores = self.validate()
         self.ledger.validated(valid)
+        validated = done = self.start
         if self.report is not None:
             self.report.started(self.start, valid, scores)
         bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
@@ -171,13 +181,15 @@ class RoundDriver:
             received = self.transport.exchange({n: p for n, (p, _) in trained.items()}, participants, self.codec)
             result = self.strategy.aggregate(received)
             valuation = self.ledger.value(result)
-            self.load_theta(self.strategy.apply(result, work.inner_steps))
+            self.load_theta(self.strategy.apply(result, work.steps_in(rnd)))
             self.ledger.record(rnd, result, received, valuation)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
-            valid, scores = self.validate() if evaluated else ({}, {})
-            self.ledger.validated(valid)
-            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), valid, scores)
-            record.tokens = int(sum(self.gather({n: float(loop.tokens) for n, loop in work.loops.items()}).values()))
+            now = self.validate() if evaluated else ({}, {})
+            self.ledger.validated(now[0])
+            if evaluated:
+                (valid, scores), validated = now, rnd
+            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), *now)
+            record.tokens = self._tokens()
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
                 logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
@@ -189,14 +201,22 @@ class RoundDriver:
                 self._save(rnd)
             bar.set_postfix(record.postfix())
             bar.update()
+            done = rnd
             if stop_after is not None and rnd >= stop_after:
                 break
         bar.close()
         if self.report is not None:
             self.report.finished(self.strategy)
         sent = self.strategy.bytes
-        return {"valid": valid, "global": weighted_loss(valid, work.sizes), "metrics": scores, "bytes_total": sent.total,
-                "dp_bytes": sent.dp_bytes}
+        return RunSummary(
+            self.transport.name, "round", done, work.rounds, validated, weighted_loss(valid, work.sizes),
+            {n: {"loss": loss, **scores.get(n, {})} for n, loss in valid.items()}, self._tokens(), sent.total,
+            sent.dp_bytes, time.perf_counter() - t_start, language_model=work.unit == "tokens",
+        )
+
+    def _tokens(self) -> int:
+        """Tokens trained so far by every oracle."""
+        return int(sum(self.gather({n: float(loop.tokens) for n, loop in self.work.loops.items()}).values()))
 
     def _theta(self) -> torch.Tensor:
         return parameters_to_vector(self.work.params).detach()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dgpt.config import Config, OracleConfig, dump_config
+from dgpt.config import Config, FinetuneConfig, OracleConfig, dump_config
 from dgpt.data.tasks import ExampleSampler, TaskExamples, TaskSpec, encode_examples, load_split, read_rows, task_spec
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
@@ -23,7 +23,7 @@ from dgpt.model.gpt import GPT, GPTConfig
 from dgpt.model.heads import TaskHead, TaskModel
 from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed
-from dgpt.runtimes.setup import model_config_for, newest_weights
+from dgpt.runtimes.setup import load_newest, model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
 from dgpt.train.local import LoopSettings, pick_device
 from dgpt.train.task_eval import METRICS, evaluate_task, task_gradient
@@ -73,8 +73,8 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     if transport.is_leader:
         tokenizer.save(run_dir.tokenizer)
         write_text(run_dir.config, dump_config(config))
-    rounds = ft.rounds or max(1, math.ceil(math.ceil(ft.epochs * max(sizes.values()) / ft.batch_size) / ft.inner_steps))
-    settings = loop_settings(config, rounds * ft.inner_steps)
+    rounds, steps, examples = schedule(ft, int(max(sizes.values())))
+    settings = loop_settings(config, steps)
     device = pick_device(config.pretrain.device)
     gpt = _body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
@@ -84,7 +84,7 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
         seed = oracle_seed(config.seed, names.index(name))
         head = shared or _head(spec, model_config, ft.classifier_dropout, seed, device)
         sampler = ExampleSampler(train, seed, name)
-        loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, rounds * ft.inner_steps, device, seed, ft.lambda_lm)
+        loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, steps, device, seed, ft.lambda_lm, examples)
     params = list(gpt.parameters()) + (list(shared.parameters()) if shared is not None else [])
 
     def evaluate() -> dict[str, dict[str, float]]:
@@ -97,8 +97,22 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
         return {name: task_gradient(loops[name].model, valid, params, ft.eval_batch_size, device, settings.dtype)
                 for name, (_, _, valid) in data.items() if valid is not None and len(valid)}
 
-    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples", gradient,
+    return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples", steps, gradient,
                 private_heads=shared is None)
+
+
+def schedule(ft: FinetuneConfig, largest: int) -> tuple[int, int, int | None]:
+    """Rounds, each oracle's optimizer steps, and the examples each oracle trains (None: every batch full).
+
+    `finetune.rounds` set: that many rounds of H full steps. Otherwise exactly `epochs` passes over the largest
+    oracle's set: the last batch and the last round are as short as that needs, so oracles holding parts of a task
+    train on as many examples together as one oracle holding all of it.
+    """
+    if ft.rounds:
+        return ft.rounds, ft.rounds * ft.inner_steps, None
+    examples = max(1, round(ft.epochs * largest))
+    steps = math.ceil(examples / ft.batch_size)
+    return math.ceil(steps / ft.inner_steps), steps, examples
 
 
 def loop_settings(config: Config, total_steps: int) -> LoopSettings:
@@ -138,17 +152,21 @@ def _head(spec: TaskSpec, model_config: GPTConfig, dropout: float, seed: int, de
 
 def load_task_model(run_dir: Path, oracle: str, device: torch.device) -> tuple[TaskModel, TaskSpec, TextTokenizer]:
     """A fine-tuning run's newest body with one oracle's head (read from that oracle's own state file)."""
-    tokenizer, model_config, weights = newest_weights(run_dir)
+    tokenizer, gpt, weights = load_newest(run_dir)
+    head, spec = load_head(run_dir, oracle, checkpoint_number(weights.parent), gpt.config)
+    return TaskModel(gpt, head).to(device).eval(), spec, tokenizer
+
+
+def load_head(run_dir: Path, oracle: str, rnd: int, model_config: GPTConfig) -> tuple[TaskHead, TaskSpec]:
+    """One oracle's head and task spec at round `rnd`, from its own state file."""
     run = RunDir(run_dir)
-    path = run.oracle_state(oracle, checkpoint_number(weights.parent))
+    path = run.oracle_state(oracle, rnd)
     if not path.is_file():
         raise DgptError(f"{run_dir}: no oracle '{oracle}' in this run (oracles: {', '.join(run.oracles_with_state()) or 'none'})")
     state = load_oracle_state(path)
     if "head" not in state or "task" not in state:
         raise DgptError(f"{path}: oracle '{oracle}' has no task head; is {run_dir} a fine-tuning run?")
     spec = TaskSpec(**state["task"])
-    gpt = GPT(model_config)
-    load_weights_into(gpt, weights, model_config)
     head = TaskHead(model_config.d_model, spec.type, spec.num_outputs, 0.0, spec.regression)
     head.load_state_dict(state["head"])
-    return TaskModel(gpt, head).to(device).eval(), spec, tokenizer
+    return head, spec

@@ -16,7 +16,7 @@ from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.model.gpt import GPT, GPTConfig, resolve_config
 from dgpt.rundir import RunDir
-from dgpt.train.checkpoint import WEIGHTS, read_model_config
+from dgpt.train.checkpoint import WEIGHTS, load_weights_into, read_model_config
 from dgpt.train.local import pick_device
 
 
@@ -91,3 +91,11 @@ def newest_weights(run_dir: Path) -> tuple[TextTokenizer, GPTConfig, Path]:
     if model_config.vocab_size != tokenizer.vocab_size:
         raise DgptError(f"{run.tokenizer}: {tokenizer.vocab_size} tokens, but the checkpoint's model has {model_config.vocab_size}")
     return tokenizer, model_config, checkpoint / WEIGHTS
+
+
+def load_newest(run_dir: Path) -> tuple[TextTokenizer, GPT, Path]:
+    """A run's tokenizer, its newest checkpoint's model (weights loaded, on the CPU) and that checkpoint's weight file."""
+    tokenizer, model_config, weights = newest_weights(run_dir)
+    model = GPT(model_config)
+    load_weights_into(model, weights, model_config)
+    return tokenizer, model, weights

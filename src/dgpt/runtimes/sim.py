@@ -9,12 +9,14 @@ import torch
 from dgpt.config import Config
 from dgpt.federation.codec import Codec, Payload
 from dgpt.runtimes.federated import pretraining_work, train_federated
+from dgpt.runtimes.summary import RunSummary
 
 
 class SimTransport:
     """In-process transport: a payload arrives as it was sent. `tamper(oracle, delta) -> delta` stands in for a
     faulty or malicious oracle (tests and the robustness benchmark use it): it alters what that oracle sends."""
 
+    name = "sim"
     is_leader = True
     prepares_data = True
 
@@ -36,6 +38,6 @@ class SimTransport:
         write()
 
 
-def pretrain_sim(config: Config, *, stop_after_round: int | None = None, tamper=None, work=pretraining_work) -> dict:
+def pretrain_sim(config: Config, *, stop_after_round: int | None = None, tamper=None, work=pretraining_work) -> RunSummary:
     """Every oracle in this process; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
     return train_federated(config, SimTransport(tamper), config.oracle_names(), stop_after_round=stop_after_round, work=work)

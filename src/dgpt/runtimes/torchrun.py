@@ -20,6 +20,7 @@ from dgpt.config import Config
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec, Payload
 from dgpt.runtimes.federated import pretraining_work, train_federated
+from dgpt.runtimes.summary import RunSummary
 from dgpt.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ _LOST_CONTACT = ("Connection closed", "Connection reset", "Broken pipe", "Timed 
 
 
 class DistTransport:
+    name = "torchrun"
     prepares_data = False  # `dgpt prepare` runs first; ranks must not race on the shard files
 
     def __init__(self, names: list[str], device: torch.device, timeout: datetime.timedelta):
@@ -76,7 +78,7 @@ class DistTransport:
             dist.barrier()
 
 
-def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, work=pretraining_work) -> dict:
+def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, work=pretraining_work) -> RunSummary:
     """One oracle per rank; `work` picks what is trained (`dgpt.runtimes.finetune.finetune_work`)."""
     if "RANK" not in os.environ:
         command = "pretrain" if work is pretraining_work else "finetune"

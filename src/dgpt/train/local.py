@@ -133,6 +133,10 @@ class InnerLoop:
             yield
             self.rng_state = torch.get_rng_state()
 
+    def batch_size_at(self, step: int) -> int:
+        """Samples per micro-batch at `step`."""
+        return self.cfg.batch_size
+
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
         cfg = self.cfg
@@ -143,7 +147,7 @@ class InnerLoop:
         total = 0.0
         with self._own_rng():
             for _ in range(cfg.grad_accum):
-                batch = [t.to(self.device, non_blocking=True) for t in self.sampler.sample(cfg.batch_size)]
+                batch = [t.to(self.device, non_blocking=True) for t in self.sampler.sample(self.batch_size_at(self.step))]
                 with autocast(self.device, cfg.dtype):
                     loss, tokens = self.objective(*batch)
                 (loss / cfg.grad_accum).backward()

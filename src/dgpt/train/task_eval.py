@@ -1,7 +1,8 @@
 """Fine-tuning evaluation: a task model's outputs on a labeled split, and its metrics.
 
 accuracy (classification and multiple choice), F1 of label index 1 (two-label classification tasks),
-Pearson and Spearman correlation (regression), and the mean L2 loss.
+macro-F1 (the mean of every class's F1, over the classes that occur as a label or a prediction: more than
+two labels), Pearson and Spearman correlation (regression), and the mean L2 loss.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dgpt.data.tasks import TaskExamples, TaskSpec
 from dgpt.objectives import task_loss
 from dgpt.train.local import autocast
 
-METRICS = ("loss", "accuracy", "f1", "pearson", "spearman")  # every key any task may report
+METRICS = ("loss", "accuracy", "f1", "macro_f1", "pearson", "spearman")  # every key any task may report
 
 
 @torch.no_grad()
@@ -43,11 +44,22 @@ def task_metrics(outputs: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) ->
         return metrics
     predicted = outputs.argmax(dim=-1)
     metrics["accuracy"] = (predicted == labels).double().mean().item()
-    if spec.type != "multiple_choice" and len(spec.labels) == 2:
-        tp = ((predicted == 1) & (labels == 1)).sum().item()
-        fp_fn = (predicted != labels).sum().item()
-        metrics["f1"] = 2 * tp / (2 * tp + fp_fn) if tp else 0.0
+    if spec.type == "multiple_choice":
+        return metrics
+    f1, occurs = _class_f1(predicted, labels, len(spec.labels))
+    if len(spec.labels) == 2:
+        metrics["f1"] = f1[1].item()
+    elif len(spec.labels) > 2:
+        metrics["macro_f1"] = f1[occurs].mean().item()
     return metrics
+
+
+def _class_f1(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's F1 = 2 TP / (2 TP + FP + FN) (0 where it never occurs), and whether it occurs as a label or a prediction."""
+    tp = torch.bincount(labels[predicted == labels], minlength=classes).double()
+    either = (torch.bincount(predicted, minlength=classes) + torch.bincount(labels, minlength=classes)).double()
+    occurs = either > 0
+    return torch.where(occurs, 2 * tp / either.clamp(min=1), 0.0), occurs
 
 
 def evaluate_task(model, examples: TaskExamples, spec: TaskSpec, batch_size: int, device, dtype: str = "float32") -> dict[str, float]:

@@ -1,6 +1,7 @@
 """One oracle's fine-tuning loop: the shared `InnerLoop` with the L3 objective and the oracle's own head.
 
-The head's weights and its task spec are part of the loop's state, so they are saved in the oracle's
+With an examples budget (`finetune.epochs`) the last batch is only what is left of it, so the run trains
+exactly that many examples. The head's weights and its task spec are part of the loop's state, so they are saved in the oracle's
 own state file (`run_dir/oracles/<name>/round_N.pt`) and never in what the oracle sends.
 """
 
@@ -17,10 +18,15 @@ from dgpt.train.local import InnerLoop, LoopSettings
 class TaskLoop(InnerLoop):
     def __init__(
         self, model: TaskModel, spec: TaskSpec, cfg: LoopSettings, sampler: ExampleSampler, total_steps: int,
-        device: torch.device, seed: int, lambda_lm: float,
+        device: torch.device, seed: int, lambda_lm: float, examples: int | None = None,
     ):
         super().__init__(model, cfg, sampler, total_steps, device, seed, objective=self.loss)
         self.spec, self.lambda_lm = spec, lambda_lm
+        self.examples = examples  # in the whole run (None: every batch full); the last batch takes what is left
+
+    def batch_size_at(self, step: int) -> int:
+        size = self.cfg.batch_size
+        return size if self.examples is None else min(size, self.examples - step * size)
 
     def loss(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """L3 = L2 + lambda * L1 on one batch, and the number of (non-pad) input tokens."""
