@@ -93,7 +93,8 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     model, tokenizer = api.load_pretrained(args.run_dir, args.device)
     texts = api.generate_text(
-        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        num_samples=args.num_samples,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
     for i, text in enumerate(texts):
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=_number(int, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
                    default=100)
+    p.add_argument("--min-new-tokens", type=_number(int, lambda v: 0 <= v <= MAX_NEW_TOKENS, f"an integer in [0, {MAX_NEW_TOKENS}]"),
+                   default=0, metavar="N", help="end-of-text is not sampled before N new tokens (at most --max-new-tokens)")
     p.add_argument("--num-samples", type=_number(int, lambda v: 1 <= v <= MAX_SAMPLES, f"an integer in [1, {MAX_SAMPLES}]"),
                    default=1)
     p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.8, help="0 = greedy")
