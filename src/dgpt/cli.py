@@ -160,8 +160,12 @@ def cmd_predict(args) -> None:
 
 def cmd_plot(args) -> None:
     from dgpt.plot import plot_run
+    from dgpt.plot_compare import plot_runs
 
-    for path in plot_run(Path(args.run_dir)):
+    if len(args.run_dirs) > 1 and args.out is None:
+        raise DgptError(f"{len(args.run_dirs)} runs to compare: name the folder for their overlaid plots with --out DIR")
+    paths = plot_run(args.run_dirs[0], args.out) if len(args.run_dirs) == 1 else plot_runs(args.run_dirs, args.out)
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -278,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the totals as JSON")
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/; "
+                                    "several runs: overlaid, one curve per run, into --out DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs go (one run: default RUN_DIR/plots; several runs: required)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")
