@@ -75,11 +75,12 @@ def test_plot_central_run_has_loss_against_tokens(sim_and_central, capsys):
     assert max(x for x, _ in by_tokens.series["global"]) > 0
 
 
-def test_a_single_oracle_gets_no_flat_agreement_plot(tmp_path, capsys):
-    config = tiny_config(tmp_path, names=("alpha",), docs=(120,))
+def test_no_flat_plots_for_one_oracle_or_a_ledger_without_values(tmp_path, capsys):
+    config = tiny_config(tmp_path, names=("alpha",), docs=(120,), ledger={"method": "off"})
     api.pretrain(config)
     plot(config.run_path, ["valid_loss.png", "train_loss.png"], capsys)
-    assert not (config.run_path / "plots" / "agreement.png").exists()
+    assert not (config.run_path / "plots" / "agreement.png").exists()  # one oracle: always 1
+    assert not (config.run_path / "plots" / "contribution.png").exists()  # ledger.method = "off": all 0
 
 
 def finetune_metrics(folder, lambda_lm=0.25, names=("a", "b")):

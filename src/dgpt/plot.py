@@ -168,7 +168,7 @@ def _federated_charts(view: RunView) -> list[Chart]:
 
 
 def _contribution_chart(root: Path) -> list[Chart]:
-    """Cumulative contribution per oracle vs round, from a ledger that verifies (none without one)."""
+    """Cumulative contribution per oracle vs round, from a ledger that verifies and holds values (none otherwise)."""
     if not RunDir(root).ledger.is_file():
         return []
     try:
@@ -176,6 +176,8 @@ def _contribution_chart(root: Path) -> list[Chart]:
     except DgptError as e:
         logger.warning(f"no contribution plot: {e}")
         return []
+    if not any(value for points in summary.curve.values() for _, value in points):
+        return []  # ledger.method = "off": records without values
     chart = Chart("contribution", "Contribution per oracle (Shapley values, summed over rounds)", ROUND,
                   "cumulative contribution (validation loss reduction, nats)")
     for name, points in summary.curve.items():
