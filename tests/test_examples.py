@@ -2,13 +2,14 @@
 made small with --set; the training text cut to the validation files so that preparing takes seconds)."""
 
 import dataclasses
+import shlex
 from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, tiny_config
 
 from dgpt import api
-from dgpt.cli import main
+from dgpt.cli import build_parser, main
 from dgpt.config import load_config
 from dgpt.demo import demo_config
 from dgpt.train.metrics import read_metrics
@@ -88,3 +89,16 @@ def test_flower2_settings_run_a_round_on_sim(tmp_path, monkeypatch):
     path = ROOT / "examples" / "flower2.toml"
     overrides = [*on_valid_text(path), "federation.runtime=sim", "tokenizer.counts=[]", f"run_dir={tmp_path}", "ledger.method=off"]
     assert main(["pretrain", str(path), *sets(*overrides), "--stop-after", "1"]) == 0
+
+
+def test_the_readme_walkthrough_names_real_commands_and_files():
+    """Each command of README's "Evaluating and comparing runs" parses, and the configs it names exist (the
+    examples' runs above show that they train)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Evaluating and comparing runs", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.startswith("dgpt ")]
+    assert [c[1] for c in commands] == ["prepare", "pretrain", "pretrain", "plot", "finetune", "eval", "predict"]
+    for command in commands:
+        args = build_parser().parse_args(command[1:])
+        if hasattr(args, "config") and args.config.endswith(".toml"):
+            assert load_config(ROOT / args.config, args.overrides).oracles
