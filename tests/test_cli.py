@@ -37,6 +37,10 @@ def test_prepare_pretrain_eval_generate_info(config_file, capsys):
 
     assert main(["generate", str(config.run_path), "--prompt", "the king", "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("the king")
+    assert main(["generate", str(config.run_path), "--prompt", "the king", "--min-new-tokens", "6", "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.strip()) > len("the king")
+    assert main(["generate", str(config.run_path), "--min-new-tokens", "9", "--max-new-tokens", "8"]) == 2
+    assert capsys.readouterr().err == "dgpt: error: min_new_tokens 9 exceeds max_new_tokens 8\n"
 
     assert main(["info", str(config.run_path)]) == 0
     info = capsys.readouterr().out

@@ -96,6 +96,22 @@ def test_generation_stops_at_end_of_text():
     assert out.shape[1] == 4  # stopped right after producing the end-of-text id
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_end_of_text_is_not_drawn_before_min_new_tokens(use_cache):
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    prompt = torch.randint(0, 97, (2, 3))
+    eot = generate(model, prompt[:1], 1, temperature=0)[0, -1].item()  # what greedy decoding picks first
+    out = generate(model, prompt, 20, temperature=0, eot_id=eot, min_new_tokens=5, use_cache=use_cache)
+    assert out.shape[1] >= 3 + 5 and eot not in out[:, 3:8].tolist()[0] + out[:, 3:8].tolist()[1]
+    with torch.no_grad():  # the first new token is the best one but end-of-text
+        logits = model(prompt[:1])[0, -1]
+    logits[eot] = float("-inf")
+    assert out[0, 3].item() == logits.argmax().item()
+    sampled = generate(model, prompt, 8, temperature=1.0, eot_id=eot, min_new_tokens=8, generator=torch.Generator().manual_seed(1))
+    assert sampled.shape[1] == 3 + 8 and eot not in sampled[:, 3:].flatten().tolist()
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()

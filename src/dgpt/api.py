@@ -168,12 +168,17 @@ def generate_text(
     prompt: str,
     *,
     max_new_tokens: int = 100,
+    min_new_tokens: int = 0,
     num_samples: int = 1,
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 0.95,
     seed: int = 0,
 ) -> list[str]:
+    """`num_samples` continuations of `prompt`, each ending at end-of-text (never before `min_new_tokens` new tokens)
+    or after `max_new_tokens`."""
+    if min_new_tokens > max_new_tokens:
+        raise DgptError(f"min_new_tokens {min_new_tokens} exceeds max_new_tokens {max_new_tokens}")
     device = next(model.parameters()).device
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt)  # documents start after <|endoftext|> in training
     ids = ids[-model.config.n_ctx :]
@@ -181,7 +186,7 @@ def generate_text(
     gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(
         model, prompt_t, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eot_id=tokenizer.eot_id, generator=gen,
+        eot_id=tokenizer.eot_id, min_new_tokens=min_new_tokens, generator=gen,
     )
     texts = []
     for row in out[:, len(ids) :].tolist():

@@ -91,7 +91,8 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     model, tokenizer = api.load_pretrained(args.run_dir, args.device)
     texts = api.generate_text(
-        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        num_samples=args.num_samples,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
     for i, text in enumerate(texts):
@@ -133,8 +134,12 @@ def cmd_predict(args) -> None:
 
 def cmd_plot(args) -> None:
     from dgpt.plot import plot_run
+    from dgpt.plot_compare import plot_runs
 
-    for path in plot_run(Path(args.run_dir)):
+    if len(args.run_dirs) > 1 and args.out is None:
+        raise DgptError(f"{len(args.run_dirs)} runs to compare: name the folder for their overlaid plots with --out DIR")
+    paths = plot_run(args.run_dirs[0], args.out) if len(args.run_dirs) == 1 else plot_runs(args.run_dirs, args.out)
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -209,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=_number(int, lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
                    default=100)
+    p.add_argument("--min-new-tokens", type=_number(int, lambda v: 0 <= v <= MAX_NEW_TOKENS, f"an integer in [0, {MAX_NEW_TOKENS}]"),
+                   default=0, metavar="N", help="end-of-text is not sampled before N new tokens (at most --max-new-tokens)")
     p.add_argument("--num-samples", type=_number(int, lambda v: 1 <= v <= MAX_SAMPLES, f"an integer in [1, {MAX_SAMPLES}]"),
                    default=1)
     p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, "a number >= 0"), default=0.8, help="0 = greedy")
@@ -253,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the totals as JSON")
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/; "
+                                    "several runs: overlaid, one curve per run, into --out DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs go (one run: default RUN_DIR/plots; several runs: required)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="offline end-to-end run on three oracles built from Python's standard library")

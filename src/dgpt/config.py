@@ -82,7 +82,7 @@ class OracleConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 2000  # optimizer steps of the centralised run
+    steps: int = 0  # optimizer steps of the centralised run; 0 = as many tokens as the federated run (runtimes.central)
     batch_size: int = 16  # windows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -166,6 +166,7 @@ class LedgerConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
+    progress_interval_s: float = 30.0  # output not a terminal: seconds between one-line progress records (0: every step/round)
 
 
 @dataclass

@@ -32,7 +32,8 @@ RANGES: dict[str, Rule] = {
     "data.batch_docs": AT_LEAST_1,
     "oracles[].weight": AT_LEAST_0,
     "oracles[].task.num_choices": (lambda v: v == 0 or v >= 2, "0 (from the data) or >= 2"),
-    **{f"pretrain.{k}": AT_LEAST_1 for k in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows",
+    "pretrain.steps": AT_LEAST_0,  # 0: derived from [federation] (runtimes.central)
+    **{f"pretrain.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum", "eval_interval", "eval_windows",
                                             "log_interval", "checkpoint_interval", "keep_checkpoints")},
     "pretrain.lr": POSITIVE,
     **{f"pretrain.{k}": AT_LEAST_0 for k in ("min_lr", "warmup_steps", "weight_decay", "grad_clip")},
@@ -57,6 +58,7 @@ RANGES: dict[str, Rule] = {
     "finetune.max_len": (lambda v: v == 0 or v >= 4, "0 (the model's n_ctx) or >= 4"),
     "ledger.exact_max": (lambda v: 1 <= v <= _SHAPLEY_EXACT_MAX, f"in [1, {_SHAPLEY_EXACT_MAX}]"),
     "ledger.permutations": (lambda v: v >= 2, ">= 2"),
+    "log.progress_interval_s": AT_LEAST_0,
 }
 
 

@@ -39,12 +39,15 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     eot_id: int | None = None,
+    min_new_tokens: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend `prompt` [B, T] by up to `max_new_tokens`; temperature 0 is greedy.
 
-    Stops early once every row has produced `eot_id`; rows that finished keep emitting `eot_id`.
+    Stops early once every row has produced `eot_id`; rows that finished keep emitting `eot_id`. `eot_id` is
+    never drawn as one of the first `min_new_tokens` new tokens (its logit is masked out), so short
+    continuations do not end before they begin.
     Past n_ctx the context slides: the last n_ctx tokens are re-encoded (learned positions leave
     no cheaper exact choice), so cached and uncached generation give the same tokens.
     """
@@ -54,7 +57,7 @@ def generate(
     idx = prompt
     done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     cache, fed = None, 0  # `fed`: tokens of idx already in the cache
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if not use_cache:
             hidden = model.transformer(idx[:, -n_ctx:])
         elif cache is not None and idx.size(1) <= n_ctx:
@@ -65,6 +68,8 @@ def generate(
             hidden = model.transformer(idx[:, -n_ctx:], cache)
         fed = idx.size(1)
         logits = model.lm_head(hidden[:, -1, :])  # only the last position is sampled from
+        if eot_id is not None and i < min_new_tokens:
+            logits[:, eot_id] = float("-inf")
         token = next_token(logits.float(), temperature, top_k, top_p, generator)
         if eot_id is not None:
             token = torch.where(done[:, None], torch.full_like(token, eot_id), token)

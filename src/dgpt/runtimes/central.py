@@ -1,15 +1,22 @@
-"""The centralised baseline: one trainer on every oracle's training tokens pooled."""
+"""The centralised baseline: one trainer on every oracle's training tokens pooled.
+
+With `pretrain.steps = 0` (the default) the baseline trains as many tokens as the federated run the same config
+describes, with the same schedule length: `federation.rounds x inner_steps` steps, each of `grad_accum x oracles`
+micro-batches of `batch_size` windows (every oracle's batch of one inner step, pooled; one micro-batch holds what
+one oracle's step held, so it fits where the oracles' steps fit). `--set federation.runtime=central` on a federated
+config is then a like-for-like baseline.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
-from tqdm import tqdm
-
-from dgpt.config import Config
+from dgpt.config import Config, PretrainConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.rundir import RunDir
+from dgpt.progress import Progress
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.runtimes.summary import RunSummary
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into, save_checkpoint, weights_of
@@ -20,10 +27,23 @@ from dgpt.train.metrics import MetricsLog
 logger = logging.getLogger(__name__)
 
 
+def central_schedule(config: Config) -> PretrainConfig:
+    """`[pretrain]` as the central runtime trains it: steps and grad_accum derived from `[federation]` when
+    `pretrain.steps` is 0 (and said so), as given otherwise."""
+    cfg, fed, k = config.pretrain, config.federation, max(len(config.oracles), 1)
+    if cfg.steps:
+        return cfg
+    derived = dataclasses.replace(cfg, steps=fed.rounds * fed.inner_steps, grad_accum=cfg.grad_accum * k)
+    logger.info(f"central baseline at the federated run's tokens: {derived.steps:,} steps ({fed.rounds} rounds x "
+                f"{fed.inner_steps} inner steps) of {derived.grad_accum} x {cfg.batch_size} windows (grad_accum "
+                f"{cfg.grad_accum} x {k} oracles); set pretrain.steps to choose the steps yourself")
+    return derived
+
+
 def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSummary:
-    """Train for config.pretrain.steps, resuming from the newest checkpoint; returns the run's summary."""
+    """Train for the central schedule's steps, resuming from the newest checkpoint; returns the run's summary."""
     setup = load_run(config)
-    cfg, run_dir = config.pretrain, setup.run_dir
+    cfg, run_dir = central_schedule(config), setup.run_dir
     model, forward = build_model(setup)
     n_ctx = setup.model_config.n_ctx
     pooled = [a for arrays in setup.train.values() for a in arrays]
@@ -51,15 +71,12 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSum
     t_start = time.perf_counter()
     losses, validated = validate(0) if start == 0 else {}, start
     logger.info(f"model: {model.num_params():,} parameters; {loop.sampler.num_tokens:,} pooled training tokens")
-    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
-    t0, tokens0 = time.perf_counter(), loop.tokens
+    bar = Progress(cfg.steps, start, "step", config.log.progress_interval_s, tokens=loop.tokens)
     for step in range(start + 1, cfg.steps + 1):
         loss = loop.train_step()
-        tok_s = (loop.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
         if step % cfg.log_interval == 0 or step == cfg.steps:
             metrics.log(step=step, tokens=loop.tokens, kind="train", loss=loss, lr=loop.optimizer.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        bar.update()
+        bar.update(loop.tokens, loss=f"{loss:.4f}")
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             losses, validated = validate(step), step
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps:

@@ -19,7 +19,6 @@ from typing import Callable, Protocol
 
 import torch
 from torch.nn.utils import parameters_to_vector
-from tqdm import tqdm
 
 from dgpt.config import Config
 from dgpt.data.loader import WindowSampler
@@ -28,6 +27,7 @@ from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.strategy import Strategy
 from dgpt.model.gpt import GPT
+from dgpt.progress import Progress
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
@@ -172,8 +172,8 @@ class RoundDriver:
         validated = done = self.start
         if self.report is not None:
             self.report.started(self.start, valid, scores)
-        bar = tqdm(total=work.rounds, initial=self.start, desc="rounds", unit="round", dynamic_ncols=True,
-                   disable=not self.transport.is_leader)
+        bar = Progress(work.rounds, self.start, "round", self.config.log.progress_interval_s,
+                       tokens=0 if self.start == 0 else None, enabled=self.transport.is_leader)
         for rnd in range(self.start + 1, work.rounds + 1):
             t0 = time.perf_counter()
             participants = self.strategy.sample()
@@ -199,8 +199,7 @@ class RoundDriver:
                 self.report.round(record, self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds or rnd == stop_after:
                 self._save(rnd)
-            bar.set_postfix(record.postfix())
-            bar.update()
+            bar.update(record.tokens, **record.postfix())
             done = rnd
             if stop_after is not None and rnd >= stop_after:
                 break

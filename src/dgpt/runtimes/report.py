@@ -29,11 +29,14 @@ class RoundRecord:
     seconds: float = 0.0
 
     def postfix(self) -> dict[str, str]:
-        """The progress bar's figures: each oracle's validation loss and the update's agreement."""
+        """The progress figures: the participants' mean training loss; when validated, each oracle's validation loss
+        and the update's agreement."""
+        train = {"train": f"{sum(self.train_loss.values()) / len(self.train_loss):.4f}"} if self.train_loss else {}
         if not self.valid:
-            return {}
+            return train
         agree = self.result.agreement
-        return {**{n[:12]: f"{v:.3f}" for n, v in self.valid.items()}, "agreement": f"{agree:.2f}" if agree is not None else "-"}
+        return {**train, **{n[:12]: f"{v:.4f}" for n, v in self.valid.items()},
+                "agreement": f"{agree:.2f}" if agree is not None else "-"}
 
 
 class RoundReport:
