@@ -97,7 +97,7 @@ def test_the_readme_walkthrough_names_real_commands_and_files():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("## Evaluating and comparing runs", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.startswith("dgpt ")]
-    assert [c[1] for c in commands] == ["prepare", "pretrain", "pretrain", "plot", "finetune", "eval", "predict"]
+    assert [c[1] for c in commands] == ["prepare", "pretrain", "pretrain", "plot", "finetune", "eval", "eval", "predict"]
     for command in commands:
         args = build_parser().parse_args(command[1:])
         if hasattr(args, "config") and args.config.endswith(".toml"):
