@@ -5,6 +5,8 @@ Run (from the project root, venv active; ~25 min on 2 free CPU cores with --jobs
     python benchmarks/poison.py [--rounds 15] [--inner-steps 10] [--jobs 2] [--quick] [--no-torchrun]
     python benchmarks/poison.py --replot          # rewrite poison.md from poison_runs.json
 
+An interrupted run picks up where it stopped: runs under --runs that reached their last round are reused.
+
 Six non-IID oracles (the four domains of ../shared/data/pretrain, the Python docs and Topical-Chat split in halves)
 pre-train the pre-LN tiny body with the FedAvg outer step. One of them, half of Topical-Chat (the largest share of
 the tokens, ~20%), is hostile and sends a different pseudo-gradient from the one it trained:
@@ -114,6 +116,11 @@ def final_loss(run_dir: Path, weights: dict[str, int]) -> dict:
             "hostile_rounds": sum(1 for r in rows if POISONED in r.get("participants", []))}
 
 
+def finished(run_dir: Path, rounds: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and any(r["kind"] == "round" and r["round"] == rounds for r in read_metrics(path))
+
+
 def tamper_for(factor: float | None):
     if factor is None:
         return None
@@ -124,12 +131,14 @@ def run_sim(job: tuple) -> dict:
     """One (setting, attack) pair in the sim runtime, in a worker process with one torch thread."""
     torch.set_num_threads(1)
     setting, attack, factor, runs, setup, rounds, inner_steps, weights = job
-    run_dir = fresh_run_dir(runs, f"{setting['name']} {attack}".replace(" ", "_").replace("-", "m"))
-    config = config_from_dict(raw_config(run_dir, setup, rounds, inner_steps, setting["fed"]))
+    name = f"{setting['name']} {attack}".replace(" ", "_").replace("-", "m")
     t0 = time.perf_counter()
-    with messages_as(run_dir.name):
-        pretrain_sim(config, tamper=tamper_for(factor))
-    result = final_loss(run_dir, weights)
+    if not finished(runs / name, rounds):  # an interrupted benchmark reuses the runs it finished
+        run_dir = fresh_run_dir(runs, name)
+        config = config_from_dict(raw_config(run_dir, setup, rounds, inner_steps, setting["fed"]))
+        with messages_as(run_dir.name):
+            pretrain_sim(config, tamper=tamper_for(factor))
+    result = final_loss(runs / name, weights)
     print(f"=== {setting['name']} / {attack}: loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"setting": setting["name"], "rule": setting["rule"], "attack": attack, **result}
 
@@ -137,7 +146,10 @@ def run_sim(job: tuple) -> dict:
 def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: dict, name: str, factor: str,
                  weights: dict[str, int]) -> dict:
     """The same run under torchrun, one rank per oracle, the hostile oracle's rank lying through the probe."""
-    run_dir = fresh_run_dir(runs, f"torchrun {name} x{factor}".replace(" ", "_"))
+    run_dir = runs / f"torchrun {name} x{factor}".replace(" ", "_")
+    if finished(run_dir, rounds):
+        return {"setting": name, "attack": f"x{factor}", **final_loss(run_dir, weights)}
+    run_dir = fresh_run_dir(runs, run_dir.name)
     config = config_from_dict(raw_config(run_dir, setup, rounds, inner_steps, fed, runtime="torchrun"))
     path = run_dir / "config.toml"
     path.write_text(dump_config(config))

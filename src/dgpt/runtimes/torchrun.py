@@ -108,7 +108,9 @@ def pretrain_torchrun(config: Config, *, stop_after_round: int | None = None, wo
     transport = None
     try:
         transport = DistTransport(names, torch.device(config.pretrain.device if use_cuda else "cpu"), timeout)
-        return train_federated(config, transport, [name], stop_after_round=stop_after_round, work=work)
+        summary = train_federated(config, transport, [name], stop_after_round=stop_after_round, work=work)
+        dist.barrier()  # no rank tears its process group down while another is still in a collective
+        return summary
     except DgptError as e:
         raise DgptError(f"oracle '{name}' (rank {rank}): {e}") from None
     except Exception as e:
