@@ -44,6 +44,7 @@ def test_merged_counts_train_the_pooled_text_tokenizer():
     reference = pooled_text_tokenizer([t for part in parts for t in part], 400, 2)
     federated = merged_counts_tokenizer(parts, 400, 2)
     assert federated.sha256 == reference.sha256
+    assert TextTokenizer.train(iter(t for part in parts for t in part), 400, 2).sha256 == reference.sha256  # streamed
     assert federated.encode("the question: return a + b") == reference.encode("the question: return a + b")
     # the counts are what decides: dropping one oracle's text changes the tokenizer
     assert merged_counts_tokenizer(parts[:2], 400, 2).sha256 != reference.sha256

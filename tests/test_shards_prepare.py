@@ -1,4 +1,5 @@
-"""Token shards, manifests and `prepare`: integrity checks, reuse, interrupted writes, flat memory."""
+"""Token shards, manifests and `prepare`: integrity checks, reuse, interrupted writes, long documents in
+parts, flat memory in corpus size and in document size."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import dataclasses
 import json
 import logging
 import random
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 from dgpt.config import config_from_dict
+from dgpt.data import documents, prepare as prepare_module, sources
 from dgpt.data.clean import DocumentFilter, clean_text
 from dgpt.data.embedded import write_embedded_corpora
 from dgpt.data.prepare import prepare
@@ -243,6 +247,55 @@ def test_memory_is_flat_in_corpus_size(tmp_path):
     peak_for(200)  # warm-up: first-use allocations (imports, caches) are not per-corpus
     small, large = peak_for(1500), peak_for(6000)
     assert large < 1.5 * small + 100_000, (small, large)
+
+
+def test_long_documents_in_parts_and_segments_give_the_same_shards(tmp_path, monkeypatch):
+    rng = random.Random(1)
+    words = ["sea", "wind", "  indented", "tab\there", "naïve", "e\u0301", "don't", "42,", "\u00a0x"]
+    book = "\n".join(" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(60))
+    text = f"{book}\n\nshort one\n\n{book}\n\n{book} and more\n\n" + TRAIN_TEXT  # a long duplicate too
+
+    def shards(name: str) -> tuple[dict, dict]:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "train.txt").write_text(text, encoding="utf-8")
+        (root / "valid.txt").write_text(VALID_TEXT + "\n\n" + book, encoding="utf-8")
+        config = config_from_dict({"run_dir": str(root / "run"), "tokenizer": {"vocab_size": 320},
+                                   "data": {"shard_tokens": 500, "batch_docs": 3, "batch_bytes": 200},
+                                   "oracles": [{"name": "sea", "train": [str(root / "train.txt")], "valid": [str(root / "valid.txt")]}]})
+        stats = prepare(config)["sea"]
+        return read_manifest(root / "run" / "data" / "sea")["splits"], stats
+
+    whole = shards("whole")
+    for module, name, value in [(sources, "PART_CHARS", 50), (documents, "PART_CHARS", 50), (prepare_module, "SEGMENT_CHARS", 20)]:
+        monkeypatch.setattr(module, name, value)
+    in_parts = shards("parts")
+    assert in_parts == whole  # the same tokenizer, tokens, checksums and counts
+    assert (whole[1]["train"]["documents"], whole[1]["train"]["duplicates"]) == (46, 2)
+
+
+def test_memory_is_flat_in_document_size(tmp_path):
+    """Peak RSS of `prepare` in a fresh process: one document of 12 MB against one of 1 MB (small encode
+    batches, so that both fill one)."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    tok_path = tmp_path / "tok.json"
+    TextTokenizer.train((" ".join(rng.choices(words, k=40)) for _ in range(200)), 400).save(tok_path)
+    line = " ".join(rng.choices(words, k=200)) + "\n"
+
+    def peak_mib(name: str, megabytes: int) -> float:
+        corpus = tmp_path / f"{name}.txt"
+        corpus.write_text(line * (megabytes * 2**20 // len(line)), encoding="utf-8")  # no blank line: one document
+        config = {"run_dir": str(tmp_path / name), "tokenizer": {"path": str(tok_path)}, "data": {"batch_bytes": 1 << 18},
+                  "oracles": [{"name": "o", "train": [str(corpus)]}]}
+        script = ("import json, resource, sys; from dgpt.config import config_from_dict; from dgpt.data.prepare import prepare; "
+                  "prepare(config_from_dict(json.loads(sys.argv[1]))); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(config)], capture_output=True, text=True, check=True)
+        assert read_manifest(tmp_path / name / "data" / "o")["splits"]["train"]["documents"] == 1
+        return int(done.stdout.split()[-1]) / 1024
+
+    small, large = peak_mib("small", 1), peak_mib("large", 12)
+    assert large - small < 25, (small, large)  # encoding the whole document at once grew by ~500 MB here
 
 
 def test_embedded_corpora_prepare(tmp_path):

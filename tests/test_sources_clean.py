@@ -1,13 +1,18 @@
-"""Sources (files, directories, globs, JSONL, hf: specs) and cleaning/filtering of documents."""
+"""Sources (files, directories, globs, JSONL, hf: specs) and cleaning/filtering of documents, whole and in parts."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import unicodedata
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dgpt.data.clean import DocumentFilter, clean_text
-from dgpt.data.sources import input_files, iter_documents
+from dgpt.data import sources
+from dgpt.data.clean import _TABLE, DocumentCleaner, DocumentFilter, clean_text
+from dgpt.data.sources import input_files, iter_document_parts, iter_documents
 from dgpt.errors import DgptError
 
 
@@ -113,3 +118,48 @@ def test_document_filter_counts():
     assert (keep.kept, keep.duplicates, keep.too_short) == (3, 2, 2)
     no_dedup = DocumentFilter(min_chars=0, dedup=False)
     assert all(no_dedup.keep("same") for _ in range(3)) and no_dedup.duplicates == 0
+
+
+def reference_clean(text: str) -> str:
+    """The cleaning rules written out on the whole document, as dgpt applied them before documents came in parts."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n").translate(_TABLE))
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.split("\n")))
+    return re.sub(r"\A(?:[ \t]*\n)+", "", text).rstrip()
+
+
+_LINES = ["", " ", "  x", "word", "e\u0301", "\u0301", "\x00", "\u00a0", "\u2028", "\t", "a\r", "\rb", "tail  "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_LINES) | st.text(max_size=5), max_size=20), st.sets(st.integers(0, 19)))
+def test_cleaning_in_parts_equals_cleaning_the_whole(lines, cuts):
+    text = "\n".join(lines)
+    breaks = [i + 1 for i, c in enumerate(text) if c == "\n"]  # parts end with a line break
+    bounds = sorted({breaks[c] for c in cuts if c < len(breaks)})
+    parts = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]
+    cleaner = DocumentCleaner()
+    assert "".join(cleaner.clean(p, i == len(parts) - 1) for i, p in enumerate(parts)) == clean_text(text) == reference_clean(text)
+
+
+def test_long_documents_arrive_in_parts_of_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PART_CHARS", 30)
+    path = tmp_path / "a.txt"
+    long = "".join(f"line {i} of the long one\r\n" for i in range(20))
+    path.write_text(f"short\n\n{long}\n  \n\nafter\n", encoding="utf-8", newline="")
+    parts = list(iter_document_parts(str(path)))
+    assert [last for _, last in parts].count(True) == 3 and len(parts) > 10
+    assert all(p.endswith("\n") for p, last in parts if not last)
+    assert docs(path) == ["short", long.rstrip("\r\n"), "after"]
+    assert docs(path, doc_separator="file") == [path.read_bytes().decode("utf-8").rstrip("\r\n")]
+    (tmp_path / "blank.txt").write_text(" \n" * 100, encoding="utf-8")
+    with pytest.raises(DgptError, match="empty file"):  # blank lines alone are no document, however many
+        docs(tmp_path / "blank.txt", doc_separator="file")
+
+
+def test_document_filter_takes_documents_in_parts():
+    whole, parts = DocumentFilter(min_chars=5), DocumentFilter(min_chars=5)
+    for doc in ["abcdef", "ab", "abcdef", "abcdeg", "abc"]:
+        for piece in (doc[:2], doc[2:4], doc[4:]):
+            parts.add(piece)
+        assert parts.decide() == whole.keep(doc)
+    assert (parts.kept, parts.duplicates, parts.too_short) == (whole.kept, whole.duplicates, whole.too_short) == (2, 1, 2)

@@ -1,4 +1,5 @@
-"""The byte-level BPE tokenizer: special-token ids, lossless round trip, save/load, bad files."""
+"""The byte-level BPE tokenizer: special-token ids, lossless round trip, save/load, bad files, text cut
+into segments that encode as the whole."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer, count_pretokens, segments
 from dgpt.errors import DgptError
 
 CORPUS = [
@@ -97,3 +98,40 @@ def test_saved_file_is_json_with_specials_first(tok, tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert [t["content"] for t in data["added_tokens"]] == list(SPECIAL_TOKENS)
+
+
+# text that cutting could get wrong: runs of spaces, indentation, blank lines, tabs, contractions, digits,
+# punctuation, combining marks, non-Latin scripts, special-token text
+_PIECES = [" ", "  ", "\n", "\n\n", "\t", "    ", "a", "the", "Qu", "'s", "'ll", "don't", "42", "3.14", ",", "...",
+           "e\u0301", "\u0301", "漢字", "🙂", "\u00a0", "<|endoftext|>", "<|pad|>", "x\n  y", "-"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES) | st.text(max_size=6), max_size=80), st.integers(1, 40), st.lists(st.integers(0, 400), max_size=6))
+def test_segments_encode_and_count_as_the_whole_text(tok, pieces, size, cuts):
+    text = "".join(pieces)
+    bounds = sorted({min(c, len(text)) for c in cuts})
+    parts = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]  # the document cut anywhere
+    got = list(segments([(p, i == len(parts) - 1) for i, p in enumerate(parts)], size))
+    assert "".join(s for s, _ in got) == text and [last for _, last in got] == [False] * (len(got) - 1) + [True]
+    assert [i for s, _ in got for i in tok.encode(s)] == tok.encode(text)
+    assert count_pretokens(s for s, _ in got) == count_pretokens([text])
+
+
+def test_segments_are_bounded_and_keep_documents_apart():
+    words = " ".join(f"w{i}" for i in range(2000))
+    got = list(segments([(words[:3000], False), (words[3000:], True), ("next", True)], 100))
+    assert max(len(s) for s, _ in got) <= 100 and len(got) > len(words) // 100
+    assert [s for s, last in got if last] == [got[-2][0], "next"]
+    assert list(segments([(words, True)], None)) == [(words, True)]  # no size: whole documents
+    unbroken = "x" * 500  # no place to cut: the stretch stays whole
+    assert list(segments([(unbroken + " tail", True)], 100)) == [(unbroken, False), (" tail", True)]
+
+
+def test_only_tokenizers_that_split_like_gpt2_are_cut(tok):
+    assert tok.encodes_in_segments
+    prefixed = Tokenizer.from_str(tok.hf.to_str())
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    normalized = Tokenizer.from_str(tok.hf.to_str())
+    normalized.normalizer = normalizers.Lowercase()
+    assert not TextTokenizer(prefixed).encodes_in_segments and not TextTokenizer(normalized).encodes_in_segments

@@ -54,7 +54,8 @@ class DataConfig:
     min_chars: int = 0  # documents shorter than this (after cleaning) are dropped
     dedup: bool = True  # drop exact-duplicate documents (by hash) within an oracle
     shard_tokens: int = 1 << 24  # tokens per shard file
-    batch_docs: int = 512  # documents per parallel encode batch
+    batch_docs: int = 512  # at most this many documents (or segments of long ones) per parallel encode batch
+    batch_bytes: int = 1 << 20  # and at most about this many bytes of text
 
 
 @dataclass

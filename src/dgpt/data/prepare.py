@@ -1,8 +1,11 @@
 """`dgpt prepare`: train (or reuse) the tokenizer, then write each oracle's token shards and manifest.
 
-Everything streams: documents are cleaned, filtered and encoded `batch_docs` at a time, so memory
-stays flat in corpus size (the dedup set holds 16 bytes per unique document). Fingerprints of the
-inputs (path, size, mtime) and settings let a re-run reuse a tokenizer and shards that are still valid.
+Everything streams, so memory stays flat in corpus size and in document size (the dedup set holds 16
+bytes per unique document; tokenizer training holds the pre-token counts): documents are cleaned and
+filtered in parts (`dgpt.data.documents`), cut into segments that encode as the whole (`segments`) and
+encoded in batches of at most `batch_docs` segments and `batch_bytes` bytes, straight into numpy arrays.
+Fingerprints of the inputs (path, size, mtime) and settings let a re-run reuse a tokenizer and shards
+that are still valid.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,11 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from dgpt.config import Config, DataConfig, OracleConfig
-from dgpt.data.clean import DocumentFilter, clean_text
+from dgpt.data.clean import DocumentFilter
+from dgpt.data.documents import oracle_documents
 from dgpt.data.shards import FORMAT_VERSION, ShardWriter, dtype_for_vocab, load_split, read_manifest
-from dgpt.data.sources import input_files, iter_documents
+from dgpt.data.sources import input_files
 from dgpt.data.pretokens import merge_counts, write_counts
-from dgpt.data.tokenizer import TextTokenizer, count_pretokens
+from dgpt.data.tokenizer import SEGMENT_CHARS, TextTokenizer, count_pretokens, segments
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir, sha256_file, write_json
 from dgpt.rundir import MANIFEST, RunDir
@@ -52,7 +55,7 @@ def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: in
     """Write one oracle's pre-token count file (what it shares for the tokenizer); return a summary line."""
     (chosen,) = _chosen_oracles(config, [oracle])
     keep = _new_filter(config.data)
-    counts = count_pretokens(_documents(chosen, "train", config.data, keep))
+    counts = count_pretokens(_texts(chosen, config.data, keep))
     if not counts:
         raise DgptError(f"oracle '{oracle}': no training text to count (every document was empty, too short or a duplicate)")
     kept = write_counts(out, oracle, counts, keep.kept, _cleaning(config.data), min_count)
@@ -70,13 +73,9 @@ def _chosen_oracles(config: Config, names: list[str] | None) -> list[OracleConfi
     return [known[n] for n in dict.fromkeys(names)]
 
 
-def _documents(oracle: OracleConfig, split: str, data: DataConfig, keep: DocumentFilter) -> Iterator[str]:
-    """An oracle's cleaned documents of one split that pass `keep` (which counts what it drops)."""
-    for spec in getattr(oracle, split):
-        for raw in iter_documents(spec, text_field=oracle.text_field, doc_separator=data.doc_separator):
-            doc = clean_text(raw)
-            if keep.keep(doc):
-                yield doc
+def _texts(oracle: OracleConfig, data: DataConfig, keep: DocumentFilter) -> Iterator[str]:
+    """An oracle's training text in segments, for counting or training the tokenizer."""
+    return (text for text, _ in segments(oracle_documents(oracle, "train", data, keep), SEGMENT_CHARS))
 
 
 def _new_filter(data: DataConfig) -> DocumentFilter:
@@ -113,7 +112,8 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
         fingerprint_path.unlink(missing_ok=True)  # the run's tokenizer is no longer one we trained
         if not target.is_file() or TextTokenizer.load(target).sha256 != tokenizer.sha256:
             tokenizer.save(target)
-        logger.info(f"tokenizer: using {settings.path} ({tokenizer.vocab_size} tokens)")
+        whole = "" if tokenizer.encodes_in_segments else "; it does not split like GPT-2, so each document is encoded whole"
+        logger.info(f"tokenizer: using {settings.path} ({tokenizer.vocab_size} tokens{whole})")
         return tokenizer
     if not settings.counts and not every_oracle:
         raise DgptError("preparing only some oracles needs a tokenizer that every machine builds alike: set "
@@ -133,11 +133,12 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
     if settings.counts:
         counts, names = merge_counts(settings.counts, _cleaning(config.data))
         origin = f"the pre-token counts of {', '.join(names)}"
-    else:  # the same computation, with every oracle's counts made here
+        tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
+    else:  # the same counts, made here by the trainer from every oracle's text
         filters = {o.name: _new_filter(config.data) for o in config.oracles}
-        counts = count_pretokens(chain.from_iterable(_documents(o, "train", config.data, filters[o.name]) for o in config.oracles))
+        texts = (text for o in config.oracles for text in _texts(o, config.data, filters[o.name]))
+        tokenizer = TextTokenizer.train(texts, settings.vocab_size, settings.min_frequency)
         origin = f"{sum(f.kept for f in filters.values())} training documents"
-    tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
     tokenizer.save(target)
     write_json(fingerprint_path, {"inputs": fingerprint, "tokenizer_sha256": tokenizer.sha256})
     logger.info(f"tokenizer: trained {tokenizer.vocab_size} tokens on {origin} -> {target}")
@@ -214,15 +215,15 @@ def _write_split(
     oracle: OracleConfig, split: str, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path
 ) -> dict:
     keep = _new_filter(data)
-    docs = tqdm(_documents(oracle, split, data, keep), desc=f"{oracle.name} {split}", unit=" docs", disable=None, leave=False)
-    eot = (tokenizer.eot_id,)
+    parts = oracle_documents(oracle, split, data, keep)
+    texts = segments(parts, SEGMENT_CHARS if tokenizer.encodes_in_segments else None)
     text_bytes = 0
-    with ShardWriter(out, split, dtype, data.shard_tokens) as writer:
-        for batch in _batches(docs, data.batch_docs):
-            text_bytes += sum(len(doc.encode("utf-8")) for doc in batch)
-            encoded = tokenizer.encode_batch(batch)
-            count = sum(map(len, encoded)) + len(encoded)
-            writer.write(np.fromiter(chain.from_iterable(chain(ids, eot) for ids in encoded), dtype=dtype, count=count))
+    with ShardWriter(out, split, dtype, data.shard_tokens) as writer, \
+            tqdm(desc=f"{oracle.name} {split}", unit=" docs", disable=None, leave=False) as progress:
+        for batch, size in _batches(texts, data.batch_docs, data.batch_bytes):
+            text_bytes += size
+            writer.write(_encode(tokenizer, batch, dtype))
+            progress.update(sum(last for _, last in batch))
         shards = writer.close()
     tokens = sum(record["tokens"] for record in shards)
     return {
@@ -237,7 +238,28 @@ def _write_split(
     }
 
 
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, max(size, 1))):
-        yield batch
+def _batches(texts: Iterable[tuple[str, bool]], most: int, most_bytes: int) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+    """(segments, their UTF-8 bytes): batches of at most `most` segments, ending once `most_bytes` is reached."""
+    batch, size = [], 0
+    for text, last in texts:
+        batch.append((text, last))
+        size += len(text.encode("utf-8"))
+        if len(batch) >= most or size >= most_bytes:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+def _encode(tokenizer: TextTokenizer, batch: list[tuple[str, bool]], dtype: np.dtype) -> np.ndarray:
+    """The tokens of a batch of segments, with <|endoftext|> after each document's last segment."""
+    encoded = tokenizer.encode_batch([text for text, _ in batch])
+    ids = np.empty(sum(map(len, encoded)) + sum(last for _, last in batch), dtype=dtype)
+    at = 0
+    for tokens, (_, last) in zip(encoded, batch):
+        ids[at:at + len(tokens)] = tokens
+        at += len(tokens)
+        if last:
+            ids[at] = tokenizer.eot_id
+            at += 1
+    return ids

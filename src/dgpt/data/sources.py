@@ -1,7 +1,8 @@
 """Documents from an oracle's sources: text files, directories, globs, JSONL files, Hugging Face datasets.
 
-Everything streams line by line, so a source may be larger than memory. Bad input raises a one-line
-DgptError naming the file (and line).
+Everything streams line by line, so a source may be larger than memory, and a document of a text file
+longer than `PART_CHARS` arrives in parts (whole lines), so a document may be too (a single line, JSONL
+record or dataset row is held whole). Bad input raises a one-line DgptError naming the file (and line).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dgpt.errors import DgptError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
 SEPARATORS = ("blank_line", "line", "file")
+PART_CHARS = 1 << 20  # a longer document of a text file arrives in parts of about this many characters
 
 
 def input_files(spec: str) -> list[Path]:
@@ -38,18 +40,29 @@ def input_files(spec: str) -> list[Path]:
 
 
 def iter_documents(spec: str, *, text_field: str = "text", doc_separator: str = "blank_line") -> Iterator[str]:
-    """Yield the raw (uncleaned) documents of one source spec."""
+    """Yield the raw (uncleaned) documents of one source spec, each one whole."""
+    parts: list[str] = []
+    for part, last in iter_document_parts(spec, text_field=text_field, doc_separator=doc_separator):
+        parts.append(part)
+        if last:
+            yield "".join(parts)
+            parts = []
+
+
+def iter_document_parts(spec: str, *, text_field: str = "text", doc_separator: str = "blank_line") -> Iterator[tuple[str, bool]]:
+    """The raw documents of one source spec as (part, last) pairs: a document is its parts joined, the
+    one with `last` true ending it. Every part but the last ends with a line break."""
     if doc_separator not in SEPARATORS:
         raise DgptError(f"{spec}: doc_separator is {doc_separator!r}; expected one of {', '.join(SEPARATORS)}")
     if spec.startswith("hf:"):
-        yield from _hf_documents(spec, text_field)
+        yield from ((doc, True) for doc in _hf_documents(spec, text_field))
         return
     for path in input_files(spec):
         count = 0
-        docs = _jsonl_documents(path, text_field) if path.suffix == ".jsonl" else _text_documents(path, doc_separator)
-        for doc in docs:
-            count += 1
-            yield doc
+        parts = ((doc, True) for doc in _jsonl_documents(path, text_field)) if path.suffix == ".jsonl" else _text_parts(path, doc_separator)
+        for part, last in parts:
+            count += last
+            yield part, last
         if count == 0:
             raise DgptError(f"{path}: empty file (no documents)")
 
@@ -67,22 +80,31 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _text_documents(path: Path, separator: str) -> Iterator[str]:
+def _text_parts(path: Path, separator: str) -> Iterator[tuple[str, bool]]:
+    """A text file's documents in parts. A part is sent once it holds PART_CHARS characters and some text
+    (a document of blank lines alone is none), keeping its last line back so that the final part, whose
+    trailing line breaks are dropped, is never empty."""
     lines: list[str] = []
+    size, text_seen = 0, False
     for _, line in _lines(path):
         blank = not line.strip()
         if separator == "line":
             if not blank:
-                yield line.rstrip("\r\n")
-        elif separator == "blank_line" and blank:
+                yield line.rstrip("\r\n"), True
+            continue
+        if separator == "blank_line" and blank:
             if lines:
-                yield "".join(lines).rstrip("\r\n")
-                lines = []
-        else:
-            lines.append(line)
-    text = "".join(lines).rstrip("\r\n")
-    if text.strip():
-        yield text
+                yield "".join(lines).rstrip("\r\n"), True
+                lines, size = [], 0
+            continue
+        lines.append(line)
+        size += len(line)
+        text_seen = text_seen or not blank
+        if size >= PART_CHARS and text_seen and len(lines) > 1:
+            yield "".join(lines[:-1]), False
+            lines, size = lines[-1:], len(lines[-1])
+    if lines and text_seen:
+        yield "".join(lines).rstrip("\r\n"), True
 
 
 def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:

@@ -3,9 +3,14 @@
 Byte-level means every string encodes, and `decode(encode(s)) == s` for every string: text equal to
 a special token encodes to that token's id and decodes back to the same text.
 
-Training goes through pre-token counts: BPE only ever sees how often each pre-token (a byte-level
-word with its leading space) occurs, so oracles can each count their own text and share the counts
-instead of the text, and the merged counts train the same tokenizer as the pooled text would.
+BPE only ever sees how often each pre-token (a byte-level word with its leading space) occurs, so
+oracles can each count their own text and share the counts instead of the text, and the merged counts
+train the same tokenizer as the pooled text would. Text is trained on as a stream: Rust pre-tokenizes
+and counts it, holding only the counts.
+
+Pre-tokenization (GPT-2's rules) always splits before a space or line break that stands between two
+non-space characters, so text cut there (`segments`) encodes, and counts, exactly as the whole text:
+long documents are handled in segments of bounded size.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -25,6 +31,10 @@ from dgpt.fileio import atomic_path
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|start|>", "<|delim|>", "<|extract|>")
 _BYTE_ALPHABET = 256
 SMALLEST_VOCAB = _BYTE_ALPHABET + len(SPECIAL_TOKENS)  # every byte and the special tokens
+SEGMENT_CHARS = 1 << 16  # longer text is cut into segments of about this many characters
+_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")  # the cut goes before the space or line break
+_CUT_LOOKBACK = 4096  # where to look for the last cut before the limit first
+_TRAIN_REPEATS = 1024  # a counted pre-token goes to the trainer at most this many times per item
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -40,6 +50,39 @@ def count_pretokens(texts: Iterable[str]) -> Counter[str]:
     return counts
 
 
+def segments(parts: Iterable[tuple[str, bool]], size: int | None) -> Iterator[tuple[str, bool]]:
+    """Documents given as (part, last) pairs, cut anywhere, re-cut into segments of about `size`
+    characters at places where pre-tokenization splits anyway, so that the segments of a document encode
+    to its tokens. A stretch without such a place stays whole; `size` None gives whole documents."""
+    pending = ""
+    for part, last in parts:
+        text = pending + part if pending else part
+        start = 0
+        while size is not None and len(text) - start > size:
+            cut = _cut(text, start, start + size)
+            if cut is None:
+                break
+            yield text[start:cut], False
+            start = cut
+        if last:
+            yield text[start:], True
+            pending = ""
+        else:
+            pending = text[start:]
+
+
+def _cut(text: str, start: int, limit: int) -> int | None:
+    """The last place to cut in text[start:limit], else the first one after it (None: there is none yet)."""
+    for lo in (max(start + 1, limit - _CUT_LOOKBACK), start + 1):
+        last = None
+        for last in _CUT.finditer(text, lo, limit):
+            pass
+        if last is not None:
+            return last.start()
+    after = _CUT.search(text, limit)
+    return after.start() if after else None
+
+
 class TextTokenizer:
     def __init__(self, hf: Tokenizer, source: str = "<tokenizer>"):
         missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
@@ -52,14 +95,23 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
-        return cls.train_from_counts(count_pretokens(texts), vocab_size, min_frequency)
+        """BPE trained on `texts`, streamed (hand long documents over as `segments`): the tokenizer that
+        their pre-token counts train (`train_from_counts`)."""
+        return cls._train(texts, _pre_tokenizer(), vocab_size, min_frequency)
 
     @classmethod
     def train_from_counts(cls, counts: Mapping[str, int], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
         """BPE from pre-token counts (see `count_pretokens`): the tokenizer that the counted text trains."""
+        items = ([piece] * min(_TRAIN_REPEATS, count - done) for piece, count in sorted(counts.items())
+                 for done in range(0, count, _TRAIN_REPEATS))
+        return cls._train(items, None, vocab_size, min_frequency)  # no pre-tokenizer: each string is one pre-token
+
+    @classmethod
+    def _train(cls, items: Iterable, pre_tokenizer: pre_tokenizers.PreTokenizer | None, vocab_size: int, min_frequency: int) -> TextTokenizer:
         if vocab_size < SMALLEST_VOCAB:
             raise DgptError(f"tokenizer.vocab_size is {vocab_size}; it must be at least {SMALLEST_VOCAB} (256 bytes + special tokens)")
-        hf = Tokenizer(models.BPE())  # no pre-tokenizer while training: each item fed below is one pre-token
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizer
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -67,7 +119,7 @@ class TextTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(([piece] * count for piece, count in sorted(counts.items())), trainer=trainer)
+        hf.train_from_iterator(items, trainer=trainer)
         hf.pre_tokenizer = _pre_tokenizer()
         hf.decoder = decoders.ByteLevel()
         return cls(hf, "<trained>")
@@ -94,6 +146,18 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts in parallel in Rust (offsets are not computed: faster)."""
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    @functools.cached_property
+    def encodes_in_segments(self) -> bool:
+        """Whether text cut by `segments` encodes as the whole text: pre-tokenization by GPT-2's rules
+        (byte-level, no prefix space), no normaliser, and added tokens that neither hold nor strip spaces
+        (true of every tokenizer dgpt trains, and of GPT-2's)."""
+        spec = json.loads(self.hf.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        added = spec.get("added_tokens") or []
+        return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                and not pre.get("add_prefix_space") and not any(t.get("lstrip") or t.get("rstrip") or
+                                                                re.search(r"\s", t.get("content", "")) for t in added))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
