@@ -1,4 +1,5 @@
-"""The flower runtime on Flower's deployment engine: a SuperLink and one SuperNode per oracle on localhost."""
+"""The flower runtime on Flower's two engines: the simulation engine (`flwr run APP local`), and the deployment
+engine (a SuperLink and one SuperNode per oracle on localhost)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flower_harness import Deployment, finished, round_done, split_roles, write_
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
+from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 FED = {"rounds": 2, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "eval_interval": 2}
@@ -25,6 +27,33 @@ def flower_config(tmp_path, **fed):
                          ledger={"method": "off"})
     api.prepare(config)
     return split_roles(config, tmp_path)
+
+
+def ledger_values(config) -> list[dict[str, float]]:
+    return [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(config.run_path / "ledger.jsonl")[1:]]
+
+
+def test_flower_simulation_engine_equals_sim(tmp_path):
+    """Flower's simulation engine on one machine: one run directory (every oracle's shards, its private states and
+    the server's checkpoints), the SuperNodes virtual (SuperNode i is the i-th oracle). Same model, bytes and ledger
+    values as sim (to float tolerance: the oracles train in other processes, with other thread counts)."""
+    sim = tiny_config(tmp_path / "sim", federation=FED)
+    api.pretrain(sim)
+    config = tiny_config(tmp_path / "fl", federation={**FED, "runtime": "flower", "round_timeout_s": 60})
+    api.prepare(config)
+    fed = Deployment(tmp_path / "flwr")
+    try:
+        fed.simulate(write_flower_app(config), len(config.oracles))
+        fed.wait_for(lambda: finished(config.run_dir), 180, "the run", watch=())
+    finally:
+        fed.close()
+    assert_same_model(sim, config)
+    rows = [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round"]
+    sim_rows = [r for r in read_metrics(sim.run_path / "metrics.jsonl") if r["kind"] == "round"]
+    assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
+    assert [r["accepted"] for r in rows[1:]] == [["alpha", "beta", "gamma"]] * FED["rounds"]
+    for got, want in zip(ledger_values(config), ledger_values(sim), strict=True):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
 
 
 def test_flower_insecure_equals_sim(tmp_path):

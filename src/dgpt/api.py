@@ -83,7 +83,8 @@ def _federated(config: Config, stop_after: int | None, **work) -> dict:
 
         require_flower()
         raise DgptError("federation.runtime = 'flower' runs under Flower: `dgpt flower-app CONFIG` writes the app, "
-                        "`flwr run RUN_DIR/flower_app SUPERLINK` starts it (README: Cross-organisation federation)")
+                        "`flwr run RUN_DIR/flower_app local --federation-config num-supernodes=N` runs it on this machine, "
+                        "`flwr run RUN_DIR/flower_app SUPERLINK` on a deployment (README: Runtimes, flower)")
     if config.federation.runtime == "torchrun" or launched_by_torchrun():
         from dgpt.runtimes.torchrun import pretrain_torchrun
 

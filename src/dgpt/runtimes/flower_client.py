@@ -1,7 +1,9 @@
 """The Flower ClientApp: one oracle, on its own organisation's SuperNode.
 
 Its SuperNode names it: `flower-supernode --node-config 'config="dgpt.toml" oracle="alpha" run-dir="runs/org_a"'`
-(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). The
+(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). On
+Flower's simulation engine, whose virtual SuperNodes carry only a `partition-id`, SuperNode i is the i-th
+`[[oracles]]` entry of the app's config, in the app's run directory. The
 run directory is the oracle's own: its prepared shards (`dgpt prepare --oracle`, with the federation's
 tokenizer) and its private state (`oracles/<name>/round_N.pt`: inner AdamW, sampler position,
 RNG), which never leaves the machine. Nothing here reads another oracle's data.
@@ -46,11 +48,12 @@ class OwnData:
 class Oracle:
     """This SuperNode's oracle: its config, its Work (model, inner loop, data) and its private state files."""
 
-    def __init__(self, node_config: dict, work: str):
-        path, name = node_config.get("config"), node_config.get("oracle")
-        if not isinstance(path, str) or not isinstance(name, str):
-            raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
+    def __init__(self, context: Context, work: str):
+        node_config = dict(context.node_config)
+        path, name = _identity(node_config, dict(context.run_config))
         self.config: Config = load_config(path)
+        if name is None:  # a virtual SuperNode of the simulation engine
+            name = _nth_oracle(self.config, node_config["partition-id"], path)
         if isinstance(node_config.get("run-dir"), str):  # this organisation's copy of the run: shards and private state
             self.config = dataclasses.replace(self.config, run_dir=node_config["run-dir"])
         self.name = check_oracle_name(name, "--node-config oracle")
@@ -82,6 +85,24 @@ class Oracle:
         return wire.theta_from(message.content.array_records.get("theta"), sum(p.numel() for p in self.work.params))
 
 
+def _identity(node_config: dict, run_config: dict) -> tuple[str, str | None]:
+    """The config path and oracle name a SuperNode's --node-config gives (name None: a simulation engine's node)."""
+    path, name = node_config.get("config"), node_config.get("oracle")
+    if isinstance(path, str) and isinstance(name, str):
+        return path, name
+    if isinstance(node_config.get("partition-id"), int) and isinstance(run_config.get("config"), str):
+        return run_config["config"], None
+    raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
+
+
+def _nth_oracle(config: Config, index: int, path: str) -> str:
+    names = config.oracle_names()
+    if not 0 <= index < len(names):
+        raise DgptError(f"{path}: simulated SuperNode {index} has no oracle ({len(names)} declared): run the simulation "
+                        f"with num-supernodes={len(names)}")
+    return names[index]
+
+
 def _round_of(message: Message) -> tuple[int, str]:
     asked = message.content.config_records.get("round")
     if asked is None or not isinstance(asked.get("round"), int) or not isinstance(asked.get("work"), str):
@@ -101,7 +122,7 @@ def _reply(message: Message, oracle: Oracle, rnd: int, metrics: dict[str, float]
 def train(message: Message, context: Context) -> Message:
     """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss."""
     rnd, work = _round_of(message)
-    oracle = Oracle(dict(context.node_config), work)
+    oracle = Oracle(context, work)
     theta = oracle.theta(message)
     oracle.restore(rnd)
     delta, loss = train_round(oracle.work, oracle.name, theta, rnd)
@@ -117,7 +138,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is)."""
     rnd, work = _round_of(message)
-    oracle = Oracle(dict(context.node_config), work)
+    oracle = Oracle(context, work)
     copy_into(oracle.work.params, oracle.theta(message))
     found = oracle.work.evaluate().get(oracle.name, {})
     return _reply(message, oracle, rnd, {f"valid_{k}": float(v) for k, v in found.items()})
