@@ -94,11 +94,12 @@ def _federated(config: Config, stop_after: int | None, **work) -> dict:
     return pretrain_sim(config, stop_after_round=stop_after, **work)
 
 
-def flower_app(config: Config) -> Path:
-    """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`."""
+def flower_app(config: Config, finetune: bool = False) -> Path:
+    """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`: pre-training,
+    or fine-tuning (DSFT) with `finetune`."""
     from dgpt.runtimes.flower_app import write_flower_app
 
-    return write_flower_app(config)
+    return write_flower_app(config, finetune)
 
 
 def finetune(config: Config, *, stop_after: int | None = None) -> dict:

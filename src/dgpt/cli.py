@@ -77,7 +77,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_flower_app(args) -> None:
-    print(api.flower_app(api.load_run_config(args.config, args.overrides)))
+    print(api.flower_app(api.load_run_config(args.config, args.overrides), finetune=args.finetune))
 
 
 def cmd_eval(args) -> None:
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flower-app", help="write the Flower App of a runtime = 'flower' config; start it with `flwr run`")
     _config_args(p)
+    p.add_argument("--finetune", action="store_true", help="an app that fine-tunes (DSFT) instead of pre-training")
     p.set_defaults(func=cmd_flower_app)
 
     p = sub.add_parser("eval", help="validation loss and perplexity per oracle")

@@ -73,10 +73,10 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     if transport.is_leader:
         tokenizer.save(run_dir.tokenizer)
         write_text(run_dir.config, dump_config(config))
-    rounds = ft.rounds or max(1, math.ceil(math.ceil(ft.epochs * max(sizes.values()) / ft.batch_size) / ft.inner_steps))
+    rounds = finetune_rounds(config, sizes)
     settings = loop_settings(config, rounds * ft.inner_steps)
     device = pick_device(config.pretrain.device)
-    gpt = _body(config, tokenizer, model_config, init).to(device)
+    gpt = shared_body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
     shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None
     loops = {}
@@ -96,6 +96,12 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     return Work(gpt, params, loops, sizes, evaluate, rounds, ft.inner_steps, METRICS, "examples")
 
 
+def finetune_rounds(config: Config, sizes: dict[str, float]) -> int:
+    """finetune.rounds, or enough rounds for the largest oracle to see its examples finetune.epochs times."""
+    ft = config.finetune
+    return ft.rounds or max(1, math.ceil(math.ceil(ft.epochs * max(sizes.values()) / ft.batch_size) / ft.inner_steps))
+
+
 def loop_settings(config: Config, total_steps: int) -> LoopSettings:
     """GPT-1's fine-tuning schedule from [finetune]: AdamW, linear warmup over a fraction of all steps, linear decay to 0."""
     ft = config.finetune
@@ -105,7 +111,7 @@ def loop_settings(config: Config, total_steps: int) -> LoopSettings:
     )
 
 
-def _body(config: Config, tokenizer: TextTokenizer, model_config: GPTConfig, init: Path | None) -> GPT:
+def shared_body(config: Config, tokenizer: TextTokenizer, model_config: GPTConfig, init: Path | None) -> GPT:
     """The shared GPT: from the run's seed, with the DUPT checkpoint's weights when there is one."""
     torch.manual_seed(config.seed)
     gpt = GPT(model_config)
