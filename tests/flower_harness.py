@@ -130,11 +130,11 @@ class Deployment:
                             "--node-config", f'config="{config}" oracle="{oracle}"'], self.root / f"{label}_home")
 
     def launch(self, app: Path, oracles: Path, names: list[str], keys: dict[str, tuple[Path, Path]] | None = None) -> None:
-        """The SuperLink, one SuperNode per oracle (its key registered first when `keys`), then `flwr run`."""
+        """The SuperLink, one SuperNode per oracle (every key registered first when `keys`), then `flwr run`."""
         self.start_superlink()
+        if keys:
+            self.register([keys[name][1] for name in names])
         for name in names:
-            if keys:
-                self.register(keys[name][1])
             self.start_supernode(name, oracles, name, keys[name][0] if keys else None)
         self.run_app(app)
 
@@ -142,9 +142,15 @@ class Deployment:
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,
                               env={**self.env, "FLWR_HOME": str(self.cli_home)})
 
-    def register(self, public_key: Path) -> None:
-        result = self.flwr("supernode", "register", str(public_key), "test")
-        assert result.returncode == 0, result.stdout + result.stderr
+    def register(self, public_keys: list[Path]) -> None:
+        """`flwr supernode register` for every key, all at once."""
+        with contextlib.ExitStack() as stack:
+            procs = [stack.enter_context(subprocess.Popen(
+                [str(BIN / "flwr"), "supernode", "register", str(key), "test"], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env={**self.env, "FLWR_HOME": str(self.cli_home)})) for key in public_keys]
+            for proc in procs:
+                output = proc.communicate(timeout=120)[0]
+                assert proc.returncode == 0, output
 
     def run_app(self, app: Path) -> None:
         result = self.flwr("run", str(app), "test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -122,6 +123,10 @@ def test_flower_config_checks_and_install_hint(tmp_path):
         api.pretrain(config)
     app = api.flower_app(config)
     assert 'clientapp = "dgpt.runtimes.flower_client:app"' in (app / "pyproject.toml").read_text()
+    assert 'work = "pretrain"' in (app / "pyproject.toml").read_text()
+    assert 'work = "finetune"' in (api.flower_app(config, finetune=True) / "pyproject.toml").read_text()
+    with pytest.raises(DgptError, match="finetune.shared_head"):  # a shared head would leave the SuperNodes
+        api.flower_app(dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, shared_head=True)), True)
     for bad, match in (({"min_oracles": 4}, "min_oracles"), ({"round_timeout_s": 0}, "round_timeout_s")):
         with pytest.raises(DgptError, match=match):
             config_from_dict({"oracles": [{"name": n} for n in "abc"], "federation": bad})

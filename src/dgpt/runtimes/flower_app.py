@@ -55,5 +55,6 @@ def write_flower_app(config: Config, finetune: bool = False) -> Path:
     write_text(run.config, dump_config(config))
     app = _APP.format(config=json.dumps(str(run.config.resolve())), work="finetune" if finetune else "pretrain")
     write_text(run.flower_app / "pyproject.toml", app)
-    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream")
+    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream "
+                f"(on this machine: flwr run {run.flower_app} local --federation-config num-supernodes={len(config.oracles)})")
     return run.flower_app
