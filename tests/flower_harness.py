@@ -1,4 +1,5 @@
-"""A Flower deployment on localhost for the tests: one SuperLink, one SuperNode per oracle, `flwr run`.
+"""Flower on localhost for the tests: the deployment engine (one SuperLink, one SuperNode per oracle, `flwr run`)
+and the simulation engine (`flwr run APP local`, which starts a local SuperLink in simulation mode).
 
 Every process is started in its own session and stopped by its pid. TLS material and SuperNode keys are
 generated here with `cryptography` (what `openssl` and `ssh-keygen -t ecdsa -b 384` make in the README).
@@ -94,16 +95,20 @@ class Deployment:
         self.root, self.tls, self.auth = root, tls, auth
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        # no telemetry or update check: nothing outside localhost is reached (or waited for)
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                    "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-        cli_home = root / "flwr_cli"
-        cli_home.mkdir(parents=True, exist_ok=True)
+                    "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port)}
+        self.cli_home = root / "flwr_cli"
+        self.cli_home.mkdir(parents=True, exist_ok=True)
         security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n')
+        # "local" is the connection Flower's own default config names: the simulation engine's local SuperLink
+        (self.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n\n'
+            '[superlink.local]\naddress = ":local:"\n')
 
     def _start(self, name: str, cmd: list[str], home: Path) -> None:
-        """`home` is also how close() finds what Flower starts detached from this process (see _detached)."""
+        """`home` is also how close() finds what Flower starts detached from this process (see _kill_detached)."""
         home.mkdir(parents=True, exist_ok=True)
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -125,24 +130,35 @@ class Deployment:
                             "--node-config", f'config="{config}" oracle="{oracle}"'], self.root / f"{label}_home")
 
     def launch(self, app: Path, oracles: Path, names: list[str], keys: dict[str, tuple[Path, Path]] | None = None) -> None:
-        """The SuperLink, one SuperNode per oracle (its key registered first when `keys`), then `flwr run`."""
+        """The SuperLink, one SuperNode per oracle (every key registered first when `keys`), then `flwr run`."""
         self.start_superlink()
+        if keys:
+            self.register([keys[name][1] for name in names])
         for name in names:
-            if keys:
-                self.register(keys[name][1])
             self.start_supernode(name, oracles, name, keys[name][0] if keys else None)
         self.run_app(app)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, "FLWR_HOME": str(self.root / "flwr_cli")})
+                              env={**self.env, "FLWR_HOME": str(self.cli_home)})
 
-    def register(self, public_key: Path) -> None:
-        result = self.flwr("supernode", "register", str(public_key), "test")
-        assert result.returncode == 0, result.stdout + result.stderr
+    def register(self, public_keys: list[Path]) -> None:
+        """`flwr supernode register` for every key, all at once."""
+        with contextlib.ExitStack() as stack:
+            procs = [stack.enter_context(subprocess.Popen(
+                [str(BIN / "flwr"), "supernode", "register", str(key), "test"], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env={**self.env, "FLWR_HOME": str(self.cli_home)})) for key in public_keys]
+            for proc in procs:
+                output = proc.communicate(timeout=120)[0]
+                assert proc.returncode == 0, output
 
     def run_app(self, app: Path) -> None:
         result = self.flwr("run", str(app), "test")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def simulate(self, app: Path, supernodes: int) -> None:
+        """`flwr run APP local` on the simulation engine: the local SuperLink it starts is stopped by close()."""
+        result = self.flwr("run", str(app), "local", "--federation-config", f"num-supernodes={supernodes} init-args-num-cpus=2")
         assert result.returncode == 0, result.stdout + result.stderr
 
     def stop(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -155,27 +171,25 @@ class Deployment:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in self._detached(name):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self._kill_detached(self.root / f"{name}_home")
 
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+        self._kill_detached(self.cli_home)  # the simulation engine's local SuperLink, started by `flwr run`
 
-    def _detached(self, name: str) -> list[int]:
-        """Processes Flower started in sessions of their own (SuperExec, the ServerApp) for one of ours: they
-        carry the FLWR_HOME it was given."""
-        homes = {f"FLWR_HOME={self.root / name}_home".encode()}
-        found = []
+    def _kill_detached(self, home: Path) -> None:
+        """Kill what Flower started in sessions of its own (SuperExec, the ServerApp, the local SuperLink) for a
+        process given FLWR_HOME=`home`: they carry it in their environment."""
+        wanted = f"FLWR_HOME={home}".encode()
         for proc in Path("/proc").iterdir():
             try:
                 environ = set((proc / "environ").read_bytes().split(b"\0"))
             except OSError:  # not a process, gone, or not ours to read
                 continue
-            if proc.name.isdigit() and environ & homes:
-                found.append(int(proc.name))
-        return found
+            if proc.name.isdigit() and wanted in environ:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -1,56 +1,131 @@
-"""The flower runtime on Flower's deployment engine: a SuperLink and one SuperNode per oracle on localhost."""
+"""The flower runtime on Flower's two engines: the simulation engine (`flwr run APP local`), and the deployment
+engine (a SuperLink and one SuperNode per oracle on localhost). Every ClientApp message on the deployment engine
+is a new process (about 5 s of imports on a busy machine), so its tests keep to few rounds."""
 
 from __future__ import annotations
 
 import signal
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
 from conftest import tiny_config  # noqa: E402
 from flower_harness import Deployment, finished, round_done, split_roles, write_node_key, write_tls  # noqa: E402
+from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
+from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 FED = {"rounds": 2, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "eval_interval": 2}
 
 
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """The sim runtime's run of FED, which every Flower run of the same config must equal."""
+    config = tiny_config(tmp_path_factory.mktemp("sim"), federation=FED)
+    api.pretrain(config)
+    return config
+
+
 def flower_config(tmp_path, **fed):
     """The deployment's configs. The ledger keeps its records without Shapley values: each coalition's validation
-    is a round trip to every SuperNode, a new ClientApp process each (about 10 s here)."""
+    is a round trip to every SuperNode, a new ClientApp process each."""
     config = tiny_config(tmp_path / "fl", federation={**FED, "runtime": "flower", "round_timeout_s": 60, **fed},
                          ledger={"method": "off"})
     api.prepare(config)
     return split_roles(config, tmp_path)
 
 
-def test_flower_insecure_equals_sim(tmp_path):
-    sim = tiny_config(tmp_path / "sim", federation=FED)
-    api.pretrain(sim)
-    server, oracles, app = flower_config(tmp_path)
+def rounds_of(config) -> list[dict]:
+    return [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round"]
+
+
+def ledger_values(config) -> list[dict[str, float]]:
+    return [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(config.run_path / "ledger.jsonl")[1:]]
+
+
+def simulate(tmp_path, config, finetune: bool = False) -> None:
+    """`flwr run APP local` with one virtual SuperNode per oracle, until the ServerApp is done."""
+    fed = Deployment(tmp_path / "flwr")
+    try:
+        fed.simulate(write_flower_app(config, finetune), len(config.oracles))
+        fed.wait_for(lambda: finished(config.run_dir), 180, "the run", watch=())
+    finally:
+        fed.close()
+
+
+def test_flower_simulation_engine_equals_sim(tmp_path, sim):
+    """Flower's simulation engine on one machine: one run directory (every oracle's shards, its private states and
+    the server's checkpoints), the SuperNodes virtual (SuperNode i is the i-th oracle). Same model, bytes and ledger
+    values as sim (to float tolerance: the oracles train in other processes, with other thread counts)."""
+    config = tiny_config(tmp_path / "fl", federation={**FED, "runtime": "flower", "round_timeout_s": 60})
+    api.prepare(config)
+    simulate(tmp_path, config)
+    assert_same_model(sim, config)
+    rows, sim_rows = rounds_of(config), rounds_of(sim)
+    assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
+    assert [r["accepted"] for r in rows[1:]] == [["alpha", "beta", "gamma"]] * FED["rounds"]
+    for got, want in zip(ledger_values(config), ledger_values(sim), strict=True):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
+    """DSFT over Flower: three oracles with three kinds of task; each head stays in its oracle's state, only the body
+    is aggregated. Body, heads and validation metrics equal sim's (the ClientApp is the deployment engine's too)."""
+    kinds = ("classification", "entailment", "multiple_choice")
+    ft_sim = ft_config(tmp_path / "sim", sim.run_path, kinds, ledger={"method": "off"})
+    api.finetune(ft_sim)
+    config = ft_config(tmp_path / "fl", sim.run_path, kinds, ledger={"method": "off"},
+                       federation={"runtime": "flower", "round_timeout_s": 60})
+    simulate(tmp_path, config, finetune=True)
+    assert_same_model(ft_sim, config)
+    for name in kinds:
+        for key, tensor in head_of(ft_sim, name).items():
+            torch.testing.assert_close(head_of(config, name)[key], tensor, rtol=1e-4, atol=1e-5)
+    rows, sim_rows = rounds_of(config), rounds_of(ft_sim)
+    assert [r["round"] for r in rows] == [r["round"] for r in sim_rows] == [0, 1, 2]
+    for row, sim_row in zip(rows, sim_rows):
+        assert set(row["metrics"]) == set(kinds)
+        for name in kinds:
+            assert row["metrics"][name] == pytest.approx(sim_row["metrics"][name], rel=1e-3, abs=1e-4)
+
+
+def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
+    """The SuperLink (and its ServerApp) killed after round 1: restarted and launched again, the run resumes from
+    the round 1 checkpoint, the oracles from their states of round 1, and ends with sim's model and bytes."""
+    # a SuperNode may first spend a while on the killed run's last message: the resumed round waits for it
+    server, oracles, app = flower_config(tmp_path, round_timeout_s=180)
     fed = Deployment(tmp_path / "flwr")
     try:
         fed.launch(app, oracles, server.oracle_names())
-        fed.wait_for(lambda: finished(server.run_dir), 240, "the run")
+        fed.wait_for(lambda: round_done(server.run_dir, 1), 180, "round 1")
+        fed.stop("superlink")
+        assert not round_done(server.run_dir, 2)
+        fed.start_superlink()
+        fed.run_app(app)
+        fed.wait_for(lambda: finished(server.run_dir), 240, "the resumed run")
     finally:
         fed.close()
+    assert "resumed from" in (server.run_path / "flower_server.log").read_text()
     assert_same_model(sim, server)
-    rows = [r for r in read_metrics(server.run_path / "metrics.jsonl") if r["kind"] == "round"]
-    sim_rows = [r for r in read_metrics(sim.run_path / "metrics.jsonl") if r["kind"] == "round"]
+    rows, sim_rows = rounds_of(server), rounds_of(sim)
+    assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
     assert rows[-1]["loss"] == pytest.approx(sim_rows[-1]["loss"], rel=1e-4)
     assert rows[0]["loss"] == pytest.approx(sim_rows[0]["loss"], rel=1e-4)
+    assert [r["round"] for r in read_metrics(server.run_path / "ledger.jsonl")] == [0, 1, 2]  # resumed at its head
 
 
 def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
     """TLS and SuperNode authentication: an unregistered SuperNode (claiming to be alpha) is refused and the run
-    goes on; gamma's SuperNode is killed after round 1, its rounds close without it after round_timeout_s, and
-    restarted it is aggregated again; with int8 the bytes of each reply's arrays are the bytes metrics.jsonl counts."""
-    server, oracles, app = flower_config(tmp_path, rounds=4, eval_interval=4, compression="int8", round_timeout_s=30,
-                                         min_oracles=2)
+    goes on; gamma's SuperNode stops (SIGTERM) as round 2 begins, so the SuperLink answers round 2's message to it
+    with an error and the round closes without it; restarted at once, gamma is aggregated again in round 3. With
+    int8 the bytes of each reply's arrays are the bytes metrics.jsonl counts."""
+    server, oracles, app = flower_config(tmp_path, rounds=3, eval_interval=3, compression="int8", min_oracles=2)
     keys = {name: write_node_key(tmp_path / "keys", name) for name in (*server.oracle_names(), "intruder")}
     fed = Deployment(tmp_path / "flwr", tls=write_tls(tmp_path / "tls"), auth=True)
     try:
@@ -58,52 +133,24 @@ def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
         fed.start_supernode("intruder", oracles, "alpha", keys["intruder"][0])
         fed.wait_for(lambda: round_done(server.run_dir, 1), 180, "round 1")
         fed.stop("gamma", signal.SIGTERM)
-        fed.wait_for(lambda: round_done(server.run_dir, 2), 120, "round 2")
         fed.start_supernode("gamma", oracles, "gamma", keys["gamma"][0])
-        fed.wait_for(lambda: finished(server.run_dir), 180, "the run")
+        fed.wait_for(lambda: finished(server.run_dir), 240, "the run")
         superlink, intruder = fed.log("superlink"), fed.log("intruder")
     finally:
         fed.close()
     rows = read_metrics(server.run_path / "metrics.jsonl")
-    accepted = {r["round"]: r["accepted"] for r in rows if r["kind"] == "round" and r["round"] > 0}
-    assert accepted[1] == ["alpha", "beta", "gamma"]
-    assert accepted[2] == ["alpha", "beta"]
-    assert accepted[4] == ["alpha", "beta", "gamma"]
+    accepted = [r["accepted"] for r in rows if r["kind"] == "round" and r["round"] > 0]
+    assert accepted == [["alpha", "beta", "gamma"], ["alpha", "beta"], ["alpha", "beta", "gamma"]]
     gap = [r for r in rows if r["kind"] == "oracle" and r["oracle"] == "gamma" and r["round"] == 2]
     assert gap[0]["participated"] is False and gap[0]["bytes_sent"] == 0
     ledger = read_metrics(server.run_path / "ledger.jsonl")
-    assert [r["oracles"]["gamma"]["status"] for r in ledger[1:]] == ["accepted", "absent", "absent", "accepted"]
+    assert [r["oracles"]["gamma"]["status"] for r in ledger[1:]] == ["accepted", "absent", "accepted"]
     assert "alpha" in server.oracle_names() and "intruder" not in (server.run_path / "metrics.jsonl").read_text()
     assert "No SuperNode found with the given public key" in superlink and "SuperNode ID" not in intruder
     log = (server.run_path / "flower_server.log").read_text()
+    assert "round 2: oracle 'gamma' sat this round out" in log
     for r in rows:
         if r["kind"] == "oracle" and r["participated"]:
             assert f"round {r['round']}: oracle '{r['oracle']}' replied with {r['bytes_sent']:,} bytes of arrays" in log
             numel = 27_712  # the tiny model: one int8 per parameter and one fp32 scale per tensor
             assert numel < r["bytes_sent"] < numel + 4 * 40
-
-
-def test_flower_server_killed_and_restarted_resumes(tmp_path):
-    """The SuperLink (and its ServerApp) killed after round 2: restarted and launched again, the run resumes from
-    the round 2 checkpoint, the oracles from their states of round 2, and ends with sim's model."""
-    fed_config = {**FED, "rounds": 4, "eval_interval": 4}
-    sim = tiny_config(tmp_path / "sim", federation=fed_config)
-    api.pretrain(sim)
-    # a SuperNode may first spend a while on the killed run's last message: the resumed round waits for it
-    server, oracles, app = flower_config(tmp_path, rounds=4, eval_interval=4, round_timeout_s=180)
-    fed = Deployment(tmp_path / "flwr")
-    try:
-        fed.launch(app, oracles, server.oracle_names())
-        fed.wait_for(lambda: round_done(server.run_dir, 2), 180, "round 2")
-        fed.stop("superlink")
-        assert not round_done(server.run_dir, 4)
-        fed.start_superlink()
-        fed.run_app(app)
-        fed.wait_for(lambda: finished(server.run_dir), 360, "the resumed run")
-    finally:
-        fed.close()
-    assert "resumed from" in (server.run_path / "flower_server.log").read_text()
-    assert_same_model(sim, server)
-    rounds = [r["round"] for r in read_metrics(server.run_path / "metrics.jsonl") if r["kind"] == "round"]
-    assert rounds == [0, 1, 2, 3, 4]
-    assert [r["round"] for r in read_metrics(server.run_path / "ledger.jsonl")] == [0, 1, 2, 3, 4]  # resumed at its head

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +18,7 @@ from dgpt import api  # noqa: E402
 from dgpt.config import config_from_dict  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.federation.codec import Codec  # noqa: E402
+from dgpt.runtimes import flower_server  # noqa: E402
 from dgpt.runtimes import flower_wire as wire  # noqa: E402
 from dgpt.runtimes.flower_server import FlowerServer, Replies  # noqa: E402
 
@@ -77,12 +80,53 @@ def test_server_refuses_stale_unknown_and_duplicate_replies(tmp_path):
     assert list(replies.contents) == ["alpha"] and server.node_of == {"alpha": 11}
 
 
+class Grid:
+    """A Grid whose SuperNodes answer at once, each as the oracle `answers` names (None: it never answers)."""
+
+    def __init__(self, rnd: int, answers: dict[int, str | None]):
+        self.rnd, self.answers, self.sent = rnd, answers, {}
+
+    def get_node_ids(self):
+        return list(self.answers)
+
+    def push_messages(self, messages):
+        self.sent.update({f"to {m.dst_node_id}": m for m in messages})
+        return [f"to {m.dst_node_id}" for m in messages]
+
+    def pull_messages(self, ids):
+        replies = [(id_, _reply(self.rnd, self.answers[self.sent[id_].dst_node_id])) for id_ in ids
+                   if self.answers[self.sent[id_].dst_node_id]]
+        for id_, reply in replies:
+            reply.metadata = SimpleNamespace(reply_to_message_id=id_)
+        return [reply for _, reply in replies]
+
+
+def test_a_round_ends_once_every_asked_oracle_answered(monkeypatch):
+    """alpha's old SuperNode (11) is still listed but silent; alpha answers from a new one (12): the round does not
+    wait out round_timeout_s for the old one, and alpha is now reached at 12."""
+    monkeypatch.setattr(flower_server, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
+    server = FlowerServer.__new__(FlowerServer)
+    server.config = SimpleNamespace(federation=SimpleNamespace(round_timeout_s=60.0, min_oracles=1))
+    server.work, server.kind = SimpleNamespace(params=[torch.zeros(3)], sizes={"alpha": 1.0, "beta": 1.0}), "pretrain"
+    server.node_of, server.met = {"alpha": 11, "beta": 13}, {11, 13}
+    server.grid = Grid(2, {11: None, 12: "alpha", 13: "beta"})
+    t0 = time.monotonic()
+    replies = server._ask(wire.EVALUATE, 2, ["alpha", "beta"])
+    assert time.monotonic() - t0 < 10
+    assert sorted(replies.contents) == ["alpha", "beta"] and server.node_of == {"alpha": 12, "beta": 13}
+    assert sorted(m.dst_node_id for m in server.grid.sent.values()) == [11, 12, 13]
+
+
 def test_flower_config_checks_and_install_hint(tmp_path):
     config = tiny_config(tmp_path, federation={"runtime": "flower"})
     with pytest.raises(DgptError, match="flwr run"):
         api.pretrain(config)
     app = api.flower_app(config)
     assert 'clientapp = "dgpt.runtimes.flower_client:app"' in (app / "pyproject.toml").read_text()
+    assert 'work = "pretrain"' in (app / "pyproject.toml").read_text()
+    assert 'work = "finetune"' in (api.flower_app(config, finetune=True) / "pyproject.toml").read_text()
+    with pytest.raises(DgptError, match="finetune.shared_head"):  # a shared head would leave the SuperNodes
+        api.flower_app(dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, shared_head=True)), True)
     for bad, match in (({"min_oracles": 4}, "min_oracles"), ({"round_timeout_s": 0}, "round_timeout_s")):
         with pytest.raises(DgptError, match=match):
             config_from_dict({"oracles": [{"name": n} for n in "abc"], "federation": bad})

@@ -88,7 +88,8 @@ def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
 
         require_flower()
         raise DgptError("federation.runtime = 'flower' runs under Flower: `dgpt flower-app CONFIG` writes the app, "
-                        "`flwr run RUN_DIR/flower_app SUPERLINK` starts it (README: Cross-organisation federation)")
+                        "`flwr run RUN_DIR/flower_app local --federation-config num-supernodes=N` runs it on this machine, "
+                        "`flwr run RUN_DIR/flower_app SUPERLINK` on a deployment (README: Runtimes, flower)")
     if config.federation.runtime == "torchrun" or launched_by_torchrun():
         from dgpt.runtimes.torchrun import pretrain_torchrun
 
@@ -98,11 +99,12 @@ def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
     return pretrain_sim(config, stop_after_round=stop_after, **work)
 
 
-def flower_app(config: Config) -> Path:
-    """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`."""
+def flower_app(config: Config, finetune: bool = False) -> Path:
+    """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`: pre-training,
+    or fine-tuning (DSFT) with `finetune`."""
     from dgpt.runtimes.flower_app import write_flower_app
 
-    return write_flower_app(config)
+    return write_flower_app(config, finetune)
 
 
 def finetune(config: Config, *, stop_after: int | None = None) -> RunSummary:

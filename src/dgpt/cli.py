@@ -80,7 +80,7 @@ def _print_summary(summary) -> None:
 
 
 def cmd_flower_app(args) -> None:
-    print(api.flower_app(api.load_run_config(args.config, args.overrides)))
+    print(api.flower_app(api.load_run_config(args.config, args.overrides), finetune=args.finetune))
 
 
 def cmd_eval(args) -> None:
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flower-app", help="write the Flower App of a runtime = 'flower' config; start it with `flwr run`")
     _config_args(p)
+    p.add_argument("--finetune", action="store_true", help="an app that fine-tunes (DSFT) instead of pre-training")
     p.set_defaults(func=cmd_flower_app)
 
     p = sub.add_parser("eval", help="re-score the newest checkpoint: loss and perplexity per oracle and global "

@@ -76,7 +76,7 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     rounds, steps, examples = schedule(ft, int(max(sizes.values())))
     settings = loop_settings(config, steps)
     device = pick_device(config.pretrain.device)
-    gpt = _body(config, tokenizer, model_config, init).to(device)
+    gpt = shared_body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
     shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None
     loops = {}
@@ -124,7 +124,7 @@ def loop_settings(config: Config, total_steps: int) -> LoopSettings:
     )
 
 
-def _body(config: Config, tokenizer: TextTokenizer, model_config: GPTConfig, init: Path | None) -> GPT:
+def shared_body(config: Config, tokenizer: TextTokenizer, model_config: GPTConfig, init: Path | None) -> GPT:
     """The shared GPT: from the run's seed, with the DUPT checkpoint's weights when there is one."""
     torch.manual_seed(config.seed)
     gpt = GPT(model_config)

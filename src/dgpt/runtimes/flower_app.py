@@ -31,6 +31,7 @@ clientapp = "dgpt.runtimes.flower_client:app"
 
 [tool.flwr.app.config]
 config = {config}
+work = "{work}"
 """
 
 
@@ -41,14 +42,19 @@ def require_flower() -> None:
         raise DgptError(INSTALL) from None
 
 
-def write_flower_app(config: Config) -> Path:
-    """RUN/flower_app/pyproject.toml for `flwr run`; the ServerApp reads the resolved config, RUN/config.toml, on
-    the SuperLink's machine (the app itself, which every SuperNode receives, holds no more than that path)."""
+def write_flower_app(config: Config, finetune: bool = False) -> Path:
+    """RUN/flower_app/pyproject.toml for `flwr run`, pre-training or fine-tuning (DSFT); the ServerApp reads the
+    resolved config, RUN/config.toml, on the SuperLink's machine (the app itself, which every SuperNode receives,
+    holds no more than that path and the work)."""
     require_flower()
     if config.federation.runtime != "flower":
         raise DgptError(f"federation.runtime is {config.federation.runtime!r}; set it to 'flower' for `dgpt flower-app`")
+    if finetune and config.finetune.shared_head:
+        raise DgptError("finetune.shared_head: on the flower runtime each oracle's head stays on its SuperNode; set it to false")
     run = RunDir(config.run_dir)
     write_text(run.config, dump_config(config))
-    write_text(run.flower_app / "pyproject.toml", _APP.format(config=json.dumps(str(run.config.resolve()))))
-    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream")
+    app = _APP.format(config=json.dumps(str(run.config.resolve())), work="finetune" if finetune else "pretrain")
+    write_text(run.flower_app / "pyproject.toml", app)
+    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream "
+                f"(on this machine: flwr run {run.flower_app} local --federation-config num-supernodes={len(config.oracles)})")
     return run.flower_app

@@ -1,7 +1,9 @@
 """The Flower ClientApp: one oracle, on its own organisation's SuperNode.
 
 Its SuperNode names it: `flower-supernode --node-config 'config="dgpt.toml" oracle="alpha" run-dir="runs/org_a"'`
-(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). The
+(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). On
+Flower's simulation engine, whose virtual SuperNodes carry only a `partition-id`, SuperNode i is the i-th
+`[[oracles]]` entry of the app's config, in the app's run directory. The
 run directory is the oracle's own: its prepared shards (`dgpt prepare --oracle`, with the federation's
 tokenizer) and its private state (`oracles/<name>/round_N.pt`: inner AdamW, sampler position,
 RNG), which never leaves the machine. Nothing here reads another oracle's data.
@@ -10,6 +12,11 @@ Flower starts the ClientApp afresh for each message, so everything an oracle car
 next is on its disk. A train message brings Theta and the round id; the oracle resumes from its newest state
 before that round (a server that restarted from an older checkpoint replays rounds exactly), trains H steps on
 the round's schedule, saves its state and replies with its encoded pseudo-gradient, its token count and loss.
+
+Fine-tuning (the message's work is "finetune") trains the same way, with the oracle's own task and head: the head
+is part of its state file and never sent; only the shared body's pseudo-gradient is. The SuperNode needs the
+config's `finetune.init_from` (the pre-trained run: tokenizer and model shape) and its task's files; the
+number of rounds, hence its learning-rate schedule, comes from every oracle's size, which the server sends.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dgpt.federation.codec import Codec
 from dgpt.fileio import atomic_path, torch_save
 from dgpt.runtimes import flower_wire as wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
+from dgpt.runtimes.finetune import finetune_work
 from dgpt.rundir import RunDir, check_oracle_name
 
 logger = logging.getLogger(__name__)
@@ -35,39 +43,51 @@ KEEP_STATES = 3  # an oracle keeps its newest few states: enough for a server th
 
 
 class OwnData:
-    """The `Transport` view of a SuperNode: it holds one oracle and sees no other."""
+    """The `Transport` view of a SuperNode: it holds one oracle's data and sees no other's, only the sizes the
+    server sent (none before round 1)."""
 
     is_leader, prepares_data = False, False
 
+    def __init__(self, sizes: dict[str, float]):
+        self.sizes = sizes
+
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
-        return dict(local)
+        return {**self.sizes, **local}
 
 
 class Oracle:
     """This SuperNode's oracle: its config, its Work (model, inner loop, data) and its private state files."""
 
-    def __init__(self, node_config: dict, work: str):
-        path, name = node_config.get("config"), node_config.get("oracle")
-        if not isinstance(path, str) or not isinstance(name, str):
-            raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
+    def __init__(self, context: Context, message: Message):
+        self.round, self.kind = _round_of(message)
+        node_config = dict(context.node_config)
+        path, name = _identity(node_config, dict(context.run_config))
         self.config: Config = load_config(path)
+        if name is None:  # a virtual SuperNode of the simulation engine
+            name = _nth_oracle(self.config, node_config["partition-id"], path)
         if isinstance(node_config.get("run-dir"), str):  # this organisation's copy of the run: shards and private state
             self.config = dataclasses.replace(self.config, run_dir=node_config["run-dir"])
         self.name = check_oracle_name(name, "--node-config oracle")
         if name not in self.config.oracle_names():
             raise DgptError(f"{path}: no oracle '{name}' (declared: {', '.join(self.config.oracle_names())})")
-        if work != "pretrain":  # fine-tuning (DSFT) does not run on Flower yet
-            raise DgptError(f"the server asked for {work!r}; this SuperNode's dgpt pre-trains only")
-        self.work: Work = pretraining_work(self.config, OwnData(), [name])
+        if self.kind not in wire.WORKS:
+            raise DgptError(f"the server asked for {self.kind!r}; this SuperNode's dgpt knows {', '.join(wire.WORKS)}")
+        sizes = message.content.metric_records.get("sizes")
+        transport = OwnData({k: float(v) for k, v in sizes.items()} if sizes is not None else {})
+        self.work: Work = (finetune_work if self.kind == "finetune" else pretraining_work)(self.config, transport, [name])
         fed = self.config.federation
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.run_dir = RunDir(self.config.run_dir)
 
-    def restore(self, rnd: int) -> None:
-        """The oracle's newest state from before round `rnd` (states from rounds a restarted server will redo go)."""
-        states = self.run_dir.oracle_states(self.name)
-        for later in [r for r in states if r >= rnd]:
-            states.pop(later).unlink()
+    def forget(self, rnd: int) -> None:
+        """Delete the states of round `rnd` and later: rounds a server restarted from an older checkpoint redoes."""
+        for later, path in self.run_dir.oracle_states(self.name).items():
+            if later >= rnd:
+                path.unlink()
+
+    def restore(self, before: int) -> None:
+        """The oracle's newest state from before round `before` (none yet: as it starts)."""
+        states = {r: path for r, path in self.run_dir.oracle_states(self.name).items() if r < before}
         if states:
             self.work.loops[self.name].load_state_dict(load_oracle_state(states[max(states)]))
 
@@ -79,7 +99,26 @@ class Oracle:
             states[old].unlink()
 
     def theta(self, message: Message) -> torch.Tensor:
+        """The Theta the message carries, checked against this oracle's model."""
         return wire.theta_from(message.content.array_records.get("theta"), sum(p.numel() for p in self.work.params))
+
+
+def _identity(node_config: dict, run_config: dict) -> tuple[str, str | None]:
+    """The config path and oracle name a SuperNode's --node-config gives (name None: a simulation engine's node)."""
+    path, name = node_config.get("config"), node_config.get("oracle")
+    if isinstance(path, str) and isinstance(name, str):
+        return path, name
+    if isinstance(node_config.get("partition-id"), int) and isinstance(run_config.get("config"), str):
+        return run_config["config"], None
+    raise DgptError("this SuperNode needs --node-config 'config=\"/path/to/dgpt.toml\" oracle=\"NAME\"'")
+
+
+def _nth_oracle(config: Config, index: int, path: str) -> str:
+    names = config.oracle_names()
+    if not 0 <= index < len(names):
+        raise DgptError(f"{path}: simulated SuperNode {index} has no oracle ({len(names)} declared): run the simulation "
+                        f"with num-supernodes={len(names)}")
+    return names[index]
 
 
 def _round_of(message: Message) -> tuple[int, str]:
@@ -100,9 +139,9 @@ def _reply(message: Message, oracle: Oracle, rnd: int, metrics: dict[str, float]
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss."""
-    rnd, work = _round_of(message)
-    oracle = Oracle(dict(context.node_config), work)
-    theta = oracle.theta(message)
+    oracle = Oracle(context, message)
+    rnd, theta = oracle.round, oracle.theta(message)
+    oracle.forget(rnd)
     oracle.restore(rnd)
     delta, loss = train_round(oracle.work, oracle.name, theta, rnd)
     oracle.save(rnd)
@@ -115,9 +154,11 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is)."""
-    rnd, work = _round_of(message)
-    oracle = Oracle(dict(context.node_config), work)
+    """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is).
+    Fine-tuning validates with the oracle's head as it was after that round."""
+    oracle = Oracle(context, message)
+    if oracle.kind == "finetune":
+        oracle.restore(oracle.round + 1)
     copy_into(oracle.work.params, oracle.theta(message))
     found = oracle.work.evaluate().get(oracle.name, {})
-    return _reply(message, oracle, rnd, {f"valid_{k}": float(v) for k, v in found.items()})
+    return _reply(message, oracle, oracle.round, {f"valid_{k}": float(v) for k, v in found.items()})

@@ -7,7 +7,9 @@ round when all of them replied, or once `federation.round_timeout_s` passed and 
 `federation.min_oracles` did: late and absent oracles sit the round out. What came back is read from the
 message's arrays, checked (a reply from another round, an unknown or duplicate oracle, arrays of the wrong
 kind are refused with a logged reason) and handed to the same Strategy as sim and torchrun. Round
-checkpoints, `metrics.jsonl` and resuming after a restart work as in `RoundDriver`.
+checkpoints, `metrics.jsonl` and resuming after a restart work as in `RoundDriver`. The app's `work` says what
+is trained: "pretrain" (DUPT, the whole GPT) or "finetune" (DSFT: the shared body; each oracle's head stays on
+its SuperNode, which the server never sees).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch.nn.utils import parameters_to_vector
 
-from dgpt.config import Config, load_config
+from dgpt.config import Config, dump_config, load_config
 from dgpt.errors import DgptError
+from dgpt.fileio import write_text
 from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec
 from dgpt.federation.strategy import Strategy
@@ -32,10 +35,12 @@ from dgpt.logs import messages_to
 from dgpt.runtimes import flower_wire as wire
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.federated import Work, copy_into
+from dgpt.runtimes.finetune import schedule, shared_body, starting_point
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, read_run
 from dgpt.rundir import WEIGHTS, RunDir
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
+from dgpt.train.task_eval import METRICS
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
@@ -56,14 +61,25 @@ class Replies:
     refused: dict[str, str] = field(default_factory=dict)  # oracle -> why its reply was not used
 
 
+def server_work(config: Config, kind: str) -> Work:
+    """What the server holds of the `kind` of work: the shared model only (it trains nothing itself and validates
+    through its SuperNodes). Fine-tuning's number of rounds waits for the oracles' sizes (see `finetune.schedule`)."""
+    if kind == "finetune":
+        tokenizer, model_config, init = starting_point(config)
+        model = shared_body(config, tokenizer, model_config, init)
+        run_dir = RunDir(config.run_dir)
+        tokenizer.save(run_dir.tokenizer)
+        write_text(run_dir.config, dump_config(config))
+        return Work(model, list(model.parameters()), {}, {}, dict, 0, config.finetune.inner_steps, METRICS, "examples")
+    model, _ = build_model(read_run(config, oracles=[]))  # the tokenizer and model config; no shards
+    return Work(model, list(model.parameters()), {}, {}, dict, config.federation.rounds, config.federation.inner_steps)
+
+
 class FlowerServer:
-    def __init__(self, config: Config, grid: Grid):
-        self.config, self.grid, fed = config, grid, config.federation
+    def __init__(self, config: Config, grid: Grid, kind: str = "pretrain"):
+        self.config, self.grid, self.kind, fed = config, grid, kind, config.federation
         self.run_dir = RunDir(config.run_dir)
-        setup = read_run(config, oracles=[])  # the tokenizer and model config; the server holds no shards
-        model, _ = build_model(setup)
-        # the server trains nothing itself and validates through its SuperNodes: the Work is the shared model
-        self.work = Work(model, list(model.parameters()), {}, {}, dict, fed.rounds, fed.inner_steps)
+        self.work = server_work(config, kind)
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
         self.met: set[int] = set()  # every SuperNode that ever answered
@@ -76,11 +92,13 @@ class FlowerServer:
         start, state = self._resume()
         self.round = start
         if start == 0:
-            valid = self._ask(wire.EVALUATE, 0, self.config.oracle_names())
-            work.sizes.update(self._sizes(valid))
+            replies = self._ask(wire.EVALUATE, 0, self.config.oracle_names())
+            work.sizes.update(self._sizes(replies))
         else:
             work.sizes.update(state["sizes"])
             self.tokens.update(state.get("tokens", {}))
+        if self.kind == "finetune":
+            work.rounds, work.total_steps, _ = schedule(self.config.finetune, int(max(work.sizes.values())))
         weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in self.config.oracles})
         self.strategy = Strategy(fed, self.codec, weights, self._theta(), self.config.seed)
         if state:
@@ -88,7 +106,7 @@ class FlowerServer:
         report = RoundReport(self.config, self.run_dir, work, start)
         self.ledger = ContributionLedger(self.config, self, start, state.get("ledger_head"))
         if start == 0:
-            report.started(0, self._valid(valid), {})
+            report.started(0, *self._valid(replies))
         for rnd in range(start + 1, work.rounds + 1):
             report.round(self._round(rnd), self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
@@ -112,23 +130,23 @@ class FlowerServer:
         result = self.strategy.aggregate(received)
         result.rejected.update(replies.refused)
         valuation = self.ledger.value(result)  # each coalition's Theta validated by the oracles, through the Grid
-        self.load_theta(self.strategy.apply(result, self.work.inner_steps))
+        self.load_theta(self.strategy.apply(result, self.work.steps_in(rnd)))
         self.ledger.record(rnd, result, received, valuation)
         if result.skipped:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
             if name not in received:
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name, 'no reply in time')}")
-        valid = self.validate()[0] if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else {}
-        record = RoundRecord(rnd, result, train_loss, valid, {}, int(sum(self.tokens.values())))
+        valid, scores = self.validate() if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else ({}, {})
+        record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
         record.seconds = time.perf_counter() - t0
         return record
 
     # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
 
-    def validate(self) -> tuple[dict[str, float], dict]:
-        """Every reachable oracle's validation loss at the current parameters."""
-        return self._valid(self._ask(wire.EVALUATE, self.round, self.config.oracle_names())), {}
+    def validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Every reachable oracle's validation loss at the current parameters, and its other metrics (fine-tuning)."""
+        return self._valid(self._ask(wire.EVALUATE, self.round, self.config.oracle_names()))
 
     def gather(self, local: dict[str, float]) -> dict[str, float]:
         return {**self.tokens, **local}
@@ -139,9 +157,18 @@ class FlowerServer:
     def restore_theta(self) -> None:
         self.load_theta(self.strategy.theta)
 
-    def _valid(self, replies: Replies) -> dict[str, float]:
-        found = {n: c.metric_records["metrics"].get("valid_loss") for n, c in replies.contents.items()}
-        return {n: float(v) for n, v in found.items() if isinstance(v, (int, float))}
+    def _valid(self, replies: Replies) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The validation loss and other metrics (of the work's kind) each oracle reported."""
+        losses, scores = {}, {}
+        for name, content in replies.contents.items():
+            metrics = content.metric_records["metrics"]
+            found = {k: metrics.get(f"valid_{k}") for k in self.work.metric_names}
+            found = {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
+            if "loss" in found:
+                losses[name] = found.pop("loss")
+            if found:
+                scores[name] = found
+        return losses, scores
 
     def _sizes(self, replies: Replies) -> dict[str, float]:
         """Each oracle's training tokens, as it declared them (absent oracles: the mean of the others, logged)."""
@@ -168,16 +195,20 @@ class FlowerServer:
             time.sleep(POLL_S)
 
     def _ask(self, kind: str, rnd: int, names: list[str]) -> Replies:
-        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies."""
-        fed, replies = self.config.federation, Replies()
+        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies until
+        every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the round closes."""
+        fed, replies, wanted = self.config.federation, Replies(), len(set(names))
         live = set(self.grid.get_node_ids())
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
         content = RecordDict({"theta": wire.theta_record(self._theta()),
-                              "round": ConfigRecord({"round": rnd, "work": "pretrain"})})
+                              "round": ConfigRecord({"round": rnd, "work": self.kind}),
+                              "sizes": MetricRecord(self.work.sizes)})  # every oracle's: fine-tuning's rounds
         sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
         pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
         deadline = time.monotonic() + fed.round_timeout_s
-        while pending and (time.monotonic() < deadline or len(replies.contents) < fed.min_oracles):
+        while pending and len(replies.contents) < wanted:
+            if time.monotonic() > deadline and len(replies.contents) >= fed.min_oracles:
+                break  # the round closes without the late
             for reply in self.grid.pull_messages(list(pending)):
                 self._take(reply, pending.pop(reply.metadata.reply_to_message_id), rnd, names, replies, _NEEDED[kind])
             time.sleep(POLL_S if pending else 0)
@@ -245,13 +276,15 @@ def _log_to(path):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    path = context.run_config.get("config")
+    path, kind = context.run_config.get("config"), context.run_config.get("work", "pretrain")
     if not isinstance(path, str) or not path:
         raise DgptError("flwr run needs --run-config 'config=\"/path/to/dgpt.toml\"' (the server's dgpt config)")
+    if kind not in wire.WORKS:
+        raise DgptError(f"the app's work is {kind!r}; expected one of {', '.join(wire.WORKS)}")
     config = load_config(path)
     with _log_to(RunDir(config.run_dir).server_log):
         try:
-            FlowerServer(config, grid).run()
+            FlowerServer(config, grid, kind).run()
         except DgptError as e:
             logger.error(str(e))
             raise
