@@ -12,6 +12,8 @@ pre-train the pre-LN tiny body with the FedAvg outer step. One of them, half of 
 the tokens, ~20%), is hostile and sends a different pseudo-gradient from the one it trained:
   x1000   its update scaled by 1000 (a blow-up, or an attacker that wants to dominate)
   x-10    its update reversed and scaled by 10 (an attacker pushing the model back up the loss)
+  xnan    NaN: rejected by every rule, so the oracle is simply left out. Its ratio is what losing the oracle's
+          (honest) data costs: the floor no defence can beat, since a defence can at best ignore the attacker
 Every combination of aggregation rule {mean, trimmed mean (0.25), median} x clipping {off, clip_norm} x oracle
 drops {0, 0.5} x outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
 same oracles are drawn each round. The score is the final validation loss on the five honest oracles' validation
@@ -57,7 +59,7 @@ ORACLES = ["literature_shakespeare", "encyclopedia_wikitext2", "pydocs_a", "pydo
 SHORT = {"literature_shakespeare": "shakesp.", "encyclopedia_wikitext2": "wiki", "pydocs_a": "pydocs_a",
          "pydocs_b": "pydocs_b", "dialogue_a": "dialogue_a", "dialogue_b": "dialogue_b"}
 POISONED = "dialogue_a"
-ATTACKS = {"clean": None, "x1000": 1000.0, "x-10": -10.0}
+ATTACKS = {"clean": None, "x1000": 1000.0, "x-10": -10.0, "xnan": float("nan")}
 RULES = {"mean": {"aggregator": "mean"}, "trimmed": {"aggregator": "trimmed_mean", "trim_fraction": 0.25},
          "median": {"aggregator": "median"}}
 ROBUST = ("trimmed", "median")
@@ -160,9 +162,10 @@ def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: di
            str(PROBE), str(run_dir / "calls"), "pretrain", str(path), "-q"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
+    if done.returncode != 0 and not finished(run_dir, rounds):
         raise SystemExit(f"torchrun {name} x{factor} failed:\n{done.stderr[-3000:]}")
-    result = final_loss(run_dir, weights)
+    aborted = [line for line in done.stderr.splitlines() if "terminate called" in line or "exitcode  : -" in line]
+    result = {**final_loss(run_dir, weights), "exit": done.returncode, "exit_lines": aborted[:3]}
     print(f"=== torchrun {name} / x{factor}: loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"setting": name, "attack": f"x{factor}", **result}
 
@@ -183,29 +186,36 @@ def report(data: dict) -> str:
         "token-weighted. With drop, a robust rule skips rounds with fewer than 3 updates (counted). Ratio = attacked / clean of the same setting; **bold** where a robust rule misses the 2% target.",
         "", "| setting | clean | " + " | ".join(f"{a} | ratio" for a in attacks) + " | rounds skipped | rounds the hostile oracle took part |",
         "|---|---|" + "---|---|" * len(attacks) + "---|---|"]
-    missed = []
+    missed, beyond = [], []  # robust cells over 2% of clean; over 2% of leaving the hostile oracle out
     for name in names:
-        clean = by[(name, "clean")]
+        clean, left_out = by[(name, "clean")], by[(name, "xnan")]
         cells = [f"{clean['loss']:.4f}"]
         for attack in attacks:
             r = by[(name, attack)]
             ratio = r["loss"] / clean["loss"]
-            robust = r["rule"] in ROBUST
-            if robust and not ratio <= TARGET:
+            miss = r["rule"] in ROBUST and attack != "xnan" and not ratio <= TARGET
+            if miss:
                 missed.append(f"{name} / {attack}")
+                if not r["loss"] <= TARGET * left_out["loss"]:
+                    beyond.append(f"{name} / {attack}")
             text = f"{ratio:.3f}" if ratio < 100 else f"{ratio:.3g}"
-            cells += [f"{r['loss']:.4g}", f"**{text}**" if robust and not ratio <= TARGET else text]
+            cells += [f"{r['loss']:.4g}", f"**{text}**" if miss else text]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {clean['skipped']} | {clean['hostile_rounds']} |")
-    lines += ["", f"**Target** (trimmed mean and median within 2% of clean in every combination): "
-              + ("met." if not missed else f"missed in {len(missed)}: {', '.join(missed)}."), ""]
+    lines += ["", "**Target** (trimmed mean and median within 2% of clean in every combination, attacks x1000 and x-10): "
+              + ("met." if not missed else f"missed in {len(missed)}: {', '.join(missed)}."),
+              "", "Against the floor (the xnan column: the hostile oracle left out, its honest data lost with it), the "
+              "robust rules under attack are within 2% " + ("in every combination." if not beyond else
+                                                            f"except in: {', '.join(beyond)}."), ""]
     if data.get("torchrun"):
         lines += ["## torchrun with a lying rank", "",
                   f"The rank of `{SHORT[POISONED]}` multiplies what it sends; every rank checks what it received.", "",
-                  "| setting | attack | torchrun loss | sim loss (same tamper) | equal | updates rejected |", "|---|---|---|---|---|---|"]
+                  "| setting | attack | torchrun loss | sim loss (same tamper) | equal | updates rejected | torchrun exit status |",
+                  "|---|---|---|---|---|---|---|"]
         for r in data["torchrun"]:
             sim = data["torchrun_sim"][f"{r['setting']} {r['attack']}"]
             lines.append(f"| {r['setting']} | {r['attack']} | {r['loss']:.6f} | {sim['loss']:.6f} | "
-                         f"{'yes' if abs(r['loss'] - sim['loss']) <= 1e-4 * abs(sim['loss']) else 'NO'} | {r['rejected']} |")
+                         f"{'yes' if abs(r['loss'] - sim['loss']) <= 1e-4 * abs(sim['loss']) else 'NO'} | {r['rejected']} | "
+                         f"{r.get('exit', 0)}{' (a rank aborted at exit, after the last round)' if r.get('exit') else ''} |")
         lines.append("")
     lines += [f"Load: {data['uptime_before']} (before), {data['uptime_after']} (after). Wall time {data['seconds']:.0f} s.", ""]
     return "\n".join(lines)
@@ -260,12 +270,7 @@ def main() -> None:
         fed_of = {s["name"]: s["fed"] for s in grid}
         for name, factor in TORCHRUN_CASES:
             data["torchrun"].append(run_torchrun(args.runs, setup, rounds, args.inner_steps, fed_of[name], name, factor, weights))
-            if factor == "nan":  # not in the grid: sim with the same tamper
-                setting = next(s for s in grid if s["name"] == name)
-                sim_run = run_sim((setting, "xnan", float("nan"), args.runs, setup, rounds, args.inner_steps, weights))
-            else:
-                sim_run = next(r for r in sim if r["setting"] == name and r["attack"] == f"x{factor}")
-            data["torchrun_sim"][f"{name} x{factor}"] = sim_run
+            data["torchrun_sim"][f"{name} x{factor}"] = next(r for r in sim if r["setting"] == name and r["attack"] == f"x{factor}")
     data["seconds"] = time.perf_counter() - t0
     data["uptime_before"] = uptime_before
     data["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
