@@ -64,6 +64,13 @@ from dgpt.train.metrics import read_metrics  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 ORACLES = ["literature_shakespeare", "encyclopedia_wikitext2", "technical_python_docs", "dialogue_topical_chat"]
+LARGE = DATA.parent / "pretrain_large"
+DATASETS = {  # --data: oracle -> folder of its train.txt / valid.txt
+    "small": {n: DATA / n for n in ORACLES},
+    "large": {"literature_gutenberg": LARGE / "literature_gutenberg", "encyclopedia_wikitext2": DATA / "encyclopedia_wikitext2",
+              "technical_linux_kernel_docs": LARGE / "technical_linux_kernel_docs",
+              "dialogue_topical_chat": DATA / "dialogue_topical_chat"},
+}
 SHORT = {"literature_shakespeare": "shakesp.", "encyclopedia_wikitext2": "wiki", "technical_python_docs": "pydocs",
          "dialogue_topical_chat": "dialogue"}
 POISONED = "dialogue_topical_chat"  # the largest oracle: the heaviest weight under the token-weighted mean
@@ -91,6 +98,7 @@ ARMS = [
     ("H=1 IID", "sim_iid", {"inner_steps": 1}, False),
     ("H=1 fedexp", "sim", {"inner_steps": 1, "extrapolation": "fedexp"}, False),
     ("H=50 fedexp", "sim", {"inner_steps": 50, "extrapolation": "fedexp"}, False),
+    ("H=50 fedexp int8", "sim", {"inner_steps": 50, "extrapolation": "fedexp", "compression": "int8"}, False),
     ("H=50 IID fedexp", "sim_iid", {"inner_steps": 50, "extrapolation": "fedexp"}, False),
     ("H=1 IID fedexp", "sim_iid", {"inner_steps": 1, "extrapolation": "fedexp"}, False),
 ]
@@ -100,12 +108,13 @@ def base_config(run_dir: Path, setup: dict, steps: int, batch: int, fed: dict, e
     """One arm's config; the decentralised arms' inner AdamW may have its own lr (`--inner-lr`)."""
     lr = setup["inner_lr"] if fed.get("runtime") == "sim" else setup["lr"]
     return {
-        "run_dir": str(run_dir), "seed": 1337, "model": setup["model"], "tokenizer": {"vocab_size": VOCAB},
-        "oracles": [{"name": n, "train": [str(DATA / n / "train.txt")], "valid": [str(DATA / n / "valid.txt")]}
-                    for n in ORACLES],
+        "run_dir": str(run_dir), "seed": setup.get("seed", 1337), "model": setup["model"], "tokenizer": {"vocab_size": VOCAB},
+        "oracles": [{"name": n, "train": [str(d / "train.txt")], "valid": [str(d / "valid.txt")]}
+                    for n, d in DATASETS[setup.get("data", "small")].items()],
         "pretrain": {"steps": steps, "batch_size": batch, "lr": lr, "min_lr": lr / 10, "warmup_steps": max(1, steps // 20),
                      "eval_interval": eval_interval, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
-                     "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
+                     "checkpoint_interval": 10**9, "keep_checkpoints": 1,
+                     "device": setup.get("device", "cpu"), "dtype": setup.get("dtype", "float32")},
         "federation": {"outer_lr": setup["outer_lr"], "outer_momentum": setup["outer_momentum"], "nesterov": True,
                        "checkpoint_interval": 10**9, **fed},
         "ledger": {"method": "off"},  # the arms compare training, not contributions (benchmarks/ledger.py does those)
@@ -197,13 +206,14 @@ def summarise(name: str, curve: list[dict], weights: dict, dp_per_step: int, sec
 
 def table(results: list[dict]) -> str:
     central = results[0]["loss"]
-    head = ["arm", "tokens", "global loss", "vs central"] + [SHORT[n] for n in ORACLES] + \
+    names = list(results[0]["oracles"])
+    head = ["arm", "tokens", "global loss", "vs central"] + [SHORT.get(n, n) for n in names] + \
         ["agreement first / last round", "bytes total", "sent by oracles", "DP bytes", "DP / total", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         comm, alone = r["name"] == "central", r["dp_bytes"] == 0
         cells = [r["name"], f"{r['tokens'] / 1e6:.2f}M", f"{r['loss']:.4f}", f"{100 * r['loss'] / central:.1f}%"]
-        cells += [f"{r['oracles'][n]:.3f}" for n in ORACLES]
+        cells += [f"{r['oracles'][n]:.3f}" for n in names]
         cells.append("%.2f / %.2f" % tuple(r["agreement"]) if r.get("agreement") else "-")
         if alone:
             cells += ["-", "-", "-", "-"]
@@ -384,7 +394,8 @@ def write_outputs(run: dict, out: Path) -> None:
           f"move for the same steps (one fp32 gradient up and down per participant per step), so DP / total is H for "
           f"fp32 pseudo-gradients by construction. With 4 oracles, trimmed_mean(0.25) and median are the same rule "
           f"(the mean of the two middle values per coordinate). Wall time: {run.get('jobs', 2)} arm(s) at a time, one "
-          f"torch thread each, on 2 cores shared with other jobs (noisy).\n\n{table(results)}\n\n{verdict(results, setup, run['weights'], steps)}\n")
+          f"torch thread each, on 2 cores shared with other jobs (noisy). Epochs each oracle made over its training "
+          f"tokens: {run.get('epochs', '-')}.\n\n{table(results)}\n\n{verdict(results, setup, run['weights'], steps)}\n")
     stem = run.get("stem", "dupt")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}_runs.json").write_text(json.dumps(run, indent=1))
@@ -395,7 +406,7 @@ def write_outputs(run: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="inner steps per oracle in total (a multiple of 200)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke version (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version (~1 minute): 200 steps at most")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one process, one thread each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench_dupt"), help="run directories (scratch)")
@@ -408,25 +419,35 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (cosine to a tenth)")
     parser.add_argument("--inner-lr", type=float, help="peak lr of the decentralised arms' inner AdamW (default: --lr)")
     parser.add_argument("--batch", type=int, help="windows per oracle step (default 8; central: 4x)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", help="pretrain.dtype of every arm: float32, bfloat16, auto")
+    parser.add_argument("--preset", help="a dgpt model preset (its own shape) instead of the benchmark's tiny model")
+    parser.add_argument("--data", choices=sorted(DATASETS), default="small", help="small: the four shared corpora; "
+                        "large: Gutenberg and Linux docs (pretrain_large) with WikiText-2 and Topical-Chat")
     parser.add_argument("--stem", help="output file names: STEM.md, STEM_runs.json, STEM_loss_vs_*.png (default: dupt)")
     args = parser.parse_args()
     if args.replot:
         return write_outputs(json.loads((args.out / f"{args.stem or 'dupt'}_runs.json").read_text()), args.out)
-    setup, steps = (QUICK, 200) if args.quick else (FULL, args.steps)
-    setup = {**setup, "model": {**setup["model"], "ln": args.ln}, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
+    setup, steps = (QUICK, min(200, args.steps)) if args.quick else (FULL, args.steps)
+    model = {"preset": args.preset} if args.preset else setup["model"]
+    setup = {**setup, "model": {**model, "ln": args.ln}, "device": args.device, "dtype": args.dtype, "data": args.data, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum,
              "batch": args.batch or setup["batch"], "lr": args.lr, "inner_lr": args.inner_lr or args.lr}
     arms = [a for a in ARMS if not args.arms or a[0] in args.arms.split(",")]
-    if steps % 200:
-        parser.error("--steps must be a multiple of 200 (the largest H)")
+    horizon = max(a[2].get("inner_steps", 1) for a in arms)
+    if steps % horizon:
+        parser.error(f"--steps must be a multiple of {horizon} (the largest H)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     shared = config_from_dict(base_config(args.runs / "_data", setup, steps, setup["batch"], {}, 1))
     with messages_as("prepare"):
         stats = api.prepare(shared)
-    weights = {n: stats[n]["train"]["tokens"] for n in ORACLES}
+    weights = {n: stats[n]["train"]["tokens"] for n in DATASETS[args.data]}
     vocab = TextTokenizer.load(args.runs / "_data" / "tokenizer.json").vocab_size
-    params = GPT(model_config_for(shared, vocab)).num_params()
-    dp_per_step = 2 * 4 * params * len(ORACLES)  # each of 4 oracles sends and receives one fp32 gradient per step
+    model_config = model_config_for(shared, vocab)
+    params = GPT(model_config).num_params()
+    epochs = {n: round(steps * setup["batch"] * model_config.n_ctx / t, 2) for n, t in weights.items()}
+    print(f"epochs per oracle over its training tokens: {epochs}")
+    dp_per_step = 2 * 4 * params * len(weights)  # each of 4 oracles sends and receives one fp32 gradient per step
     print(f"model {params:,} parameters; {steps} steps x {setup['batch']} windows x {setup['model']['n_ctx']} tokens "
           f"per oracle; oracle training tokens {weights}")
 
@@ -439,7 +460,7 @@ def main() -> None:
             print(f"{arm[0]}: global loss {results[-1]['loss']:.4f}", flush=True)
     if len(arms) < len(ARMS) and not args.stem:
         return
-    write_outputs({"stem": args.stem or "dupt", "command": " ".join(shlex.quote(a) for a in sys.argv[1:]), "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params,
+    write_outputs({"stem": args.stem or "dupt", "command": " ".join(shlex.quote(a) for a in sys.argv[1:]), "steps": steps, "quick": args.quick, "jobs": args.jobs, "setup": setup, "params": params, "epochs": epochs,
                    "weights": weights, "arms": results}, args.out)
 
 

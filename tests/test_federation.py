@@ -226,7 +226,7 @@ def test_sim_fedavg_equals_average_of_independent_oracles(tmp_path, extrapolate)
 
 def test_sim_one_inner_step_equals_synchronous_data_parallel(tmp_path):
     fed = {"rounds": 4, "inner_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "mean_weights": "uniform"}
-    pre = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0, "grad_clip": 0.0}
+    pre = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0, "grad_clip": 0.0, "dtype": "float32"}  # the reference is fp32
     config = tiny_config(tmp_path, federation=fed, pretrain=pre, model=NO_DROPOUT)
     pretrain_sim(config)
     # the reference: one model, each step the mean of every oracle's gradient on its own batch

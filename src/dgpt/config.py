@@ -101,7 +101,7 @@ class PretrainConfig:
     checkpoint_interval: int = 500  # steps between checkpoints of the central runtime (rounds: federation.checkpoint_interval)
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bfloat16: autocast; auto: bfloat16 where the hardware has it
     compile: bool = False
 
 

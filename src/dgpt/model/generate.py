@@ -29,7 +29,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
 def generate(
     model: GPT,
     prompt: torch.Tensor,
@@ -53,9 +52,19 @@ def generate(
     """
     was_training = model.training
     model.eval()
+    with torch.inference_mode():  # no autograd bookkeeping: per-token overhead matters at batch 1
+        out = _extend(model, prompt, max_new_tokens, temperature, top_k, top_p, eot_id, min_new_tokens, use_cache, generator)
+    model.train(was_training)
+    return out.clone()  # a normal tensor again, usable where autograd is on
+
+
+def _extend(model, prompt, max_new_tokens, temperature, top_k, top_p, eot_id, min_new_tokens, use_cache, generator):
     n_ctx = model.config.n_ctx
-    idx = prompt
-    done = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    B, T = prompt.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=prompt.dtype, device=prompt.device)  # written in place
+    out[:, :T] = prompt
+    idx = out[:, :T]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     cache, fed = None, 0  # `fed`: tokens of idx already in the cache
     for i in range(max_new_tokens):
         if not use_cache:
@@ -74,8 +83,8 @@ def generate(
         if eot_id is not None:
             token = torch.where(done[:, None], torch.full_like(token, eot_id), token)
             done |= token[:, 0] == eot_id
-        idx = torch.cat([idx, token], dim=1)
+        out[:, T + i] = token[:, 0]
+        idx = out[:, : T + i + 1]
         if eot_id is not None and bool(done.all()):
             break
-    model.train(was_training)
     return idx

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dgpt.model.lm_loss import lm_head_loss
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -81,6 +83,16 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from uniform draws: torch's CPU bernoulli_ draws element by element
+    (its vectorised path is Intel MKL's, Intel CPUs only), `rand_like >= p` is ~2x faster; same distribution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)  # kept: 1 / (1 - p), dropped: 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -88,12 +100,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.d_model, config.d_model)
         self.attn_dropout = config.attn_dropout
-        self.resid_drop = nn.Dropout(config.resid_dropout)
+        self.attn_drop = Dropout(config.attn_dropout)
+        self.resid_drop = Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+            # the CPU's fused SDPA kernel has no dropout: its math fallback is slower than this
+            causal = torch.full((T, T), float("-inf"), device=x.device).triu_(1)  # added to the scores
+            att = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.size(-1) ** -0.5)
+            att = self.attn_drop(att.softmax(-1))
+            y = (att @ v.flatten(0, 1)).view(B, self.n_head, T, -1)
+            return self._merge(y)
         past = 0
         if cache is not None:
             past = cache.length
@@ -108,8 +128,12 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.c_proj(y))
+        return self._merge(y)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, heads, T, head dim] -> the output projection of the heads side by side."""
+        B, _, T, _ = y.shape
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 class FeedForward(nn.Module):
@@ -118,7 +142,7 @@ class FeedForward(nn.Module):
         self.c_fc = nn.Linear(config.d_model, config.d_ff)
         self.c_proj = nn.Linear(config.d_ff, config.d_model)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-        self.drop = nn.Dropout(config.resid_dropout)
+        self.drop = Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
@@ -149,7 +173,7 @@ class Decoder(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.n_ctx, config.d_model)
-        self.drop = nn.Dropout(config.embd_dropout)
+        self.drop = Dropout(config.embd_dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.ln_eps) if config.ln == "pre" else None
 
@@ -178,9 +202,13 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # P(u) = softmax(h_n W_e^T)
         self.apply(init_weights)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits over the vocabulary for every position."""
-        return self.lm_head(self.transformer(idx, cache))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits over the vocabulary for every position; given `targets`, the mean L1 loss instead
+        (`lm_head_loss`: the logits are made a chunk at a time and never all at once)."""
+        hidden = self.transformer(idx, cache)
+        if targets is not None:
+            return lm_head_loss(hidden, self.lm_head.weight, targets)
+        return self.lm_head(hidden)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied weight counts once

@@ -25,7 +25,7 @@ from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed
 from dgpt.runtimes.setup import load_newest, model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
-from dgpt.train.local import LoopSettings, pick_device
+from dgpt.train.local import LoopSettings, describe_dtype, pick_device
 from dgpt.train.task_eval import METRICS, evaluate_task, task_gradient
 from dgpt.train.task_loop import TaskLoop
 
@@ -76,6 +76,7 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     rounds, steps, examples = schedule(ft, int(max(sizes.values())))
     settings = loop_settings(config, steps)
     device = pick_device(config.pretrain.device)
+    logger.info(describe_dtype(config.pretrain.dtype, device))
     gpt = shared_body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()
     shared = _head(data[local_names[0]][0], model_config, ft.classifier_dropout, config.seed, device) if ft.shared_head else None

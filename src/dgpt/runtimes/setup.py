@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,9 @@ from dgpt.fileio import write_text
 from dgpt.model.gpt import GPT, GPTConfig, resolve_config
 from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import WEIGHTS, load_weights_into, read_model_config
-from dgpt.train.local import pick_device
+from dgpt.train.local import describe_dtype, pick_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,10 +72,11 @@ def load_run(config: Config, oracles: list[str] | None = None, prepare_data: boo
         prepare(config)
     setup = read_run(config, oracles)
     write_text(RunDir(config.run_dir).config, dump_config(config))
+    logger.info(describe_dtype(config.pretrain.dtype, setup.device))
     return setup
 
 
-def build_model(setup: RunSetup) -> tuple[GPT, Callable[[torch.Tensor], torch.Tensor]]:
+def build_model(setup: RunSetup) -> tuple[GPT, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """The model, initialised from the run's seed, and the callable that trains it (compiled if asked)."""
     torch.manual_seed(setup.config.seed)
     model = GPT(setup.model_config).to(setup.device)

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from dgpt.data.loader import batches, eval_windows
-from dgpt.objectives import lm_loss
 from dgpt.train.local import autocast
 
 
@@ -46,7 +45,7 @@ class Validator:
         try:
             for x, y in batches(windows, self.batch_size):
                 with autocast(device, dtype):
-                    yield lm_loss(model(x.to(device)), y.to(device)) * (len(x) / len(windows))
+                    yield model(x.to(device), y.to(device)) * (len(x) / len(windows))  # GPT: inputs, targets -> L1
         finally:
             model.train(was_training)
 

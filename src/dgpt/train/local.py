@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,7 +20,6 @@ import torch.nn as nn
 from dgpt.config import PretrainConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.objectives import lm_loss
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LoopSettings:
     beta2: float = 0.999
     grad_clip: float = 1.0
     grad_accum: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
 
     @classmethod
     def of(cls, cfg: PretrainConfig) -> LoopSettings:
@@ -61,9 +62,47 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), ()))
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` multiplies bf16 matrices in hardware (not emulated), and what says so."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} has bf16"
+        return False, f"{name} has no native bf16"
+    found = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags()) if device.type == "cpu" else []
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, f"no bf16 matrix unit found on {device.type} (CPU flags avx512_bf16 / amx_bf16, or a bf16 GPU)"
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto`: bfloat16 (autocast) where the hardware multiplies bf16 natively, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device)[0] else "float32"
+
+
+def describe_dtype(dtype: str, device: torch.device) -> str:
+    """One line for the start of a run: the dtype it trains in, and why when it was `auto`."""
+    if dtype != "auto":
+        return f"dtype: {dtype} (as configured)"
+    native, why = native_bf16(device)
+    return f"dtype auto: {'bfloat16 autocast' if native else 'float32'} on {device} ({why})"
+
+
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast when asked for; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    """bf16 autocast when asked for (or `auto` picks it); a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_dtype(dtype, device) == "bfloat16")
 
 
 def make_optimizer(model: nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer:
@@ -75,7 +114,8 @@ def make_optimizer(model: nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+    # fused: one kernel per parameter for the whole update (CPU and CUDA), not one pass per arithmetic op
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
 def lr_at(step: int, cfg: LoopSettings, total_steps: int) -> float:
@@ -101,7 +141,7 @@ class InnerLoop:
     """Optimizer steps on one stream of batches; owns its dropout RNG so that trainers interleave exactly.
 
     `sampler.sample(batch_size)` gives a tuple of tensors; `objective(*batch)` returns (loss, tokens in the
-    batch). The default objective is L1 on (inputs, targets) windows through `forward`.
+    batch). The default objective is L1 on (inputs, targets) windows through `forward(inputs, targets)`.
     """
 
     def __init__(
@@ -112,13 +152,13 @@ class InnerLoop:
         total_steps: int,
         device: torch.device,
         seed: int,
-        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         objective: Callable[..., tuple[torch.Tensor, int]] | None = None,
     ):
         self.model, self.cfg, self.sampler = model, cfg, sampler
         self.total_steps, self.device = total_steps, device
         self.forward = forward if forward is not None else model
-        self.objective = objective or (lambda x, y: (lm_loss(self.forward(x), y), y.numel()))
+        self.objective = objective or (lambda x, y: (self.forward(x, y), y.numel()))
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.tokens = 0
