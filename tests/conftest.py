@@ -43,7 +43,8 @@ def write_corpus(root: Path, name: str, docs: int, seed: int) -> tuple[Path, Pat
 
 
 def tiny_config(tmp_path: Path, names=("alpha", "beta", "gamma"), docs=(120, 80, 160), **sections) -> Config:
-    """A 2-layer, d_model 32 model on small synthetic oracles of unequal size; sections override."""
+    """A 2-layer, d_model 32 model on small synthetic oracles of unequal size; sections override. fp32 (not the
+    default "auto", bf16 on CPUs that have it): the tests compare runtimes and resumes to float tolerance."""
     oracle_rows = []
     for i, (name, n) in enumerate(zip(names, docs)):
         train, valid = write_corpus(tmp_path / "corpus", name, n, seed=i)
@@ -55,7 +56,7 @@ def tiny_config(tmp_path: Path, names=("alpha", "beta", "gamma"), docs=(120, 80,
         "tokenizer": {"vocab_size": 300},
         "oracles": oracle_rows,
         "pretrain": {"steps": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_windows": 4,
-                     "log_interval": 1, "eval_interval": 4, "checkpoint_interval": 4},
+                     "log_interval": 1, "eval_interval": 4, "checkpoint_interval": 4, "dtype": "float32"},
         "federation": {"runtime": "sim", "rounds": 3, "inner_steps": 2},
     }
     for section, values in sections.items():
