@@ -42,7 +42,7 @@ def ft_config(tmp_path, pretrained, kinds=KINDS, finetune=None, names=None, labe
     oracles = [{"name": n, "task": write_task(tmp_path / "tasks" / n, k, seed=i)} for i, (n, k) in enumerate(zip(names or kinds, kinds))]
     for oracle in oracles if labels else []:
         oracle["task"]["labels"] = labels
-    data = {"run_dir": str(tmp_path / "ft"), "seed": 5, "oracles": oracles,
+    data = {"run_dir": str(tmp_path / "ft"), "seed": 5, "oracles": oracles, "pretrain": {"dtype": "float32"},  # as tiny_config
             "finetune": {"init_from": str(pretrained), **FINETUNE, **(finetune or {})}, **top}
     return config_from_dict(data, "<test>")
 
