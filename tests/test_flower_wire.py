@@ -130,3 +130,6 @@ def test_flower_config_checks_and_install_hint(tmp_path):
     for bad, match in (({"min_oracles": 4}, "min_oracles"), ({"round_timeout_s": 0}, "round_timeout_s")):
         with pytest.raises(DgptError, match=match):
             config_from_dict({"oracles": [{"name": n} for n in "abc"], "federation": bad})
+    with pytest.raises(DgptError, match="first_order.*flower runtime"):  # refused at load, not in the ServerApp
+        config_from_dict({"oracles": [{"name": n} for n in "abc"], "federation": {"runtime": "flower"},
+                          "ledger": {"method": "first_order"}})

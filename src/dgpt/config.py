@@ -307,6 +307,9 @@ def validate(config: Config, source: str) -> None:
     if config.federation.min_oracles > max(len(names), 1):
         raise DgptError(f"{source}: 'federation.min_oracles' must be at most the {len(names)} oracles declared, "
                         f"got {config.federation.min_oracles}")
+    if config.federation.runtime == "flower" and config.ledger.method == "first_order":
+        raise DgptError(f"{source}: ledger.method = 'first_order' needs the oracles' validation gradients, which the "
+                        "flower runtime does not carry; use 'shapley' or 'off'")
     if config.federation.mean_weights == "given":
         missing = [o.name for o in config.oracles if o.weight is None]
         if missing:
