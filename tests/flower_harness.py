@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -155,6 +156,16 @@ class Deployment:
     def run_app(self, app: Path) -> None:
         result = self.flwr("run", str(app), "test")
         assert result.returncode == 0, result.stdout + result.stderr
+
+    def stop_runs(self) -> None:
+        """`flwr stop` every run the SuperLink's database still lists as unfinished (after a restart: the killed one,
+        or the SuperNodes keep fetching its last message until the SuperLink gives it up after two missed heartbeats)."""
+        listed = self.flwr("ls", "test", "--format", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        for run in json.loads(listed.stdout)["runs"]:
+            if not run["status"].startswith("finished"):
+                stopped = self.flwr("stop", run["run-id"], "test")
+                assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
     def simulate(self, app: Path, supernodes: int) -> None:
         """`flwr run APP local` on the simulation engine: the local SuperLink it starts is stopped by close()."""

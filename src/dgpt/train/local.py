@@ -159,12 +159,17 @@ class InnerLoop:
         self.total_steps, self.device = total_steps, device
         self.forward = forward if forward is not None else model
         self.objective = objective or (lambda x, y: (self.forward(x, y), y.numel()))
-        self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.tokens = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.rng_state = torch.get_rng_state()
+
+    @functools.cached_property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Built on first use: a process that only validates (a SuperNode answering an evaluation message) never
+        pays for it, and torch.optim's first optimizer imports torch's compiler stack (~2 s)."""
+        return make_optimizer(self.model, self.cfg)
 
     @contextlib.contextmanager
     def _own_rng(self):
