@@ -24,7 +24,8 @@ import torch  # after _timing, which sets OMP_WAIT_POLICY
 
 from dgpt.interop.hf import key_map
 from dgpt.model.generate import generate
-from dgpt.model.gpt import GPT, PRESETS, GPTConfig
+from dgpt.model.config import PRESETS, GPTConfig
+from dgpt.model.gpt import GPT
 
 SHAPE = dict(vocab_size=8192, n_ctx=256, n_layer=4, n_head=4, d_model=256, d_ff=1024)
 PROMPT, TARGET = 8, 1.5

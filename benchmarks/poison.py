@@ -14,8 +14,9 @@ the tokens, ~20%), is hostile and sends a different pseudo-gradient from the one
   x-10    its update reversed and scaled by 10 (an attacker pushing the model back up the loss)
   xnan    NaN: rejected by every rule, so the oracle is simply left out. Its ratio is what losing the oracle's
           (honest) data costs: the floor no defence can beat, since a defence can at best ignore the attacker
-Every combination of aggregation rule {mean, trimmed mean (0.25), median} x clipping {off, clip_norm} x oracle
-drops {0, 0.5} x outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
+Every combination of aggregation rule {mean, trimmed mean (0.25), median} x for the robust rules the norm filter
+{off, 3: updates over 3x the round's median norm left out} x clipping {off, clip_norm} x oracle drops {0, 0.5} x
+outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
 same oracles are drawn each round. The score is the final validation loss on the five honest oracles' validation
 sets (token-weighted, five honest oracles); the target is that the robust rules (trimmed mean, median) end within 2% of their own
 clean run in every combination. The plain mean is there to show what the attack does without a defence.
@@ -64,17 +65,22 @@ RULES = {"mean": {"aggregator": "mean"}, "trimmed": {"aggregator": "trimmed_mean
          "median": {"aggregator": "median"}}
 ROBUST = ("trimmed", "median")
 TARGET = 1.02
+NORM_FILTER = 3.0  # federation.norm_filter of the "filter" rows
 FULL = dict(model={"preset": "tiny", "n_layer": 1, "d_model": 64, "n_head": 2, "d_ff": 256, "n_ctx": 32, "ln": "pre"},
             batch=8, eval_windows=32, lr=2e-3)
 QUICK = dict(model=FULL["model"], batch=4, eval_windows=8, lr=2e-3)
 
 
 def settings(clip_norm: float) -> list[dict]:
-    """Every combination of rule x clip x drops x extrapolation, as a name and its federation overrides."""
+    """Every combination of rule x norm filter (robust rules) x clip x drops x extrapolation, as a name and its
+    federation overrides."""
     grid = []
-    for (rule, agg), clip, drop, fedexp in itertools.product(RULES.items(), (0.0, clip_norm), (0.0, 0.5), (False, True)):
-        name = f"{rule}{' clip' if clip else ''}{' drop' if drop else ''}{' fedexp' if fedexp else ''}"
-        grid.append({"name": name, "rule": rule, "fed": {**agg, "clip_norm": clip, "drop_prob": drop,
+    for (rule, agg), filt, clip, drop, fedexp in itertools.product(RULES.items(), (0.0, NORM_FILTER), (0.0, clip_norm),
+                                                                   (0.0, 0.5), (False, True)):
+        if filt and rule not in ROBUST:
+            continue
+        name = f"{rule}{' filter' if filt else ''}{' clip' if clip else ''}{' drop' if drop else ''}{' fedexp' if fedexp else ''}"
+        grid.append({"name": name, "rule": rule, "fed": {**agg, "norm_filter": filt, "clip_norm": clip, "drop_prob": drop,
                                                           "extrapolation": "fedexp" if fedexp else "none"}})
     return grid
 
@@ -102,7 +108,8 @@ def raw_config(run_dir: Path, setup: dict, rounds: int, inner_steps: int, fed: d
                     for n in ORACLES],
         "pretrain": {"steps": rounds * inner_steps, "batch_size": setup["batch"], "lr": lr, "min_lr": lr / 10,
                      "warmup_steps": inner_steps, "eval_windows": setup["eval_windows"], "log_interval": 10**9,
-                     "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu"},
+                     "checkpoint_interval": 10**9, "keep_checkpoints": 1, "device": "cpu",
+                     "dtype": "float32"},  # the same numbers on every CPU (auto picks bf16 where it is native)
         "federation": {"runtime": runtime, "rounds": rounds, "inner_steps": inner_steps, "outer_lr": 1.0,
                        "outer_momentum": 0.0, "eval_interval": rounds, "checkpoint_interval": 10**9, **fed},
         "ledger": {"method": "off"},
@@ -170,7 +177,7 @@ def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: di
     return {"setting": name, "attack": f"x{factor}", **result}
 
 
-TORCHRUN_CASES = [("median", "1000"), ("trimmed", "1000"), ("median fedexp", "1000"), ("mean", "nan")]
+TORCHRUN_CASES = [("median", "1000"), ("trimmed", "1000"), ("median fedexp", "1000"), ("trimmed filter", "-10"), ("mean", "nan")]
 
 
 def report(data: dict) -> str:
@@ -182,7 +189,7 @@ def report(data: dict) -> str:
         f"Six oracles ({', '.join(SHORT[n] for n in ORACLES)}), {data['rounds']} rounds x H={data['inner_steps']}, "
         f"FedAvg outer step, model {data['model']}; `{SHORT[POISONED]}` ({data['poisoned_share']:.0%} of the tokens) "
         f"is hostile. clip = clip_norm {data['clip_norm']:g} (honest updates' norms: {data['honest_norms']}); drop = "
-        "drop_prob 0.5 (the same draws in every run). Loss = final validation loss on the five honest oracles, "
+        f"drop_prob 0.5 (the same draws in every run); filter = norm_filter {NORM_FILTER:g}. Loss = final validation loss on the five honest oracles, "
         "token-weighted. With drop, a robust rule skips rounds with fewer than 3 updates (counted). Ratio = attacked / clean of the same setting; **bold** where a robust rule misses the 2% target.",
         "", "| setting | clean | " + " | ".join(f"{a} | ratio" for a in attacks) + " | rounds skipped | rounds the hostile oracle took part |",
         "|---|---|" + "---|---|" * len(attacks) + "---|---|"]

@@ -40,7 +40,8 @@ from dgpt.data.prepare import prepare
 from dgpt.data.loader import WindowSampler
 from dgpt.data.shards import load_split
 from dgpt.data.tokenizer import TextTokenizer
-from dgpt.model.gpt import GPT, PRESETS, GPTConfig
+from dgpt.model.config import PRESETS, GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.train.local import InnerLoop
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"

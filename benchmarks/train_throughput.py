@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from dgpt.config import PretrainConfig
 from dgpt.interop.hf import key_map
-from dgpt.model.gpt import GPT, PRESETS, GPTConfig, flops_per_token
+from dgpt.model.config import PRESETS, GPTConfig
+from dgpt.model.gpt import GPT, flops_per_token
 from dgpt.train.local import LoopSettings, make_optimizer
 
 NANOGPT = Path(__file__).resolve().parents[2] / "shared" / "peers" / "nanogpt" / "model.py"

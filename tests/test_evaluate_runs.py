@@ -14,7 +14,8 @@ from dgpt import api
 from dgpt.cli import main
 from dgpt.config import config_from_dict, dump_config
 from dgpt.data.shards import read_manifest
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
 from dgpt.train.evaluate import perplexity, weighted_loss
 from dgpt.train.metrics import read_metrics

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from dgpt.config import config_from_dict
 from dgpt.errors import DgptError
-from dgpt.model.gpt import GPT, Dropout, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT, Dropout
 from dgpt.model.lm_loss import IGNORE_INDEX, lm_head_loss
 from dgpt.train import local
 from dgpt.train.local import describe_dtype, native_bf16, resolve_dtype

@@ -348,3 +348,25 @@ def test_fedexp_under_a_robust_rule_ignores_a_huge_update_and_is_capped():
     spread = strategy(dict.fromkeys("abcd", 1.0), 64, fedexp_max=1.5, extrapolation="fedexp")
     orthogonal = {n: torch.eye(64)[i] for i, n in enumerate("abcd")}  # FedExP alone would take 2
     assert spread.aggregate({n: spread.codec.encode(d) for n, d in orthogonal.items()}).scale == 1.5
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+def test_norm_filter_leaves_out_updates_far_above_the_rounds_median_norm(rule):
+    """A reversed x10 update passes a coordinate-wise rule biased (cut at one end of each coordinate, an honest
+    value at the other); norm_filter leaves it out, so the round equals one in which that oracle sent nothing."""
+    torch.manual_seed(0)
+    honest = {n: torch.randn(256) * 0.1 + 1.0 for n in "abcde"}
+    attacked = {**honest, "f": -10 * honest["a"]}
+    fed = {"aggregator": rule, "outer_lr": 1.0, "outer_momentum": 0.0, "norm_filter": 3.0}
+    s = strategy(dict.fromkeys("abcdef", 1.0), 256, **fed)
+    result = s.aggregate({n: s.codec.encode(d) for n, d in attacked.items()})
+    assert result.accepted == list("abcde") and list(result.rejected) == ["f"]
+    assert result.rejected["f"].startswith("norm ") and "x the round's median norm" in result.rejected["f"]
+    silent = strategy(dict.fromkeys("abcdef", 1.0), 256, **fed).aggregate({n: s.codec.encode(d) for n, d in honest.items()})
+    torch.testing.assert_close(result.update, silent.update)
+    off = strategy(dict.fromkeys("abcdef", 1.0), 256, **{**fed, "norm_filter": 0.0})
+    assert off.aggregate({n: off.codec.encode(d) for n, d in attacked.items()}).accepted == list("abcdef")
+    # honest spread passes: norms within 3x of the median are kept, and of two updates neither is out of line
+    spread = {n: honest[n] * (1 + i) for i, n in enumerate("abc")}
+    assert s.aggregate({n: s.codec.encode(d) for n, d in spread.items()}).accepted == list("abc")
+    assert s.aggregate({"a": s.codec.encode(honest["a"]), "f": s.codec.encode(attacked["f"])}).rejected == {}

@@ -19,7 +19,8 @@ from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.interop.hf import export_hf, import_hf, key_map  # noqa: E402
 from dgpt.model.generate import generate  # noqa: E402
-from dgpt.model.gpt import GPT, GPTConfig, resolve_config  # noqa: E402
+from dgpt.model.config import GPTConfig, resolve_config  # noqa: E402
+from dgpt.model.gpt import GPT  # noqa: E402
 from dgpt.train.checkpoint import save_checkpoint, weights_of  # noqa: E402
 
 TEXTS = [

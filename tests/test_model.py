@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dgpt.model.generate import filter_logits, generate
-from dgpt.model.gpt import GPT, PRESETS, GPTConfig, KVCache, param_count_estimate
+from dgpt.model.config import PRESETS, GPTConfig
+from dgpt.model.gpt import GPT, KVCache, param_count_estimate
 
 
 def small(ln="post", **kw) -> GPTConfig:

@@ -10,7 +10,8 @@ from dgpt.config import TaskConfig, config_from_dict, dump_config, load_config
 from dgpt.data.tasks import TaskExamples, TaskSpec, encode_examples, load_split, read_rows, task_spec, transform
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.model.heads import TaskHead, TaskModel
 from dgpt.objectives import IGNORE_INDEX, finetune_loss, lm_loss, lm_targets, task_loss
 from dgpt.train.task_eval import task_metrics

@@ -9,7 +9,8 @@ from conftest import SHARED_DATA, tiny_config
 from dgpt import api
 from dgpt.config import PretrainConfig
 from dgpt.errors import DgptError
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint, load_state, load_weights_into
 from dgpt.train.local import lr_at, make_optimizer
 from dgpt.train.metrics import read_metrics

@@ -16,17 +16,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from dgpt.config import Config, load_config
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
-from dgpt.model.generate import generate
-from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
-from dgpt.train.local import pick_device
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported by the functions that use it: `dgpt prepare` runs without it
+    from dgpt.model.gpt import GPT
     from dgpt.runtimes.evaluation import Evaluation
     from dgpt.runtimes.summary import RunSummary
 
@@ -129,9 +125,12 @@ def predict(
     Writes one JSON object per input line: {"label": ..., "probabilities": ...} (class label -> probability,
     or one probability per choice); a regression task writes {"label": score}. Returns the rows written.
     """
+    import torch
+
     from dgpt.data.tasks import encode_examples, read_rows
     from dgpt.fileio import write_text
     from dgpt.runtimes.finetune import load_task_model
+    from dgpt.train.local import pick_device
     from dgpt.train.task_eval import task_outputs
 
     target = pick_device(device)
@@ -159,6 +158,7 @@ def predict(
 def load_pretrained(run_dir: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]:
     """The newest checkpoint of a run and its tokenizer, ready for generation or evaluation."""
     from dgpt.runtimes.setup import load_newest
+    from dgpt.train.local import pick_device
 
     tokenizer, model, _ = load_newest(Path(run_dir))
     return model.to(pick_device(device)).eval(), tokenizer
@@ -179,6 +179,10 @@ def generate_text(
 ) -> list[str]:
     """`num_samples` continuations of `prompt`, each ending at end-of-text (never before `min_new_tokens` new tokens)
     or after `max_new_tokens`."""
+    import torch
+
+    from dgpt.model.generate import generate
+
     if min_new_tokens > max_new_tokens:
         raise DgptError(f"min_new_tokens {min_new_tokens} exceeds max_new_tokens {max_new_tokens}")
     device = next(model.parameters()).device

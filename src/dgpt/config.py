@@ -120,6 +120,7 @@ class FederationConfig:
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
     max_weight_share: float = 1.0  # no oracle's weight in the mean above this share, whatever size it claims; 1 = off
     fedexp_max: float = 10.0  # the largest factor FedExP may apply to an update
+    norm_filter: float = 0.0  # reject an update whose norm is over this multiple of the round's median norm; 0 = off
     compression: Literal["none", "bf16", "int8"] = "none"  # what travels: fp32 (none), bf16, or int8 + fp32 scales
     int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
     drop_prob: float = 0.0  # probability that an oracle misses a round (unreliable oracles)

@@ -52,6 +52,7 @@ RANGES: dict[str, Rule] = {
     "federation.round_timeout_s": POSITIVE,
     "federation.max_weight_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "federation.fedexp_max": AT_LEAST_1,
+    "federation.norm_filter": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
     **{f"finetune.{k}": POSITIVE for k in ("lr", "epochs")},
     **{f"finetune.{k}": AT_LEAST_1 for k in ("batch_size", "inner_steps", "eval_batch_size")},
     **{f"finetune.{k}": AT_LEAST_0 for k in ("rounds", "lambda_lm", "weight_decay", "grad_clip")},
@@ -83,7 +84,7 @@ def check_ranges(config: Any, source: str) -> None:
             if not ok(value):
                 raise DgptError(f"{source}: '{full}' must be {what}, got {value!r}")
     from dgpt.data.tokenizer import SMALLEST_VOCAB
-    from dgpt.model.gpt import resolve_config
+    from dgpt.model.config import resolve_config
 
     if config.tokenizer.vocab_size < SMALLEST_VOCAB:
         raise DgptError(f"{source}: 'tokenizer.vocab_size' must be >= {SMALLEST_VOCAB} (256 bytes + special tokens), "

@@ -12,7 +12,8 @@ from dgpt.config import Config
 from dgpt.data.shards import read_manifest
 from dgpt.data.tasks import TaskSpec
 from dgpt.data.tokenizer import TextTokenizer
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
 from dgpt.runtimes.evaluation import finetuning_run
 from dgpt.runtimes.federated import load_oracle_state

@@ -9,6 +9,7 @@ knows nothing of processes, sockets or files: sim, torchrun and a Flower server 
 from __future__ import annotations
 
 import copy
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -67,12 +68,28 @@ class Strategy:
                 result.rejected[name] = problem
             else:
                 deltas[name] = delta
+        for name, problem in self._out_of_line(deltas).items():
+            result.rejected[name] = problem
+            del deltas[name]
         result.accepted, result.norms = list(deltas), {n: float(d.norm()) for n, d in deltas.items()}
         result.deltas = deltas
         result.skipped = self._too_few(len(deltas)) if deltas else ""
         if deltas and not result.skipped:
             result.update, result.agreement, result.scale = self.combine(deltas)
         return result
+
+    def _out_of_line(self, deltas: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Updates whose norm is over `norm_filter` times the median norm of the round's finite updates, and why.
+        A coordinate-wise rule bounds what an outlier moves, not the bias it leaves (an update reversed and scaled
+        is cut at one end of every coordinate, an honest one at the other): left out, it costs what a silent oracle
+        does. Needs 3 updates, as the robust rules do (of two, neither is out of line)."""
+        k = self.fed.norm_filter
+        if k <= 0 or len(deltas) < ROBUST_MIN:
+            return {}
+        norms = {n: float(d.norm()) for n, d in deltas.items()}
+        middle = statistics.median(norms.values())
+        return {n: f"norm {v:.3g} is {v / middle:.1f}x the round's median norm {middle:.3g} (norm_filter {k:g})"
+                for n, v in norms.items() if middle > 0 and v > k * middle}
 
     def _too_few(self, accepted: int) -> str:
         """A robust rule over fewer than 3 updates is a plain mean: one poisoned update would pass. Such rounds are skipped."""

@@ -26,7 +26,8 @@ from dgpt.config import Config, ModelConfig, TokenizerConfig, dump_config
 from dgpt.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir, read_json_object, write_bytes, write_json, write_text
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
 from dgpt.runtimes.setup import newest_weights
 from dgpt.train.checkpoint import save_checkpoint

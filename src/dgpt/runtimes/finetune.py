@@ -19,7 +19,8 @@ from dgpt.data.tasks import ExampleSampler, TaskExamples, TaskSpec, encode_examp
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
-from dgpt.model.gpt import GPT, GPTConfig
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import GPT
 from dgpt.model.heads import TaskHead, TaskModel
 from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed

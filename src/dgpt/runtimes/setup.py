@@ -15,7 +15,8 @@ from dgpt.data.shards import load_split
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
-from dgpt.model.gpt import GPT, GPTConfig, resolve_config
+from dgpt.model.config import GPTConfig, resolve_config
+from dgpt.model.gpt import GPT
 from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import WEIGHTS, load_weights_into, read_model_config
 from dgpt.train.local import describe_dtype, pick_device

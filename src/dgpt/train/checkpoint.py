@@ -18,7 +18,8 @@ from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums
-from dgpt.model.gpt import GPTConfig, tied_weight_names
+from dgpt.model.config import GPTConfig
+from dgpt.model.gpt import tied_weight_names
 from dgpt.rundir import CHECKSUMS, STATE, WEIGHTS, RunDir
 
 
