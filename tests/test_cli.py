@@ -125,3 +125,16 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert "valid loss before" in out and "samples:" in out and "synchronous data parallel" in out
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "round"]
     assert all(rows[-1]["oracles"][n] < rows[0]["oracles"][n] for n in rows[0]["oracles"])
+
+
+def test_prepare_and_count_pretokens_do_not_load_torch(config_file):
+    """Preparing an oracle's data (often a data owner's first step, on a machine without a GPU stack) costs no torch
+    import: the config's model shape is checked without it."""
+    path, config = config_file
+    code = ("import sys; from dgpt.cli import main; "
+            f"assert main(['prepare', {str(path)!r}]) == 0; "
+            f"assert main(['count-pretokens', {str(path)!r}, '--oracle', 'alpha', '--out', {str(path.parent / 'a.json')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (config.run_path / "tokenizer.json").is_file() and (path.parent / "a.json").is_file()
