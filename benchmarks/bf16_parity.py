@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from _timing import machine_load, table, write_report
-from dupt import FULL, ORACLES, QUICK, base_config, fresh_run_dir, global_loss, messages_as, run_sim
+from federated_runs import FULL, ORACLES, QUICK, base_config, fresh_run_dir, global_loss, messages_as, run_sim
 import torch
 
 from dgpt import api

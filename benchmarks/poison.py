@@ -44,7 +44,7 @@ os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 import torch  # noqa: E402
 
-from dupt import DATA, fresh_run_dir, global_loss, messages_as  # noqa: E402
+from federated_runs import DATA, fresh_run_dir, global_loss, messages_as  # noqa: E402
 
 from dgpt import api  # noqa: E402
 from dgpt.config import config_from_dict, dump_config  # noqa: E402
