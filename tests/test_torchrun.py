@@ -126,6 +126,21 @@ def test_a_lying_rank_is_checked_by_every_receiver(tmp_path, factor, aggregator)
     assert rows[-1]["loss"] < clean_loss * 1.05
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_torchrun_ranks_leave_no_gloo_threads_to_interpreter_exit(tmp_path):
+    """A finished rank has torn its process group down for good before it exits: no gloo thread is left running.
+    (The first optimizer imports torch.distributed.nn, whose default arguments held the process group when it was
+    imported after init_process_group; gloo's threads then lived until interpreter exit, where a rank of a finished
+    run sometimes died in std::terminate, "terminate called without an active exception".)"""
+    config = tiny_config(tmp_path, federation={**FED, "rounds": 1, "runtime": "torchrun"})
+    api.prepare(config)
+    result = torchrun(write_config(config, tmp_path / "c.toml"), launch=(str(PROBE), str(tmp_path / "calls")))
+    assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-3000:]
+    for rank in range(3):
+        threads = json.loads((tmp_path / f"calls.rank{rank}.threads.json").read_text())
+        assert not [t for t in threads if "gloo" in t], threads
+
+
 def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
     sim = tiny_config(tmp_path / "sim", federation=FED)
     api.pretrain(sim)

@@ -6,11 +6,13 @@ Each rank writes OUT_PREFIX.rank<R>.json: one {"op", "dtype", "numel", "nbytes"}
 tensor that rank handed to it (what actually went over the wire). With DGPT_PROBE_VANISH="R:N" in the environment,
 rank R exits silently (status 0, no message) instead of starting its N-th gather: a host that went away. With
 DGPT_PROBE_LIE="R:F", rank R multiplies every pseudo-gradient it sends by F (e.g. nan or 1000): a rank that lies.
+OUT_PREFIX.rank<R>.threads.json lists the names of the threads still running once the command returned.
 """
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,4 +64,7 @@ if __name__ == "__main__":
     status = main(sys.argv[2:])
     with open(f"{sys.argv[1]}.rank{os.environ['RANK']}.json", "w") as f:
         json.dump(calls, f)
+    threads = sorted(p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm"))
+    with open(f"{sys.argv[1]}.rank{os.environ['RANK']}.threads.json", "w") as f:
+        json.dump(threads, f)
     sys.exit(status)

@@ -16,6 +16,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists, on purpose. torch.distributed.nn.functional binds `group=group.WORLD`
+# as default arguments when first imported, and the first torch.optim optimizer imports it (through torch._dynamo).
+# Imported after init_process_group, those defaults held the default process group, so destroy_process_group could
+# not free it: gloo's worker threads ran on into interpreter shutdown, where one releasing a finished collective's
+# tensors took the GIL, was ended by Python with pthread_exit, and that ended the rank in std::terminate
+# ("terminate called without an active exception", SIGABRT) after a complete run.
+import torch.distributed.nn  # noqa: F401,E402
+
 from dgpt.config import Config
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec, Payload
