@@ -54,6 +54,25 @@ def hf_generate(hf, prompt: torch.Tensor, new: int) -> torch.Tensor:
                            max_new_tokens=new, min_new_tokens=new, pad_token_id=1)
 
 
+MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+             "aten::_softmax"}
+
+
+def op_split(fn, steps: int) -> list[str]:
+    """fn() under torch.profiler: ms per decoding step in matmul kernels, in attention, and in everything else (the
+    profiler's own per-op cost included, so only the split between the sides counts, not the absolute times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    own = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    matmul = sum(v for k, v in own.items() if k in MATMULS)
+    attention = sum(v for k, v in own.items() if k in ATTENTION)
+    total = sum(own.values())
+    return [f"{total:.2f}", f"{matmul:.2f} ({matmul / total:.0%})", f"{attention:.2f}", f"{total - matmul - attention:.2f}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -75,7 +94,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = GPT(config).eval()
     hf_base = gpt2_twin(base)
-    rows, checks, met = [], [], True
+    rows, checks, split, met = [], [], [], True
     for dtype in args.dtype.split(","):
         ours, theirs = base.to(args.device, DTYPES[dtype]), hf_base.to(args.device, DTYPES[dtype])
         for batch in (int(b) for b in args.batch.split(",")):
@@ -94,6 +113,8 @@ def main() -> None:
             ratio = tok_s["dgpt"] / tok_s["transformers"]
             met &= ratio >= TARGET or batch != 1
             rows.append([dtype, batch, f"{tok_s['dgpt']:,.0f}", f"{tok_s['transformers']:,.0f}", f"**{ratio:.2f}x**"])
+            if batch == 1:
+                split += [[dtype, name, *op_split(fn, new)] for name, fn in sides.items()]
             print(table(["dtype", "batch", "dgpt tok/s", "transformers tok/s", "dgpt / transformers"], [rows[-1]]),
                   flush=True)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
@@ -108,7 +129,12 @@ def main() -> None:
         "the ~60 small ops of a decoding step), writes into a preallocated KV cache and output (no concatenation), "
         "and applies the LM head to the last position only; transformers' `generate` adds its logits "
         "processors, stopping criteria and cache objects around the same matmuls. bf16 rows may differ in tokens: "
-        "the two libraries round differently.",
+        "the two libraries round differently.", "",
+        "## Where a decoding step's time goes at batch 1 (torch.profiler, ms of CPU time per new token)", "",
+        table(["dtype", "side", "ms / token", "matmul kernels", "attention", "everything else"], split), "",
+        "Both sides run the same matmuls (same shapes, same weights); the difference between them is the "
+        "'everything else' column: Python, dispatch and the small ops around the matmuls. dgpt's ratio at batch 1 "
+        "is bounded by transformers' ms / token over dgpt's matmul + attention time.",
     ]
     write_report("generation", "Generation: dgpt's KV cache vs transformers GPT-2",
                  f"`python benchmarks/generation.py {' '.join(sys.argv[1:])}`. Load at the start: `{load}`", sections,

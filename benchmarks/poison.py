@@ -210,6 +210,8 @@ def report(data: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {clean['skipped']} | {clean['hostile_rounds']} |")
     lines += ["", "**Target** (trimmed mean and median within 2% of clean in every combination, attacks x1000 and x-10): "
               + ("met." if not missed else f"missed in {len(missed)}: {', '.join(missed)}."),
+              "", "Floors (the xnan ratio: what leaving the hostile oracle out costs, the best any defence that ignores it "
+              "can do): " + "; ".join(f"{rule} {min(fl):.3f}-{max(fl):.3f}" for rule, fl in floors(by, names).items()) + ".",
               "", "Against the floor (the xnan column: the hostile oracle left out, its honest data lost with it), the "
               "robust rules under attack are within 2% " + ("in every combination." if not beyond else
                                                             f"except in: {', '.join(beyond)}."), ""]
@@ -226,6 +228,16 @@ def report(data: dict) -> str:
         lines.append("")
     lines += [f"Load: {data['uptime_before']} (before), {data['uptime_after']} (after). Wall time {data['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def floors(by: dict, names: list[str]) -> dict[str, list[float]]:
+    """Per robust rule, the xnan / clean ratios of its settings."""
+    out: dict[str, list[float]] = {}
+    for name in names:
+        clean, left_out = by[(name, "clean")], by[(name, "xnan")]
+        if clean["rule"] in ROBUST:
+            out.setdefault(clean["rule"], []).append(left_out["loss"] / clean["loss"])
+    return out
 
 
 def honest_norms(runs: Path, setup: dict, rounds: int, inner_steps: int) -> list[float]:
