@@ -43,15 +43,31 @@ def interleaved_times(sides: dict[str, Callable[[], object]], repeats: int, call
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
-    """Run `cmd` in a fresh process: (wall seconds, peak RSS in MiB of that process, exit code, output)."""
+    """Run `cmd` in a fresh process: (wall seconds, peak RSS in MiB of that process, exit code, output).
+
+    The peak is the process's own VmHWM, read every 20 ms until it exits: its rusage ru_maxrss would not do, since
+    Linux carries the high-water mark of the memory it replaced at exec into it, i.e. this (torch-importing) process's.
+    """
     with tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the running max of all children
+        peak = 0.0
+        while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:
+            peak = max(peak, _high_water_mib(proc.pid))
+            time.sleep(0.02)
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.returncode = os.waitstatus_to_exitcode(done[1])
         out.seek(0)
-        return seconds, usage.ru_maxrss / 1024, proc.returncode, out.read().decode(errors="replace")
+        return seconds, peak, proc.returncode, out.read().decode(errors="replace")
+
+
+def _high_water_mib(pid: int) -> float:
+    """VmHWM of a running process in MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def python_child(*args: str) -> list[str]:

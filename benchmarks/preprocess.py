@@ -5,8 +5,8 @@ Run (from the project root, venv active; ~10-15 min on 2 CPU cores, ~2 min with 
 
     python benchmarks/preprocess.py [--quick] [--rounds 2] [--large-mb N] [--doc-mb N] [--keep-dir DIR] [--out DIR]
 
-Cases, each `python -m dgpt prepare CONFIG` in a fresh process (its peak RSS is that process's own ru_maxrss,
-os.wait4), sizes in alternating order (1 4 16, 16 4 1, ...), median of `--rounds`:
+Cases, each `python -m dgpt prepare CONFIG` in a fresh process (its peak RSS is that process's own VmHWM,
+read while it runs), sizes in alternating order (1 4 16, 16 4 1, ...), median of `--rounds`:
 - `Kx`: the four ../shared/data/pretrain/*/train.txt concatenated (valid: their valid.txt), written K times
   into one oracle's train file, with a BPE tokenizer (8192 tokens) trained once beforehand (timed separately)
   and given via `tokenizer.path`, so the run measures the sharding pipeline: read, clean, encode, write.
@@ -154,6 +154,11 @@ def profile_rows(root: Path, train: Path, valid: Path, tokenizer: Path, top: int
     return seconds, rows
 
 
+def encoder_s(rows: list[list]) -> float:
+    """Own seconds of the Rust encoder in the profile rows."""
+    return next(float(seconds) for name, seconds, _ in rows if "encode_batch" in name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 1x and 2x, a 20 MB document, 4 MB of each large domain, one round")
@@ -200,14 +205,17 @@ def main() -> None:
         table(["case", "MB (train + valid)", "seconds", "MB/s", "peak RSS MiB", f">= {MB_S_TARGET:.0f} MB/s",
                f"RSS < {RSS_TARGET_MIB} MiB"], prep + large), "",
         f"Median of {rounds} alternating rounds (`pretrain_large, tokenizer trained`: one run); each run is "
-        "`python -m dgpt prepare CONFIG` in a fresh process (seconds include interpreter start-up and imports, "
-        "RSS includes the ~220 MiB that importing torch takes). The long document is one document of "
+        "`python -m dgpt prepare CONFIG` in a fresh process (seconds include interpreter start-up and imports; "
+        "`prepare` does not import torch). The long document is one document of "
         f"{doc_mb} MB; pretrain_large is {'all of it' if not large_mb else f'the first {large_mb} MB of each train file'}.", "",
         f"## Where the time goes: cProfile of one in-process `prepare` of the 1x corpus ({prof_s:.1f} s, "
         f"{prep[0][1]} MB: {float(prep[0][1]) / prof_s:.1f} MB/s without process start-up)", "",
         table(["function", "own seconds", "share"], prof), "",
         "`encode_batch_fast` is the Rust BPE encoder of Hugging Face `tokenizers` (parallel over the batch); "
-        "reading, cleaning and writing shards are the remaining rows.", "",
+        "reading, cleaning and writing shards are the remaining rows. The encoder alone turns "
+        f"{float(prep[0][1]) / encoder_s(prof):.1f} MB/s into tokens here (the corpus' MB over its own seconds): "
+        f"the ceiling of the whole pipeline on this machine, below the {MB_S_TARGET:.0f} MB/s target, whatever the "
+        "rest costs.", "",
         f"## Loader vs training (batch {BATCH}, eager fp32, 2 threads; target >= {LOADER_TARGET:.0f}x)", "",
         table(["model", "loader batches/s", "train steps/s", "loader / train", "target"], loader),
     ]
