@@ -68,25 +68,25 @@ class Strategy:
                 result.rejected[name] = problem
             else:
                 deltas[name] = delta
-        for name, problem in self._out_of_line(deltas).items():
+        norms = {n: float(d.norm()) for n, d in deltas.items()}
+        for name, problem in self._out_of_line(norms).items():
             result.rejected[name] = problem
-            del deltas[name]
-        result.accepted, result.norms = list(deltas), {n: float(d.norm()) for n, d in deltas.items()}
+            del deltas[name], norms[name]
+        result.accepted, result.norms = list(deltas), norms
         result.deltas = deltas
         result.skipped = self._too_few(len(deltas)) if deltas else ""
         if deltas and not result.skipped:
             result.update, result.agreement, result.scale = self.combine(deltas)
         return result
 
-    def _out_of_line(self, deltas: dict[str, torch.Tensor]) -> dict[str, str]:
+    def _out_of_line(self, norms: dict[str, float]) -> dict[str, str]:
         """Updates whose norm is over `norm_filter` times the median norm of the round's finite updates, and why.
         A coordinate-wise rule bounds what an outlier moves, not the bias it leaves (an update reversed and scaled
         is cut at one end of every coordinate, an honest one at the other): left out, it costs what a silent oracle
         does. Needs 3 updates, as the robust rules do (of two, neither is out of line)."""
         k = self.fed.norm_filter
-        if k <= 0 or len(deltas) < ROBUST_MIN:
+        if k <= 0 or len(norms) < ROBUST_MIN:
             return {}
-        norms = {n: float(d.norm()) for n, d in deltas.items()}
         middle = statistics.median(norms.values())
         return {n: f"norm {v:.3g} is {v / middle:.1f}x the round's median norm {middle:.3g} (norm_filter {k:g})"
                 for n, v in norms.items() if middle > 0 and v > k * middle}
