@@ -81,6 +81,16 @@ def machine_load() -> str:
         return "load averages (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+SETTLE_S = 120
+
+
+def settled_load() -> str:
+    """`machine_load` after SETTLE_S idle seconds: the 1-minute average has mostly forgotten the benchmark's own
+    threads, while other jobs, had any run alongside it, would still be counted."""
+    time.sleep(SETTLE_S)
+    return machine_load()
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """A markdown table; floats keep what `fmt` gave them (pass strings for custom formats)."""
     cells = [[str(c) for c in row] for row in rows]
@@ -96,7 +106,7 @@ def write_report(name: str, title: str, intro: str, sections: list[str], out: Pa
     head = [f"# {title}", "", intro, "",
             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
-            f"Load at the end of the run: `{machine_load()}`", ""]
+            f"Load {SETTLE_S} s after the run (its own threads idle): `{settled_load()}`", ""]
     text = "\n".join(head + sections) + "\n"
     path = out / f"{name}.md"
     path.write_text(text)

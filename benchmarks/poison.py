@@ -44,6 +44,7 @@ os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 import torch  # noqa: E402
 
+from _timing import SETTLE_S, machine_load, settled_load  # noqa: E402
 from federated_runs import DATA, fresh_run_dir, global_loss, messages_as  # noqa: E402
 
 from dgpt import api  # noqa: E402
@@ -226,7 +227,7 @@ def report(data: dict) -> str:
                          f"{'yes' if abs(r['loss'] - sim['loss']) <= 1e-4 * abs(sim['loss']) else 'NO'} | {r['rejected']} | "
                          f"{r.get('exit', 0)}{' (a rank aborted at exit, after the last round)' if r.get('exit') else ''} |")
         lines.append("")
-    lines += [f"Load: {data['uptime_before']} (before), {data['uptime_after']} (after). Wall time {data['seconds']:.0f} s.", ""]
+    lines += [f"Load: {data['uptime_before']} (before), {data['uptime_after']} ({data['settle_s']} s after). Wall time {data['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -269,7 +270,7 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} is missing: this benchmark needs ../shared/data/pretrain")
     setup, rounds = (QUICK, 4) if args.quick else (FULL, args.rounds)
-    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    uptime_before = machine_load()
     t0 = time.perf_counter()
     write_corpora(args.runs / "_corpora")
     with messages_as("prepare"):
@@ -292,7 +293,7 @@ def main() -> None:
             data["torchrun_sim"][f"{name} x{factor}"] = next(r for r in sim if r["setting"] == name and r["attack"] == f"x{factor}")
     data["seconds"] = time.perf_counter() - t0
     data["uptime_before"] = uptime_before
-    data["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    data["uptime_after"], data["settle_s"] = settled_load(), SETTLE_S
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}_runs.json").write_text(json.dumps(data, indent=1) + "\n")
     text = report(data)
