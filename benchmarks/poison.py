@@ -1,6 +1,6 @@
 """Robustness benchmark: one poisoned oracle against every aggregation setting, in sim and under torchrun.
 
-Run (from the project root, venv active; ~25 min on 2 free CPU cores with --jobs 2, ~2 min with --quick):
+Run (from the project root, venv active; ~30 min on 2 free CPU cores with --jobs 2, ~3 min with --quick):
 
     python benchmarks/poison.py [--rounds 15] [--inner-steps 10] [--jobs 2] [--quick] [--no-torchrun]
     python benchmarks/poison.py --replot          # rewrite poison.md from poison_runs.json
@@ -12,17 +12,19 @@ pre-train the pre-LN tiny body with the FedAvg outer step. One of them, half of 
 the tokens, ~20%), is hostile and sends a different pseudo-gradient from the one it trained:
   x1000   its update scaled by 1000 (a blow-up, or an attacker that wants to dominate)
   x-10    its update reversed and scaled by 10 (an attacker pushing the model back up the loss)
+  x-1     its update reversed at its honest length (the same push, invisible to any test of length)
   xnan    NaN: rejected by every rule, so the oracle is simply left out. Its ratio is what losing the oracle's
           (honest) data costs: the floor no defence can beat, since a defence can at best ignore the attacker
-Every combination of aggregation rule {mean, trimmed mean (0.25), median} x for the robust rules the norm filter
-{off, 3: updates over 3x the round's median norm left out} x clipping {off, clip_norm} x oracle drops {0, 0.5} x
+Every combination of aggregation rule {mean, trimmed mean (0.25), coordinate median, geometric median} x for the
+robust rules the filter {off, on: norm_filter 3 (updates over 3x the round's median norm left out) and min_cosine 0
+(updates pointing away from the round's coordinate-wise median left out)} x clipping {off, clip_norm} x oracle drops {0, 0.5} x
 outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
 same oracles are drawn each round. The score is the final validation loss on the five honest oracles' validation
-sets (token-weighted, five honest oracles); the target is that the robust rules (trimmed mean, median) end within 2% of their own
-clean run in every combination. The plain mean is there to show what the attack does without a defence.
+sets (token-weighted, five honest oracles); the target is that the robust rules (trimmed mean, median, geometric
+median) end within 2% of their own clean run in every combination. The plain mean is there to show what the attack does without a defence.
 
 Under torchrun the hostile oracle is a rank that lies: it runs dgpt through tests/torchrun_probe.py, which makes
-that rank multiply what it sends (by 1000, or NaN). Every receiving rank checks the bytes it got, so the run must
+that rank multiply what it sends (by 1000, -10, -1 or NaN). Every receiving rank checks the bytes it got, so the run must
 equal the sim run with the same tamper; the table gives both losses side by side.
 """
 
@@ -61,12 +63,12 @@ ORACLES = ["literature_shakespeare", "encyclopedia_wikitext2", "pydocs_a", "pydo
 SHORT = {"literature_shakespeare": "shakesp.", "encyclopedia_wikitext2": "wiki", "pydocs_a": "pydocs_a",
          "pydocs_b": "pydocs_b", "dialogue_a": "dialogue_a", "dialogue_b": "dialogue_b"}
 POISONED = "dialogue_a"
-ATTACKS = {"clean": None, "x1000": 1000.0, "x-10": -10.0, "xnan": float("nan")}
+ATTACKS = {"clean": None, "x1000": 1000.0, "x-10": -10.0, "x-1": -1.0, "xnan": float("nan")}
 RULES = {"mean": {"aggregator": "mean"}, "trimmed": {"aggregator": "trimmed_mean", "trim_fraction": 0.25},
-         "median": {"aggregator": "median"}}
-ROBUST = ("trimmed", "median")
+         "median": {"aggregator": "median"}, "geomed": {"aggregator": "geometric_median"}}
+ROBUST = ("trimmed", "median", "geomed")
 TARGET = 1.02
-NORM_FILTER = 3.0  # federation.norm_filter of the "filter" rows
+FILTER = {"norm_filter": 3.0, "min_cosine": 0.0}  # the "filter" rows: out of line in length or direction
 FULL = dict(model={"preset": "tiny", "n_layer": 1, "d_model": 64, "n_head": 2, "d_ff": 256, "n_ctx": 32, "ln": "pre"},
             batch=8, eval_windows=32, lr=2e-3)
 QUICK = dict(model=FULL["model"], batch=4, eval_windows=8, lr=2e-3)
@@ -76,12 +78,12 @@ def settings(clip_norm: float) -> list[dict]:
     """Every combination of rule x norm filter (robust rules) x clip x drops x extrapolation, as a name and its
     federation overrides."""
     grid = []
-    for (rule, agg), filt, clip, drop, fedexp in itertools.product(RULES.items(), (0.0, NORM_FILTER), (0.0, clip_norm),
+    for (rule, agg), filt, clip, drop, fedexp in itertools.product(RULES.items(), (False, True), (0.0, clip_norm),
                                                                    (0.0, 0.5), (False, True)):
         if filt and rule not in ROBUST:
             continue
         name = f"{rule}{' filter' if filt else ''}{' clip' if clip else ''}{' drop' if drop else ''}{' fedexp' if fedexp else ''}"
-        grid.append({"name": name, "rule": rule, "fed": {**agg, "norm_filter": filt, "clip_norm": clip, "drop_prob": drop,
+        grid.append({"name": name, "rule": rule, "fed": {**agg, **(FILTER if filt else {}), "clip_norm": clip, "drop_prob": drop,
                                                           "extrapolation": "fedexp" if fedexp else "none"}})
     return grid
 
@@ -178,7 +180,8 @@ def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: di
     return {"setting": name, "attack": f"x{factor}", **result}
 
 
-TORCHRUN_CASES = [("median", "1000"), ("trimmed", "1000"), ("median fedexp", "1000"), ("trimmed filter", "-10"), ("mean", "nan")]
+TORCHRUN_CASES = [("median", "1000"), ("trimmed", "1000"), ("median fedexp", "1000"), ("trimmed filter", "-10"),
+                  ("geomed filter", "-1"), ("mean", "nan")]
 
 
 def report(data: dict) -> str:
@@ -190,7 +193,7 @@ def report(data: dict) -> str:
         f"Six oracles ({', '.join(SHORT[n] for n in ORACLES)}), {data['rounds']} rounds x H={data['inner_steps']}, "
         f"FedAvg outer step, model {data['model']}; `{SHORT[POISONED]}` ({data['poisoned_share']:.0%} of the tokens) "
         f"is hostile. clip = clip_norm {data['clip_norm']:g} (honest updates' norms: {data['honest_norms']}); drop = "
-        f"drop_prob 0.5 (the same draws in every run); filter = norm_filter {NORM_FILTER:g}. Loss = final validation loss on the five honest oracles, "
+        f"drop_prob 0.5 (the same draws in every run); filter = {', '.join(f'{k} {v:g}' for k, v in FILTER.items())}. Loss = final validation loss on the five honest oracles, "
         "token-weighted. With drop, a robust rule skips rounds with fewer than 3 updates (counted). Ratio = attacked / clean of the same setting; **bold** where a robust rule misses the 2% target.",
         "", "| setting | clean | " + " | ".join(f"{a} | ratio" for a in attacks) + " | rounds skipped | rounds the hostile oracle took part |",
         "|---|---|" + "---|---|" * len(attacks) + "---|---|"]
@@ -209,13 +212,14 @@ def report(data: dict) -> str:
             text = f"{ratio:.3f}" if ratio < 100 else f"{ratio:.3g}"
             cells += [f"{r['loss']:.4g}", f"**{text}**" if miss else text]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {clean['skipped']} | {clean['hostile_rounds']} |")
-    lines += ["", "**Target** (trimmed mean and median within 2% of clean in every combination, attacks x1000 and x-10): "
+    lines += ["", "**Target** (every robust rule within 2% of its clean run in every combination, under x1000, x-10 and x-1): "
               + ("met." if not missed else f"missed in {len(missed)}: {', '.join(missed)}."),
               "", "Floors (the xnan ratio: what leaving the hostile oracle out costs, the best any defence that ignores it "
               "can do): " + "; ".join(f"{rule} {min(fl):.3f}-{max(fl):.3f}" for rule, fl in floors(by, names).items()) + ".",
               "", "Against the floor (the xnan column: the hostile oracle left out, its honest data lost with it), the "
               "robust rules under attack are within 2% " + ("in every combination." if not beyond else
-                                                            f"except in: {', '.join(beyond)}."), ""]
+                                                            f"except in: {', '.join(beyond)}."), "",
+              *summary(by, names, attacks), ""]
     if data.get("torchrun"):
         lines += ["## torchrun with a lying rank", "",
                   f"The rank of `{SHORT[POISONED]}` multiplies what it sends; every rank checks what it received.", "",
@@ -229,6 +233,21 @@ def report(data: dict) -> str:
         lines.append("")
     lines += [f"Load: {data['uptime_before']} (before), {data['uptime_after']} ({data['settle_s']} s after). Wall time {data['seconds']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def summary(by: dict, names: list[str], attacks: list[str]) -> list[str]:
+    """Per robust rule, with and without the filter: the worst attacked / clean ratio, the cells over 2%, the floor,
+    and how many honest updates the filter left out of the clean runs (its false alarms)."""
+    lines = ["| rule | filter | worst attacked / clean | cells over 2% | floor (xnan / clean) | honest updates the filter left out (clean runs) |",
+             "|---|---|---|---|---|---|"]
+    for rule, filtered in itertools.product(ROBUST, (False, True)):
+        mine = [n for n in names if by[(n, "clean")]["rule"] == rule and (" filter" in n) == filtered]
+        ratios = [by[(n, a)]["loss"] / by[(n, "clean")]["loss"] for n in mine for a in attacks if a != "xnan"]
+        floor = [by[(n, "xnan")]["loss"] / by[(n, "clean")]["loss"] for n in mine]
+        false_alarms = sum(by[(n, "clean")]["rejected"] for n in mine) if filtered else "-"
+        lines.append(f"| {rule} | {'on' if filtered else 'off'} | {max(ratios):.3f} | {sum(r > TARGET for r in ratios)} of "
+                     f"{len(ratios)} | {min(floor):.3f}-{max(floor):.3f} | {false_alarms} |")
+    return lines
 
 
 def floors(by: dict, names: list[str]) -> dict[str, list[float]]:

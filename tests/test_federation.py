@@ -12,7 +12,14 @@ from dgpt import api
 from dgpt.config import FederationConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
-from dgpt.federation.aggregate import agreement, clip_to_norm, coordinate_median, extrapolation, trimmed_mean
+from dgpt.federation.aggregate import (
+    agreement,
+    clip_to_norm,
+    coordinate_median,
+    extrapolation,
+    geometric_median,
+    trimmed_mean,
+)
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.outer import OuterOptimizer
 from dgpt.federation.strategy import Strategy
@@ -113,6 +120,7 @@ def test_robust_aggregators_resist_a_poisoned_update():
     poisoned = honest + [-10 * honest[0]]
     assert (coordinate_median(poisoned) - 1.0).abs().max() < 0.05
     assert (trimmed_mean(poisoned, 0.2) - 1.0).abs().max() < 0.05
+    assert (geometric_median(poisoned) - 1.0).abs().max() < 0.05
     mean, _, _ = aggregate_round(dict(enumerate(poisoned)), "mean", dict.fromkeys(range(5), 1.0), 0.0, 0.0)
     assert (mean - 1.0).abs().mean() > 1.0  # the mean is dragged away
     torch.testing.assert_close(coordinate_median([torch.tensor([1.0, 5.0]), torch.tensor([3.0, 1.0])]), torch.tensor([2.0, 3.0]))
@@ -284,9 +292,10 @@ def test_sim_drops_oracles_and_counts_bytes(tmp_path):
     assert 0 < sent < len(per_oracle) * n_params  # int8: about one byte per parameter per upload
 
 
-def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path):
+@pytest.mark.parametrize("rule", ["median", "geometric_median"])
+def test_robust_aggregator_end_to_end_with_poisoned_oracle(tmp_path, rule):
     poison = lambda name, d: -10 * d if name == "gamma" else d  # noqa: E731
-    fed = {"rounds": 3, "inner_steps": 2, "aggregator": "median"}
+    fed = {"rounds": 3, "inner_steps": 2, "aggregator": rule}
     robust = tiny_config(tmp_path / "robust", federation=fed)
     pretrain_sim(robust, tamper=poison)
     naive = tiny_config(tmp_path / "naive", federation={**fed, "aggregator": "mean"})
@@ -309,6 +318,47 @@ def test_oracle_shards_from_another_tokenizer_are_refused(tmp_path):
         (target / f.name).write_bytes(f.read_bytes())
     with pytest.raises(DgptError, match="different tokenizer"):
         read_run(config)
+
+
+def distance_sum(z, points):
+    return float(sum((z - x).norm() for x in points))
+
+
+def test_geometric_median_minimises_the_sum_of_distances():
+    """Weiszfeld's fixed point against the definition: the unit vectors from z to the updates cancel (first-order
+    optimality away from the data), no nearby point, update, mean or coordinate-wise median has a smaller sum of
+    distances, and the closed forms hold (a collinear odd set: the middle point; a square: its centre; a majority of
+    equal updates: that update)."""
+    torch.manual_seed(0)
+    points = [torch.randn(32) + 3 * torch.randn(1) for _ in range(7)]
+    z = geometric_median(points)
+    pull = sum((x - z) / (x - z).norm() for x in points)
+    assert float(pull.norm()) < 1e-3 * len(points)
+    best = distance_sum(z, points)
+    rivals = [*points, torch.stack(points).mean(0), coordinate_median(points)]
+    rivals += [z + 1e-2 * torch.randn(32) for _ in range(20)]
+    assert all(best <= distance_sum(r, points) + 1e-6 for r in rivals)
+    line = [torch.tensor([t, 2 * t]) for t in (0.0, 1.0, 5.0, 6.0, 40.0)]
+    torch.testing.assert_close(geometric_median(line), torch.tensor([5.0, 10.0]), atol=1e-4, rtol=0)
+    square = [torch.tensor(c) for c in ([0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0])]
+    torch.testing.assert_close(geometric_median(square), torch.tensor([1.0, 1.0]))
+    majority = [torch.ones(8)] * 3 + [torch.randn(8) * 100, torch.randn(8) * 100]
+    torch.testing.assert_close(geometric_median(majority), torch.ones(8), atol=1e-4, rtol=0)
+
+
+def test_geometric_median_moves_a_bounded_amount_whatever_an_outlier_sends():
+    """An outlier pulls with a unit force: scaling it from 10 to 1e6 barely moves the result, which stays among the
+    honest updates; and honest updates spread symmetrically about a centre are averaged (no per-coordinate ranking),
+    so their geometric median is their mean."""
+    torch.manual_seed(1)
+    honest = [torch.randn(256) * 0.1 + 1.0 for _ in range(5)]
+    radius = max(float((x - 1.0).norm()) for x in honest)
+    shifted = [geometric_median(honest + [-scale * honest[0]]) for scale in (10.0, 1e3, 1e6)]
+    assert all(float((z - 1.0).norm()) < radius for z in shifted)
+    assert float((shifted[1] - shifted[2]).norm()) < 0.01 * radius
+    centre, spread = torch.randn(64), torch.randn(3, 64)
+    symmetric = [centre + spread[i] for i in range(3)] + [centre - spread[i] for i in range(3)]
+    torch.testing.assert_close(geometric_median(symmetric), centre, atol=1e-4, rtol=0)
 
 
 def test_trimmed_mean_cuts_at_least_one_from_each_end_with_three_updates():
@@ -350,7 +400,19 @@ def test_fedexp_under_a_robust_rule_ignores_a_huge_update_and_is_capped():
     assert spread.aggregate({n: spread.codec.encode(d) for n, d in orthogonal.items()}).scale == 1.5
 
 
-@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+def filtered_round(fed: dict, honest: dict, attacked: dict, off: dict) -> tuple:
+    """The attacked round under `fed`, checked to equal the round in which the attacker sent nothing; returns it
+    and the attacked round with the filter `off`."""
+    s = strategy(dict.fromkeys(attacked, 1.0), 256, **fed)
+    result = s.aggregate({n: s.codec.encode(d) for n, d in attacked.items()})
+    assert result.accepted == list(honest) and list(result.rejected) == ["f"]
+    silent = strategy(dict.fromkeys(attacked, 1.0), 256, **fed).aggregate({n: s.codec.encode(d) for n, d in honest.items()})
+    torch.testing.assert_close(result.update, silent.update)
+    unfiltered = strategy(dict.fromkeys(attacked, 1.0), 256, **{**fed, **off})
+    return result, unfiltered.aggregate({n: unfiltered.codec.encode(d) for n, d in attacked.items()})
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean", "geometric_median"])
 def test_norm_filter_leaves_out_updates_far_above_the_rounds_median_norm(rule):
     """A reversed x10 update passes a coordinate-wise rule biased (cut at one end of each coordinate, an honest
     value at the other); norm_filter leaves it out, so the round equals one in which that oracle sent nothing."""
@@ -358,15 +420,25 @@ def test_norm_filter_leaves_out_updates_far_above_the_rounds_median_norm(rule):
     honest = {n: torch.randn(256) * 0.1 + 1.0 for n in "abcde"}
     attacked = {**honest, "f": -10 * honest["a"]}
     fed = {"aggregator": rule, "outer_lr": 1.0, "outer_momentum": 0.0, "norm_filter": 3.0}
-    s = strategy(dict.fromkeys("abcdef", 1.0), 256, **fed)
-    result = s.aggregate({n: s.codec.encode(d) for n, d in attacked.items()})
-    assert result.accepted == list("abcde") and list(result.rejected) == ["f"]
+    result, off = filtered_round(fed, honest, attacked, {"norm_filter": 0.0})
     assert result.rejected["f"].startswith("norm ") and "x the round's median norm" in result.rejected["f"]
-    silent = strategy(dict.fromkeys("abcdef", 1.0), 256, **fed).aggregate({n: s.codec.encode(d) for n, d in honest.items()})
-    torch.testing.assert_close(result.update, silent.update)
-    off = strategy(dict.fromkeys("abcdef", 1.0), 256, **{**fed, "norm_filter": 0.0})
-    assert off.aggregate({n: off.codec.encode(d) for n, d in attacked.items()}).accepted == list("abcdef")
+    assert off.accepted == list("abcdef")
     # honest spread passes: norms within 3x of the median are kept, and of two updates neither is out of line
+    s = strategy(dict.fromkeys("abcdef", 1.0), 256, **fed)
     spread = {n: honest[n] * (1 + i) for i, n in enumerate("abc")}
     assert s.aggregate({n: s.codec.encode(d) for n, d in spread.items()}).accepted == list("abc")
     assert s.aggregate({"a": s.codec.encode(honest["a"]), "f": s.codec.encode(attacked["f"])}).rejected == {}
+
+
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "geometric_median"])
+def test_min_cosine_leaves_out_an_update_reversed_at_honest_length(rule):
+    """A reversed update of honest length passes any test of length; min_cosine 0 leaves out what points away from
+    the round's coordinate-wise median, and keeps honest updates that differ (non-IID) but share a direction."""
+    torch.manual_seed(0)
+    shared = torch.randn(256)
+    honest = {n: shared + 1.5 * torch.randn(256) for n in "abcde"}  # cosines with each other ~0.3
+    attacked = {**honest, "f": -honest["a"]}
+    fed = {"aggregator": rule, "outer_lr": 1.0, "outer_momentum": 0.0, "norm_filter": 3.0, "min_cosine": 0.0}
+    result, norm_only = filtered_round(fed, honest, attacked, {"min_cosine": -1.0})
+    assert result.rejected["f"].startswith("cosine -0.") and "under min_cosine 0" in result.rejected["f"]
+    assert norm_only.rejected == {}

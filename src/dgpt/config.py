@@ -114,13 +114,14 @@ class FederationConfig:
     outer_momentum: float = 0.9
     nesterov: bool = True
     extrapolation: Literal["none", "fedexp"] = "none"  # fedexp: lengthen the aggregated update when the oracles' updates disagree
-    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"
+    aggregator: Literal["mean", "median", "trimmed_mean", "geometric_median"] = "mean"
     mean_weights: Literal["tokens", "uniform", "given"] = "tokens"  # given: oracles[].weight
     trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
     max_weight_share: float = 1.0  # no oracle's weight in the mean above this share, whatever size it claims; 1 = off
     fedexp_max: float = 10.0  # the largest factor FedExP may apply to an update
     norm_filter: float = 0.0  # reject an update whose norm is over this multiple of the round's median norm; 0 = off
+    min_cosine: float = -1.0  # reject an update whose cosine with the round's coordinate-wise median is below this; -1 = off
     compression: Literal["none", "bf16", "int8"] = "none"  # what travels: fp32 (none), bf16, or int8 + fp32 scales
     int8_block: int = 0  # int8 scale per block of this many values; 0 = one scale per tensor
     drop_prob: float = 0.0  # probability that an oracle misses a round (unreliable oracles)

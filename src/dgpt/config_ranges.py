@@ -53,6 +53,7 @@ RANGES: dict[str, Rule] = {
     "federation.max_weight_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "federation.fedexp_max": AT_LEAST_1,
     "federation.norm_filter": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
+    "federation.min_cosine": (lambda v: -1 <= v < 1, "in [-1, 1) (-1: off)"),
     **{f"finetune.{k}": POSITIVE for k in ("lr", "epochs")},
     **{f"finetune.{k}": AT_LEAST_1 for k in ("batch_size", "inner_steps", "eval_batch_size")},
     **{f"finetune.{k}": AT_LEAST_0 for k in ("rounds", "lambda_lm", "weight_decay", "grad_clip")},

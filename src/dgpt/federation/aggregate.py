@@ -68,6 +68,29 @@ def coordinate_median(deltas: list[torch.Tensor]) -> torch.Tensor:
     return 0.5 * (ordered[(k - 1) // 2] + ordered[k // 2])
 
 
+def geometric_median(deltas: list[torch.Tensor], tol: float = 1e-6, max_iter: int = 100) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to the updates (RFA: Pillutla, Kakade & Harchaoui,
+    IEEE TSP 2022), by Weiszfeld's iteration from the coordinate-wise median.
+
+    Each iterate is a weighted mean with weights 1 / distance: an update far from the rest pulls with a unit
+    force whatever its length, so an outlier moves the result a bounded amount, while updates that spread
+    about their centre (non-IID oracles) are averaged rather than ranked per coordinate, so leaving one of
+    them out costs about what it does under the mean. Distances are floored at `tol` times the updates' median
+    norm so that an iterate landing on an update stays finite.
+    """
+    stacked = torch.stack(deltas)
+    floor = tol * float(stacked.norm(dim=1).median()) + 1e-30
+    z = coordinate_median(deltas)
+    for _ in range(max_iter):
+        w = 1.0 / (stacked - z).norm(dim=1).clamp_min(floor)
+        new = (w[:, None] * stacked).sum(dim=0) / w.sum()
+        moved = float((new - z).norm())
+        z = new
+        if moved <= tol * (float(z.norm()) + floor):
+            break
+    return z
+
+
 def trimmed_mean(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
     """Per-coordinate mean after dropping the `fraction` largest and smallest values.
 
@@ -96,7 +119,9 @@ def combine(rule: str, deltas: list[torch.Tensor], weights: list[float], trim_fr
         return coordinate_median(deltas)
     if rule == "trimmed_mean":
         return trimmed_mean(deltas, trim_fraction)
-    raise DgptError(f"unknown aggregator {rule!r}; expected mean, median or trimmed_mean")
+    if rule == "geometric_median":
+        return geometric_median(deltas)
+    raise DgptError(f"unknown aggregator {rule!r}; expected mean, median, trimmed_mean or geometric_median")
 
 
 def _received(norms: dict[str, float], weights: dict[str, float], rule: str, clip_norm: float) -> list[tuple[float, float]]:

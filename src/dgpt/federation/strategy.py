@@ -16,7 +16,16 @@ import torch
 
 from dgpt.config import FederationConfig
 from dgpt.federation.accounting import ByteLedger
-from dgpt.federation.aggregate import agreement, cap_shares, clip_to_norm, combine, extrapolation, is_finite, normalise
+from dgpt.federation.aggregate import (
+    agreement,
+    cap_shares,
+    clip_to_norm,
+    combine,
+    coordinate_median,
+    extrapolation,
+    is_finite,
+    normalise,
+)
 from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.outer import OuterOptimizer
 
@@ -69,7 +78,7 @@ class Strategy:
             else:
                 deltas[name] = delta
         norms = {n: float(d.norm()) for n, d in deltas.items()}
-        for name, problem in self._out_of_line(norms).items():
+        for name, problem in self._out_of_line(deltas, norms).items():
             result.rejected[name] = problem
             del deltas[name], norms[name]
         result.accepted, result.norms = list(deltas), norms
@@ -79,17 +88,28 @@ class Strategy:
             result.update, result.agreement, result.scale = self.combine(deltas)
         return result
 
-    def _out_of_line(self, norms: dict[str, float]) -> dict[str, str]:
-        """Updates whose norm is over `norm_filter` times the median norm of the round's finite updates, and why.
-        A coordinate-wise rule bounds what an outlier moves, not the bias it leaves (an update reversed and scaled
-        is cut at one end of every coordinate, an honest one at the other): left out, it costs what a silent oracle
-        does. Needs 3 updates, as the robust rules do (of two, neither is out of line)."""
-        k = self.fed.norm_filter
-        if k <= 0 or len(norms) < ROBUST_MIN:
+    def _out_of_line(self, deltas: dict[str, torch.Tensor], norms: dict[str, float]) -> dict[str, str]:
+        """Updates left out before the rule combines the rest, and why: a norm over `norm_filter` times the round's
+        median norm, or a direction at a cosine under `min_cosine` with the coordinate-wise median of the updates
+        that passed the norm test. A coordinate-wise rule bounds what an outlier moves, not the bias it leaves (an
+        update reversed is cut at one end of every coordinate, an honest one at the other); left out, it costs what a
+        silent oracle does. The norm test sees a blown-up update, the direction test a reversed one of honest length.
+        Both need 3 updates, as the robust rules do (of two, neither is out of line)."""
+        if len(norms) < ROBUST_MIN:
             return {}
-        middle = statistics.median(norms.values())
-        return {n: f"norm {v:.3g} is {v / middle:.1f}x the round's median norm {middle:.3g} (norm_filter {k:g})"
-                for n, v in norms.items() if middle > 0 and v > k * middle}
+        out, k, middle = {}, self.fed.norm_filter, statistics.median(norms.values())
+        if k > 0 and middle > 0:
+            out = {n: f"norm {v:.3g} is {v / middle:.1f}x the round's median norm {middle:.3g} (norm_filter {k:g})"
+                   for n, v in norms.items() if v > k * middle}
+        kept = [n for n in norms if n not in out]
+        if self.fed.min_cosine > -1 and len(kept) >= ROBUST_MIN:
+            centre = coordinate_median([deltas[n] for n in kept])
+            length = float(centre.norm())
+            for n in kept:
+                cosine = float(deltas[n] @ centre) / (norms[n] * length) if norms[n] * length > 0 else 0.0
+                if cosine < self.fed.min_cosine:
+                    out[n] = f"cosine {cosine:.2f} with the round's coordinate-wise median is under min_cosine {self.fed.min_cosine:g}"
+        return out
 
     def _too_few(self, accepted: int) -> str:
         """A robust rule over fewer than 3 updates is a plain mean: one poisoned update would pass. Such rounds are skipped."""
