@@ -75,7 +75,7 @@ QUICK = dict(model=FULL["model"], batch=4, eval_windows=8, lr=2e-3)
 
 
 def settings(clip_norm: float) -> list[dict]:
-    """Every combination of rule x norm filter (robust rules) x clip x drops x extrapolation, as a name and its
+    """Every combination of rule x filter (robust rules: FILTER) x clip x drops x extrapolation, as a name and its
     federation overrides."""
     grid = []
     for (rule, agg), filt, clip, drop, fedexp in itertools.product(RULES.items(), (False, True), (0.0, clip_norm),
