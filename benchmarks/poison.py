@@ -19,9 +19,12 @@ Every combination of aggregation rule {mean, trimmed mean (0.25), coordinate med
 robust rules the filter {off, on: norm_filter 3 (updates over 3x the round's median norm left out) and min_cosine 0
 (updates pointing away from the round's coordinate-wise median left out)} x clipping {off, clip_norm} x oracle drops {0, 0.5} x
 outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
-same oracles are drawn each round. The score is the final validation loss on the five honest oracles' validation
-sets (token-weighted, five honest oracles); the target is that the robust rules (trimmed mean, median, geometric
-median) end within 2% of their own clean run in every combination. The plain mean is there to show what the attack does without a defence.
+same oracles are drawn each round. The robust rules run as configured by default: bucket_size 2 (the accepted updates
+dealt at random into pairs whose means the rule combines) and a skipped round's accepted updates held for the next;
+two ablation rows turn bucketing off (bucket_size 1). The score is the final validation loss on the five honest
+oracles' validation sets (token-weighted); the target is that the robust rules (trimmed mean, median, geometric
+median) end within 2% of their own clean run in every combination. The plain mean is there to show what the attack
+does without a defence.
 
 Under torchrun the hostile oracle is a rank that lies: it runs dgpt through tests/torchrun_probe.py, which makes
 that rank multiply what it sends (by 1000, -10, -1 or NaN). Every receiving rank checks the bytes it got, so the run must
@@ -74,9 +77,12 @@ FULL = dict(model={"preset": "tiny", "n_layer": 1, "d_model": 64, "n_head": 2, "
 QUICK = dict(model=FULL["model"], batch=4, eval_windows=8, lr=2e-3)
 
 
+ABLATION = {"bucket1": {"bucket_size": 1}}  # rows that turn one default of the robust rules off
+
+
 def settings(clip_norm: float) -> list[dict]:
     """Every combination of rule x filter (robust rules: FILTER) x clip x drops x extrapolation, as a name and its
-    federation overrides."""
+    federation overrides; then the ablation rows (median, filter off and on, nothing else)."""
     grid = []
     for (rule, agg), filt, clip, drop, fedexp in itertools.product(RULES.items(), (False, True), (0.0, clip_norm),
                                                                    (0.0, 0.5), (False, True)):
@@ -85,6 +91,9 @@ def settings(clip_norm: float) -> list[dict]:
         name = f"{rule}{' filter' if filt else ''}{' clip' if clip else ''}{' drop' if drop else ''}{' fedexp' if fedexp else ''}"
         grid.append({"name": name, "rule": rule, "fed": {**agg, **(FILTER if filt else {}), "clip_norm": clip, "drop_prob": drop,
                                                           "extrapolation": "fedexp" if fedexp else "none"}})
+    for (label, change), filt in itertools.product(ABLATION.items(), (False, True)):
+        grid.append({"name": f"median{' filter' if filt else ''} {label}", "rule": "median", "ablation": True,
+                     "fed": {**RULES["median"], **(FILTER if filt else {}), **change}})
     return grid
 
 
@@ -152,7 +161,8 @@ def run_sim(job: tuple) -> dict:
             pretrain_sim(config, tamper=tamper_for(factor))
     result = final_loss(runs / name, weights)
     print(f"=== {setting['name']} / {attack}: loss {result['loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {"setting": setting["name"], "rule": setting["rule"], "attack": attack, **result}
+    return {"setting": setting["name"], "rule": setting["rule"], "ablation": setting.get("ablation", False), "attack": attack,
+            **result}
 
 
 def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: dict, name: str, factor: str,
@@ -181,7 +191,7 @@ def run_torchrun(runs: Path, setup: dict, rounds: int, inner_steps: int, fed: di
 
 
 TORCHRUN_CASES = [("median", "1000"), ("trimmed", "1000"), ("median fedexp", "1000"), ("trimmed filter", "-10"),
-                  ("geomed filter", "-1"), ("mean", "nan")]
+                  ("geomed filter", "-1"), ("geomed filter drop", "-1"), ("mean", "nan")]
 
 
 def report(data: dict) -> str:
@@ -194,31 +204,21 @@ def report(data: dict) -> str:
         f"FedAvg outer step, model {data['model']}; `{SHORT[POISONED]}` ({data['poisoned_share']:.0%} of the tokens) "
         f"is hostile. clip = clip_norm {data['clip_norm']:g} (honest updates' norms: {data['honest_norms']}); drop = "
         f"drop_prob 0.5 (the same draws in every run); filter = {', '.join(f'{k} {v:g}' for k, v in FILTER.items())}. Loss = final validation loss on the five honest oracles, "
-        "token-weighted. With drop, a robust rule skips rounds with fewer than 3 updates (counted). Ratio = attacked / clean of the same setting; **bold** where a robust rule misses the 2% target.",
+        "token-weighted. With drop, a robust rule skips rounds with fewer than 3 updates (counted) and holds their accepted updates for the next round. Ratio = attacked / clean of the same setting; **bold** where a robust rule misses the 2% target.",
         "", "| setting | clean | " + " | ".join(f"{a} | ratio" for a in attacks) + " | rounds skipped | rounds the hostile oracle took part |",
         "|---|---|" + "---|---|" * len(attacks) + "---|---|"]
-    missed, beyond = [], []  # robust cells over 2% of clean; over 2% of leaving the hostile oracle out
     for name in names:
-        clean, left_out = by[(name, "clean")], by[(name, "xnan")]
+        clean = by[(name, "clean")]
         cells = [f"{clean['loss']:.4f}"]
         for attack in attacks:
             r = by[(name, attack)]
             ratio = r["loss"] / clean["loss"]
-            miss = r["rule"] in ROBUST and attack != "xnan" and not ratio <= TARGET
-            if miss:
-                missed.append(f"{name} / {attack}")
-                if not r["loss"] <= TARGET * left_out["loss"]:
-                    beyond.append(f"{name} / {attack}")
             text = f"{ratio:.3f}" if ratio < 100 else f"{ratio:.3g}"
-            cells += [f"{r['loss']:.4g}", f"**{text}**" if miss else text]
+            cells += [f"{r['loss']:.4g}", f"**{text}**" if r["rule"] in ROBUST and not ratio <= TARGET else text]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {clean['skipped']} | {clean['hostile_rounds']} |")
-    lines += ["", "**Target** (every robust rule within 2% of its clean run in every combination, under x1000, x-10 and x-1): "
-              + ("met." if not missed else f"missed in {len(missed)}: {', '.join(missed)}."),
-              "", "Floors (the xnan ratio: what leaving the hostile oracle out costs, the best any defence that ignores it "
-              "can do): " + "; ".join(f"{rule} {min(fl):.3f}-{max(fl):.3f}" for rule, fl in floors(by, names).items()) + ".",
-              "", "Against the floor (the xnan column: the hostile oracle left out, its honest data lost with it), the "
-              "robust rules under attack are within 2% " + ("in every combination." if not beyond else
-                                                            f"except in: {', '.join(beyond)}."), "",
+    lines += ["", *verdict(by, names), "", "Floors (the xnan ratio: what leaving the hostile oracle out costs, the best any "
+              "defence that ignores it can do): " + "; ".join(f"{rule} {min(fl):.3f}-{max(fl):.3f}"
+                                                           for rule, fl in floors(by, names).items()) + ".", "",
               *summary(by, names, attacks), ""]
     if data.get("torchrun"):
         lines += ["## torchrun with a lying rank", "",
@@ -235,14 +235,46 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(by: dict, names: list[str]) -> list[str]:
+    """The target, per group of cells: the robust rules (as configured by default) under the blow-up and NaN attacks,
+    with the filter under every attack, without it under a reversed update; and what turning bucketing off does."""
+    def over(settings: list[str], attacks: tuple[str, ...]) -> tuple[list[str], int]:
+        cells = [(n, a) for n in settings for a in attacks]
+        return [f"{n} / {a}" for n, a in cells if not by[(n, a)]["loss"] <= TARGET * by[(n, "clean")]["loss"]], len(cells)
+
+    def said(missed: list[str], count: int) -> str:
+        return f"met in all {count} cells." if not missed else f"**missed** in {len(missed)} of {count}: {', '.join(missed)}."
+
+    robust = [n for n in names if by[(n, "clean")]["rule"] in ROBUST and not by[(n, "clean")].get("ablation")]
+    filtered = [n for n in robust if " filter" in n]
+    bare = [n for n in robust if " filter" not in n]
+    ablation = [n for n in names if by[(n, "clean")].get("ablation")]
+    reversed_, reversed_count = over(bare, ("x-10", "x-1"))
+    lines = ["**Target**: every robust rule within 2% of its clean run in every combination of clip, drops and FedExP.",
+             "", "- Under x1000 and NaN, with the filter or without: " + said(*over(robust, ("x1000", "xnan"))),
+             "- With the filter, under every attack: " + said(*over(filtered, ("x1000", "x-10", "x-1", "xnan"))),
+             f"- Without the filter, under a reversed update (x-10, x-1): within 2% in {reversed_count - len(reversed_)} of "
+             f"{reversed_count} cells. A rule that ranks or weighs updates bounds how far one inside the honest range "
+             "pulls, not the bias it leaves; leaving it out takes the test of direction (`min_cosine`) the filter adds."
+             + (f" Over 2% in: {', '.join(reversed_)}." if reversed_ else "")]
+    if ablation:
+        lines.append(f"- Ablation, bucketing off (`{'`, `'.join(ablation)}`): clean loss "
+                     + ", ".join(f"{by[(n, 'clean')]['loss']:.4f}" for n in ablation) + " against "
+                     + ", ".join(f"{by[(n.rsplit(' ', 1)[0], 'clean')]['loss']:.4f}" for n in ablation)
+                     + " with bucketing; " + said(*over(ablation, ("x1000", "xnan"))).replace("met in all", "within 2% in all")
+                     + " (x1000 and NaN)")
+    return lines
+
+
 def summary(by: dict, names: list[str], attacks: list[str]) -> list[str]:
     """Per robust rule, with and without the filter: the worst attacked / clean ratio, the cells over 2%, the floor,
     and how many honest updates the filter left out of the clean runs (its false alarms)."""
     lines = ["| rule | filter | worst attacked / clean | cells over 2% | floor (xnan / clean) | honest updates the filter left out (clean runs) |",
              "|---|---|---|---|---|---|"]
     for rule, filtered in itertools.product(ROBUST, (False, True)):
-        mine = [n for n in names if by[(n, "clean")]["rule"] == rule and (" filter" in n) == filtered]
-        ratios = [by[(n, a)]["loss"] / by[(n, "clean")]["loss"] for n in mine for a in attacks if a != "xnan"]
+        mine = [n for n in names if by[(n, "clean")]["rule"] == rule and (" filter" in n) == filtered
+                and not by[(n, "clean")].get("ablation")]
+        ratios = [by[(n, a)]["loss"] / by[(n, "clean")]["loss"] for n in mine for a in attacks]
         floor = [by[(n, "xnan")]["loss"] / by[(n, "clean")]["loss"] for n in mine]
         false_alarms = sum(by[(n, "clean")]["rejected"] for n in mine) if filtered else "-"
         lines.append(f"| {rule} | {'on' if filtered else 'off'} | {max(ratios):.3f} | {sum(r > TARGET for r in ratios)} of "
@@ -255,7 +287,7 @@ def floors(by: dict, names: list[str]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for name in names:
         clean, left_out = by[(name, "clean")], by[(name, "xnan")]
-        if clean["rule"] in ROBUST:
+        if clean["rule"] in ROBUST and not clean.get("ablation"):
             out.setdefault(clean["rule"], []).append(left_out["loss"] / clean["loss"])
     return out
 

@@ -1,6 +1,8 @@
 """Federation arithmetic and the sim runtime: FedAvg and data-parallel equivalences, robustness, resume."""
 
+import copy
 import io
+import statistics
 
 import pytest
 import torch
@@ -379,12 +381,66 @@ def test_claimed_sizes_buy_at_most_the_weight_cap():
     torch.testing.assert_close(result.update, torch.tensor([50.0, 0.5]))
 
 
-def test_robust_rules_skip_rounds_with_fewer_than_three_updates():
-    s = strategy(dict.fromkeys("ab", 1.0), 4, aggregator="median")
+def test_robust_rules_skip_rounds_with_fewer_than_three_updates_and_hold_them_for_the_next():
+    s = strategy(dict.fromkeys("abc", 1.0), 4, aggregator="median")
     result = s.aggregate({n: s.codec.encode(torch.ones(4) * (i + 1)) for i, n in enumerate("ab")})
     assert result.update is None and result.accepted == ["a", "b"]
-    assert result.skipped == "median needs at least 3 accepted updates, got 2: no update this round"
-    assert torch.equal(s.apply(result, 1), torch.zeros(4))
+    assert result.skipped == "median needs at least 3 accepted updates, got 2: no update this round (the accepted ones are held for the next)"
+    assert torch.equal(s.apply(result, 1), torch.zeros(4))  # Theta did not move: the held updates are still valid
+    resumed = strategy(dict.fromkeys("abc", 1.0), 4, aggregator="median")
+    resumed.load_state_dict(copy.deepcopy(s.state_dict()), s.theta)  # a round checkpoint keeps what is held
+    for t in (s, resumed):
+        # b's newer update replaces its held one; a's held update counts with c's
+        nxt = t.aggregate({"b": t.codec.encode(torch.ones(4) * 5), "c": t.codec.encode(torch.ones(4) * 3)})
+        assert nxt.accepted == ["a", "b", "c"] and nxt.carried == ["a"] and not nxt.skipped
+        torch.testing.assert_close(nxt.update, torch.full((4,), 3.0))  # median(1, 5, 3)
+        t.apply(nxt, 1)
+        assert t.held == {}
+    lone = s.aggregate({"a": s.codec.encode(torch.full((4,), float("nan")))})  # a bad newer update: nothing held survives
+    assert lone.accepted == [] and list(lone.rejected) == ["a"]
+
+
+def test_bucket_means_keep_at_least_three_buckets_and_every_process_deals_alike():
+    from dgpt.federation.aggregate import bucket_means
+
+    values = [torch.tensor([float(i)]) for i in range(6)]
+    assert [b.item() for b in bucket_means(values, 2, 3)] == [1.5, 2.5, 3.5]  # dealt in order: (0, 3), (1, 4), (2, 5)
+    assert [b.item() for b in bucket_means(values[:4], 2, 3)] == [1.5, 1.0, 2.0]  # 4 updates: (0, 3), (1), (2)
+    assert bucket_means(values[:3], 2, 3) == values[:3] and len(bucket_means(values[:3], 5, 3)) == 3  # 3: no bucketing
+    assert len(bucket_means(values + values, 2, 3)) == 6 and len(bucket_means(values, 1, 3)) == 6
+    one, other = (strategy(dict.fromkeys("abcdef", 1.0), 4, aggregator="median") for _ in range(2))
+    orders = []
+    for _ in range(3):
+        one.sample(), other.sample()
+        assert one.order == other.order  # the same seed: every torchrun rank buckets the same oracles together
+        orders.append(tuple(sorted(one.order, key=one.order.get)))
+    assert len(set(orders)) == 3  # a new dealing each round
+
+
+def test_bucketing_keeps_a_robust_rule_near_the_mean_of_non_iid_updates():
+    """Six oracles from three domains (two each, as when a corpus is split), each domain moving its own coordinates (the
+    embedding rows of its own tokens): the coordinate-wise median of six sees two values among four zeros and drops
+    them; a median of bucket means (pairs) keeps them whenever the two oracles land in different buckets. One x1000
+    update still spoils only its bucket."""
+    torch.manual_seed(0)
+    names, blocks = list("abcdef"), torch.arange(512).reshape(4, 128)  # block 0: every domain; 1-3: one domain each
+    rules = {size: strategy(dict.fromkeys(names, 1.0), 512, aggregator="median", bucket_size=size) for size in (1, 2)}
+    off_by = {size: [] for size in rules}
+    for _ in range(20):  # rounds: a new dealing each
+        deltas = {}
+        for i, n in enumerate(names):
+            d = torch.zeros(512)
+            d[blocks[0]], d[blocks[1 + i // 2]] = 1.0, 3.0
+            deltas[n] = d + 0.1 * torch.randn(512)
+        mean = torch.stack(list(deltas.values())).mean(dim=0)
+        for size, s in rules.items():
+            s.sample()
+            update = s.aggregate({n: s.codec.encode(d) for n, d in deltas.items()}).update
+            off_by[size].append(float((update - mean).norm() / mean.norm()))
+    assert statistics.mean(off_by[2]) < 0.7 * statistics.mean(off_by[1])
+    s = rules[2]
+    update = s.aggregate({n: s.codec.encode(1000 * d if n == "f" else d) for n, d in deltas.items()}).update
+    assert float((update - mean).norm() / mean.norm()) < 1  # a plain mean: ~170
 
 
 def test_fedexp_under_a_robust_rule_ignores_a_huge_update_and_is_capped():

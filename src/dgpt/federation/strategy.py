@@ -18,6 +18,7 @@ from dgpt.config import FederationConfig
 from dgpt.federation.accounting import ByteLedger
 from dgpt.federation.aggregate import (
     agreement,
+    bucket_means,
     cap_shares,
     clip_to_norm,
     combine,
@@ -46,6 +47,7 @@ class RoundResult:
     scale: float | None = None  # the extrapolation factor the outer step applies to `update`
     deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the accepted updates, decoded
     skipped: str = ""  # why no update was made of the accepted ones ("" when one was, or none was accepted)
+    carried: list[str] = field(default_factory=list)  # accepted oracles whose update arrived in an earlier, skipped round
 
 
 class Strategy:
@@ -56,21 +58,28 @@ class Strategy:
         self.outer = OuterOptimizer(theta, fed.outer_lr, fed.outer_momentum, fed.nesterov)
         self.bytes = ByteLedger(param_bytes=4 * codec.numel)
         self.drops = torch.Generator().manual_seed(seed + 17)  # the same draws in every process
+        self.dealing = torch.Generator().manual_seed(seed + 29)  # the round's bucket order, the same in every process
+        self.order = {name: i for i, name in enumerate(self.names)}
+        self.held: dict[str, torch.Tensor] = {}  # the accepted updates of a skipped round, combined with the next
 
     @property
     def theta(self) -> torch.Tensor:
         return self.outer.theta.detach()
 
     def sample(self) -> list[str]:
-        """The oracles asked to take part in the next round: each misses it with probability `drop_prob`."""
+        """The oracles asked to take part in the next round: each misses it with probability `drop_prob`. Also deals
+        the round's bucket order (`bucket_size`), so that every coalition the ledger values is bucketed alike."""
         draws = torch.rand(len(self.names), generator=self.drops).tolist()
+        dealt = torch.randperm(len(self.names), generator=self.dealing).tolist()
+        self.order = {self.names[i]: rank for rank, i in enumerate(dealt)}
         return [name for name, draw in zip(self.names, draws) if draw >= self.fed.drop_prob]
 
     def aggregate(self, received: dict[str, Payload]) -> RoundResult:
-        """Check, decode, clip and combine the payloads (changes no state: `apply` commits a result)."""
+        """Check, decode, clip and combine the payloads, with the updates held from a skipped round that their oracles
+        did not replace (changes no state: `apply` commits a result)."""
         arrived = [n for n in self.names if n in received]
         result = RoundResult(arrived, [], {}, {}, {n: received[n].nbytes for n in arrived})
-        deltas = {}
+        deltas = {n: d for n, d in self.held.items() if n not in received}
         for name in arrived:
             delta, problem = self._decode(received[name])
             if problem:
@@ -82,7 +91,7 @@ class Strategy:
             result.rejected[name] = problem
             del deltas[name], norms[name]
         result.accepted, result.norms = list(deltas), norms
-        result.deltas = deltas
+        result.deltas, result.carried = deltas, [n for n in self.held if n in deltas and n not in received]
         result.skipped = self._too_few(len(deltas)) if deltas else ""
         if deltas and not result.skipped:
             result.update, result.agreement, result.scale = self.combine(deltas)
@@ -112,17 +121,23 @@ class Strategy:
         return out
 
     def _too_few(self, accepted: int) -> str:
-        """A robust rule over fewer than 3 updates is a plain mean: one poisoned update would pass. Such rounds are skipped."""
+        """A robust rule over fewer than 3 updates is a plain mean: one poisoned update would pass. Such rounds are
+        skipped; Theta does not move, so their accepted updates stay valid pseudo-gradients and are held for the next."""
         if self.fed.aggregator == "mean" or accepted >= ROBUST_MIN:
             return ""
-        return f"{self.fed.aggregator} needs at least {ROBUST_MIN} accepted updates, got {accepted}: no update this round"
+        return (f"{self.fed.aggregator} needs at least {ROBUST_MIN} accepted updates, got {accepted}: no update this "
+                "round (the accepted ones are held for the next)")
 
     def combine(self, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-        """(update, agreement, extrapolation factor) of accepted pseudo-gradients: clipped, then the aggregation rule."""
-        fed, names = self.fed, list(deltas)
+        """(update, agreement, extrapolation factor) of accepted pseudo-gradients: clipped, bucketed (robust rules), then
+        the aggregation rule."""
+        fed = self.fed
+        names = list(deltas) if fed.aggregator == "mean" else sorted(deltas, key=self.order.__getitem__)
         norms = {n: float(d.norm()) for n, d in deltas.items()}
         w = cap_shares(normalise(self.weights, names), fed.max_weight_share)
         clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in names]
+        if fed.aggregator != "mean":
+            clipped = bucket_means(clipped, fed.bucket_size, ROBUST_MIN)
         update = combine(fed.aggregator, clipped, [w[n] for n in names], fed.trim_fraction)
         agree = agreement(update, norms, w, fed.aggregator, fed.clip_norm)
         scale = extrapolation(fed.extrapolation, update, norms, w, fed.aggregator, fed.clip_norm)
@@ -142,6 +157,7 @@ class Strategy:
         """Commit a round: the outer step along the (extrapolated) update, and its bytes. Returns the new Theta."""
         if result.update is not None:
             self.outer.step(result.update * result.scale)
+        self.held = dict(result.deltas) if result.skipped else {}
         self.bytes.record_round(result.participants, result.bytes_received, inner_steps)
         return self.theta
 
@@ -155,9 +171,13 @@ class Strategy:
 
     def state_dict(self) -> dict:
         """Everything but Theta itself (the round checkpoint's weights hold it)."""
-        return {"outer": self.outer.sgd.state_dict(), "bytes": self.bytes.state_dict(), "drops": self.drops.get_state()}
+        return {"outer": self.outer.sgd.state_dict(), "bytes": self.bytes.state_dict(), "drops": self.drops.get_state(),
+                "dealing": self.dealing.get_state(), "held": dict(self.held)}
 
     def load_state_dict(self, state: dict, theta: torch.Tensor) -> None:
         self.outer.load_state_dict({"theta": theta, "sgd": state["outer"]})
         self.bytes.load_state_dict(state["bytes"])
         self.drops.set_state(state["drops"])
+        if "dealing" in state:  # checkpoints written before bucketing keep the initial order and hold nothing
+            self.dealing.set_state(state["dealing"])
+            self.held = dict(state["held"])

@@ -124,7 +124,8 @@ class ContributionLedger:
         oracles = {}
         for name in self.config.oracle_names():
             row = {"tokens": int(seen.get(name, 0) - self.seen.get(name, 0)), "bytes": result.bytes_received.get(name, 0),
-                   "status": "accepted" if name in result.accepted else "rejected" if name in result.rejected else "absent"}
+                   "status": "carried" if name in result.carried else "accepted" if name in result.accepted
+                   else "rejected" if name in result.rejected else "absent"}
             if name in received:
                 row["payload_sha256"] = payload_sha256(received[name])
             if name in result.rejected:

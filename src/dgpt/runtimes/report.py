@@ -64,6 +64,7 @@ class RoundReport:
             accepted=result.accepted, rejected=list(result.rejected), agreement=result.agreement, outer_scale=result.scale,
             bytes_total=sent.total, bytes_sent=sum(sent.sent.values()), dp_bytes=sent.dp_bytes, seconds=record.seconds,
             tokens=record.tokens, **({"skipped": result.skipped} if result.skipped else {}),
+            **({"carried": result.carried} if result.carried else {}),
         )
         for name in self.sizes:
             self.metrics.log(
