@@ -1,6 +1,6 @@
 """Robustness benchmark: one poisoned oracle against every aggregation setting, in sim and under torchrun.
 
-Run (from the project root, venv active; ~30 min on 2 free CPU cores with --jobs 2, ~3 min with --quick):
+Run (from the project root, venv active; ~40 min on 2 free CPU cores with --jobs 2, ~16 min with --quick):
 
     python benchmarks/poison.py [--rounds 15] [--inner-steps 10] [--jobs 2] [--quick] [--no-torchrun]
     python benchmarks/poison.py --replot          # rewrite poison.md from poison_runs.json
@@ -19,9 +19,9 @@ Every combination of aggregation rule {mean, trimmed mean (0.25), coordinate med
 robust rules the filter {off, on: norm_filter 3 (updates over 3x the round's median norm left out) and min_cosine 0
 (updates pointing away from the round's coordinate-wise median left out)} x clipping {off, clip_norm} x oracle drops {0, 0.5} x
 outer extrapolation {none, FedExP} runs clean and under each attack, with the same seed, so the
-same oracles are drawn each round. The robust rules run as configured by default: bucket_size 2 (the accepted updates
-dealt at random into pairs whose means the rule combines) and a skipped round's accepted updates held for the next;
-two ablation rows turn bucketing off (bucket_size 1). The score is the final validation loss on the five honest
+same oracles are drawn each round. The robust rules run as configured by default: the median with bucket_size 2 (the
+accepted updates dealt at random into pairs whose means it combines), and a skipped round's accepted updates held for
+the next; two ablation rows turn the median's bucketing off (bucket_size 1). The score is the final validation loss on the five honest
 oracles' validation sets (token-weighted); the target is that the robust rules (trimmed mean, median, geometric
 median) end within 2% of their own clean run in every combination. The plain mean is there to show what the attack
 does without a defence.
@@ -261,8 +261,7 @@ def verdict(by: dict, names: list[str]) -> list[str]:
         lines.append(f"- Ablation, bucketing off (`{'`, `'.join(ablation)}`): clean loss "
                      + ", ".join(f"{by[(n, 'clean')]['loss']:.4f}" for n in ablation) + " against "
                      + ", ".join(f"{by[(n.rsplit(' ', 1)[0], 'clean')]['loss']:.4f}" for n in ablation)
-                     + " with bucketing; " + said(*over(ablation, ("x1000", "xnan"))).replace("met in all", "within 2% in all")
-                     + " (x1000 and NaN)")
+                     + " with bucketing; under x1000 and NaN " + said(*over(ablation, ("x1000", "xnan"))))
     return lines
 
 

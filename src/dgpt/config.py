@@ -117,7 +117,7 @@ class FederationConfig:
     aggregator: Literal["mean", "median", "trimmed_mean", "geometric_median"] = "mean"
     mean_weights: Literal["tokens", "uniform", "given"] = "tokens"  # given: oracles[].weight
     trim_fraction: float = 0.2  # trimmed_mean: fraction cut from each end per coordinate
-    bucket_size: int = 2  # robust rules: combine means of this many updates, dealt at random each round; 1 = off
+    bucket_size: int = 0  # robust rules: combine means of this many updates, dealt at random each round; 1 = off, 0 = 2 for median, else 1
     clip_norm: float = 0.0  # clip each pseudo-gradient to this L2 norm before aggregating; 0 = off
     max_weight_share: float = 1.0  # no oracle's weight in the mean above this share, whatever size it claims; 1 = off
     fedexp_max: float = 10.0  # the largest factor FedExP may apply to an update

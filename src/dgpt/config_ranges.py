@@ -45,7 +45,7 @@ RANGES: dict[str, Rule] = {
     "federation.outer_momentum": FRACTION,
     "federation.trim_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "federation.clip_norm": AT_LEAST_0,
-    "federation.bucket_size": AT_LEAST_1,
+    "federation.bucket_size": AT_LEAST_0,
     "federation.int8_block": AT_LEAST_0,
     "federation.drop_prob": FRACTION,
     "federation.timeout_s": POSITIVE,

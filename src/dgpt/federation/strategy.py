@@ -136,8 +136,8 @@ class Strategy:
         norms = {n: float(d.norm()) for n, d in deltas.items()}
         w = cap_shares(normalise(self.weights, names), fed.max_weight_share)
         clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in names]
-        if fed.aggregator != "mean":
-            clipped = bucket_means(clipped, fed.bucket_size, ROBUST_MIN)
+        if fed.aggregator != "mean":  # the coordinate-wise median ranks updates: it gains from bucketing by default
+            clipped = bucket_means(clipped, fed.bucket_size or (2 if fed.aggregator == "median" else 1), ROBUST_MIN)
         update = combine(fed.aggregator, clipped, [w[n] for n in names], fed.trim_fraction)
         agree = agreement(update, norms, w, fed.aggregator, fed.clip_norm)
         scale = extrapolation(fed.extrapolation, update, norms, w, fed.aggregator, fed.clip_norm)
