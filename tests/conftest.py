@@ -15,7 +15,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dgpt.config import Config, config_from_dict  # noqa: E402
+from dgpt.config import Config, FederationConfig, config_from_dict  # noqa: E402
+from dgpt.federation.codec import Codec  # noqa: E402
+from dgpt.federation.strategy import Strategy  # noqa: E402
+from dgpt.train.metrics import read_metrics  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -65,6 +68,16 @@ def tiny_config(tmp_path: Path, names=("alpha", "beta", "gamma"), docs=(120, 80,
         else:
             data[section] = values
     return config_from_dict(data, "<test>")
+
+
+def strategy(weights, numel, kind="none", **fed) -> Strategy:
+    """A Strategy over `numel` parameters at Theta = 0, `kind` the codec's compression, `fed` FederationConfig fields."""
+    return Strategy(FederationConfig(**fed), Codec(kind, [numel]), weights, torch.zeros(numel), seed=0)
+
+
+def rounds(config: Config, kind: str = "round") -> list[dict]:
+    """The run's metrics rows of one kind."""
+    return [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == kind]
 
 
 def host_config(tmp_path: Path, host: str, holds: set[str], **tiny) -> Config:

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from conftest import tiny_config  # noqa: E402
+from conftest import rounds, tiny_config  # noqa: E402
 from flower_harness import Deployment, finished, round_done, split_roles, write_node_key, write_tls  # noqa: E402
 from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
@@ -40,10 +40,6 @@ def flower_config(tmp_path, **fed):
     return split_roles(config, tmp_path)
 
 
-def rounds_of(config) -> list[dict]:
-    return [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round"]
-
-
 def ledger_values(config) -> list[dict[str, float]]:
     return [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(config.run_path / "ledger.jsonl")[1:]]
 
@@ -66,7 +62,7 @@ def test_flower_simulation_engine_equals_sim(tmp_path, sim):
     api.prepare(config)
     simulate(tmp_path, config)
     assert_same_model(sim, config)
-    rows, sim_rows = rounds_of(config), rounds_of(sim)
+    rows, sim_rows = rounds(config), rounds(sim)
     assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
     assert [r["accepted"] for r in rows[1:]] == [["alpha", "beta", "gamma"]] * FED["rounds"]
     for got, want in zip(ledger_values(config), ledger_values(sim), strict=True):
@@ -86,7 +82,7 @@ def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
     for name in kinds:
         for key, tensor in head_of(ft_sim, name).items():
             torch.testing.assert_close(head_of(config, name)[key], tensor, rtol=1e-4, atol=1e-5)
-    rows, sim_rows = rounds_of(config), rounds_of(ft_sim)
+    rows, sim_rows = rounds(config), rounds(ft_sim)
     assert [r["round"] for r in rows] == [r["round"] for r in sim_rows] == [0, 1, 2]
     for row, sim_row in zip(rows, sim_rows):
         assert set(row["metrics"]) == set(kinds)
@@ -112,7 +108,7 @@ def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
         fed.close()
     assert "resumed from" in (server.run_path / "flower_server.log").read_text()
     assert_same_model(sim, server)
-    rows, sim_rows = rounds_of(server), rounds_of(sim)
+    rows, sim_rows = rounds(server), rounds(sim)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
     assert rows[-1]["loss"] == pytest.approx(sim_rows[-1]["loss"], rel=1e-4)

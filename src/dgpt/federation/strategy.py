@@ -79,7 +79,8 @@ class Strategy:
         did not replace (changes no state: `apply` commits a result)."""
         arrived = [n for n in self.names if n in received]
         result = RoundResult(arrived, [], {}, {}, {n: received[n].nbytes for n in arrived})
-        deltas = {n: d for n, d in self.held.items() if n not in received}
+        held = {n: d for n, d in self.held.items() if n not in received}  # a newer update replaces the held one
+        deltas = dict(held)
         for name in arrived:
             delta, problem = self._decode(received[name])
             if problem:
@@ -91,7 +92,7 @@ class Strategy:
             result.rejected[name] = problem
             del deltas[name], norms[name]
         result.accepted, result.norms = list(deltas), norms
-        result.deltas, result.carried = deltas, [n for n in self.held if n in deltas and n not in received]
+        result.deltas, result.carried = deltas, [n for n in held if n in deltas]
         result.skipped = self._too_few(len(deltas)) if deltas else ""
         if deltas and not result.skipped:
             result.update, result.agreement, result.scale = self.combine(deltas)
