@@ -26,7 +26,7 @@ from flower_harness import Deployment, finished, split_roles  # noqa: E402
 
 from dgpt import api  # noqa: E402
 from dgpt.config import dump_config  # noqa: E402
-from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
+from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 ROUNDS, STEPS = 5, (1, 6)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dgpt.config import Config, dump_config
 from dgpt.rundir import RunDir
-from dgpt.runtimes.flower_app import write_flower_app
+from dgpt.runtimes.flower.app import write_flower_app
 
 BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
-from dgpt.runtimes.flower_app import write_flower_app  # noqa: E402
+from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
 FED = {"rounds": 2, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "eval_interval": 2}

@@ -18,9 +18,9 @@ from dgpt import api  # noqa: E402
 from dgpt.config import config_from_dict  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.federation.codec import Codec  # noqa: E402
-from dgpt.runtimes import flower_server  # noqa: E402
-from dgpt.runtimes import flower_wire as wire  # noqa: E402
-from dgpt.runtimes.flower_server import FlowerServer, Replies  # noqa: E402
+from dgpt.runtimes.flower import server as flower_server  # noqa: E402
+from dgpt.runtimes.flower import wire  # noqa: E402
+from dgpt.runtimes.flower.server import FlowerServer, Replies  # noqa: E402
 
 SEGMENTS = [300, 45, 7]
 
@@ -122,7 +122,7 @@ def test_flower_config_checks_and_install_hint(tmp_path):
     with pytest.raises(DgptError, match="flwr run"):
         api.pretrain(config)
     app = api.flower_app(config)
-    assert 'clientapp = "dgpt.runtimes.flower_client:app"' in (app / "pyproject.toml").read_text()
+    assert 'clientapp = "dgpt.runtimes.flower.client:app"' in (app / "pyproject.toml").read_text()
     assert 'work = "pretrain"' in (app / "pyproject.toml").read_text()
     assert 'work = "finetune"' in (api.flower_app(config, finetune=True) / "pyproject.toml").read_text()
     with pytest.raises(DgptError, match="finetune.shared_head"):  # a shared head would leave the SuperNodes

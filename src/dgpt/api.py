@@ -80,7 +80,7 @@ def pretrain(config: Config, *, stop_after: int | None = None) -> RunSummary:
 def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
     """The torchrun runtime when asked for, or when a `sim` config is launched by torchrun; else sim."""
     if config.federation.runtime == "flower":
-        from dgpt.runtimes.flower_app import require_flower
+        from dgpt.runtimes.flower.app import require_flower
 
         require_flower()
         raise DgptError("federation.runtime = 'flower' runs under Flower: `dgpt flower-app CONFIG` writes the app, "
@@ -98,7 +98,7 @@ def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
 def flower_app(config: Config, finetune: bool = False) -> Path:
     """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`: pre-training,
     or fine-tuning (DSFT) with `finetune`."""
-    from dgpt.runtimes.flower_app import write_flower_app
+    from dgpt.runtimes.flower.app import write_flower_app
 
     return write_flower_app(config, finetune)
 

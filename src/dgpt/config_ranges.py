@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from dgpt.data.special_tokens import SMALLEST_VOCAB
 from dgpt.errors import DgptError
+from dgpt.model.config import resolve_config
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -85,9 +87,6 @@ def check_ranges(config: Any, source: str) -> None:
         for full, value in _values(config, key):
             if not ok(value):
                 raise DgptError(f"{source}: '{full}' must be {what}, got {value!r}")
-    from dgpt.data.tokenizer import SMALLEST_VOCAB
-    from dgpt.model.config import resolve_config
-
     if config.tokenizer.vocab_size < SMALLEST_VOCAB:
         raise DgptError(f"{source}: 'tokenizer.vocab_size' must be >= {SMALLEST_VOCAB} (256 bytes + special tokens), "
                         f"got {config.tokenizer.vocab_size}")

@@ -25,12 +25,10 @@ from typing import Iterable, Iterator, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dgpt.data.special_tokens import SMALLEST_VOCAB, SPECIAL_TOKENS
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_path
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|start|>", "<|delim|>", "<|extract|>")
-_BYTE_ALPHABET = 256
-SMALLEST_VOCAB = _BYTE_ALPHABET + len(SPECIAL_TOKENS)  # every byte and the special tokens
 SEGMENT_CHARS = 1 << 16  # longer text is cut into segments of about this many characters
 _CUT = re.compile(r"(?<=\S)[ \n](?=\S)")  # the cut goes before the space or line break
 _CUT_LOOKBACK = 4096  # where to look for the last cut before the limit first

@@ -32,7 +32,7 @@ from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec
 from dgpt.federation.strategy import Strategy
 from dgpt.logs import messages_to
-from dgpt.runtimes import flower_wire as wire
+from dgpt.runtimes.flower import wire
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.finetune import schedule, shared_body, starting_point

@@ -26,8 +26,8 @@ dependencies = []
 publisher = "dgpt"
 
 [tool.flwr.app.components]
-serverapp = "dgpt.runtimes.flower_server:app"
-clientapp = "dgpt.runtimes.flower_client:app"
+serverapp = "dgpt.runtimes.flower.server:app"
+clientapp = "dgpt.runtimes.flower.client:app"
 
 [tool.flwr.app.config]
 config = {config}

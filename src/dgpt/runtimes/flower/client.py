@@ -32,7 +32,7 @@ from dgpt.config import Config, load_config
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
 from dgpt.fileio import atomic_path, torch_save
-from dgpt.runtimes import flower_wire as wire
+from dgpt.runtimes.flower import wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
 from dgpt.runtimes.finetune import finetune_work
 from dgpt.rundir import RunDir, check_oracle_name
