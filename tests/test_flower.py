@@ -4,6 +4,7 @@ is a new process (about 5 s of imports on a busy machine), so its tests keep to 
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import pytest
@@ -17,6 +18,7 @@ from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
+from dgpt.config import dump_config  # noqa: E402
 from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
@@ -33,11 +35,16 @@ def sim(tmp_path_factory):
 
 def flower_config(tmp_path, **fed):
     """The deployment's configs. The ledger keeps its records without Shapley values: each coalition's validation
-    is a round trip to every SuperNode, a new ClientApp process each."""
+    is a round trip to every SuperNode, a new ClientApp process each. The SuperNodes' own file says 1 round and
+    another learning rate: the server's shared settings are the ones they train with."""
     config = tiny_config(tmp_path / "fl", federation={**FED, "runtime": "flower", "round_timeout_s": 60, **fed},
                          ledger={"method": "off"})
     api.prepare(config)
-    return split_roles(config, tmp_path)
+    server, oracles, app = split_roles(config, tmp_path)
+    drifted = dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=1),
+                                  pretrain=dataclasses.replace(config.pretrain, lr=0.5))
+    oracles.write_text(dump_config(drifted))
+    return server, oracles, app
 
 
 def ledger_values(config) -> list[dict[str, float]]:

@@ -354,17 +354,18 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def _toml_table(obj: Any) -> list[str]:
-    return [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(obj).items() if v is not None]
+def dump_data(data: dict) -> str:
+    """Plain config data (as `dataclasses.asdict` makes it) as TOML: top-level keys, then one table per section and
+    one array of tables per list of tables, in the data's order; None values are left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, (dict, list))]
+    for key, value in data.items():
+        if isinstance(value, list):
+            for item in value:
+                lines += ["", f"[[{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in item.items() if v is not None)]
+        elif isinstance(value, dict):
+            lines += ["", f"[{key}]", *(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)]
+    return "\n".join(lines) + "\n"
 
 
 def dump_config(config: Config) -> str:
-    lines = [f"run_dir = {_toml_value(config.run_dir)}", f"seed = {config.seed}"]
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, list):
-            for item in value:
-                lines += ["", f"[[{f.name}]]", *_toml_table(item)]
-        elif dataclasses.is_dataclass(value):
-            lines += ["", f"[{f.name}]", *_toml_table(value)]
-    return "\n".join(lines) + "\n"
+    return dump_data(dataclasses.asdict(config))

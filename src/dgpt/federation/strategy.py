@@ -46,7 +46,7 @@ class RoundResult:
     agreement: float | None = None  # ||update|| / sum_j w_j ||Delta_j||
     scale: float | None = None  # the extrapolation factor the outer step applies to `update`
     deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the accepted updates, decoded
-    skipped: str = ""  # why no update was made of the accepted ones ("" when one was, or none was accepted)
+    skipped: str = ""  # why no update was made this round ("" when one was)
     carried: list[str] = field(default_factory=list)  # accepted oracles whose update arrived in an earlier, skipped round
 
 
@@ -93,7 +93,7 @@ class Strategy:
             del deltas[name], norms[name]
         result.accepted, result.norms = list(deltas), norms
         result.deltas, result.carried = deltas, [n for n in held if n in deltas]
-        result.skipped = self._too_few(len(deltas)) if deltas else ""
+        result.skipped = self._too_few(len(deltas)) if deltas else "no update arrived or was accepted: Theta did not move"
         if deltas and not result.skipped:
             result.update, result.agreement, result.scale = self.combine(deltas)
         return result

@@ -140,6 +140,8 @@ class ContributionLedger:
         self.seen = seen
         record = {"round": rnd, "kind": "round", "theta_before": before, "theta_after": self.theta_hash, "oracles": oracles,
                   "cost": {"evaluations": valuation.evaluations, "seconds": round(valuation.seconds, 6)}}
+        if result.skipped:
+            record["skipped"] = result.skipped
         if valuation.full is not None:
             record["value"] = {"method": self.method, "full": valuation.full}
         self._append(self.chain.link(record))

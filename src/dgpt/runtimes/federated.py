@@ -135,6 +135,8 @@ def copy_into(params: list[torch.Tensor], vector: torch.Tensor) -> None:
 def train_round(work: Work, name: str, theta: torch.Tensor, rnd: int) -> tuple[torch.Tensor, float]:
     """One oracle's share of round `rnd`: H inner steps from Theta (fewer in a shorter last round); its pseudo-gradient
     Theta - Theta_j and mean loss."""
+    if work.steps_in(rnd) <= 0:
+        raise DgptError(f"round {rnd} is past the end of this oracle's schedule ({work.rounds} rounds)")
     loop = work.loops[name]
     copy_into(work.params, theta)
     loop.step = (rnd - 1) * work.inner_steps  # an oracle that missed rounds keeps to the schedule

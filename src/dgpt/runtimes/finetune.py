@@ -61,7 +61,7 @@ def load_task(oracle: OracleConfig, tokenizer: TextTokenizer, max_len: int) -> t
 
 def finetune_work(config: Config, transport: Transport, local_names: list[str]) -> Work:
     ft, run_dir = config.finetune, RunDir(config.run_dir)
-    untasked = [o.name for o in config.oracles if o.task is None]
+    untasked = [o.name for o in config.oracles if o.task is None and o.name in local_names]  # a SuperNode knows only its own
     if not config.oracles or untasked:
         raise DgptError(f"fine-tuning needs an [oracles.task] for every oracle; missing for: {', '.join(untasked) or '(no oracles)'}")
     tokenizer, model_config, init = starting_point(config)

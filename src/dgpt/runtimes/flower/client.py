@@ -1,7 +1,10 @@
 """The Flower ClientApp: one oracle, on its own organisation's SuperNode.
 
 Its SuperNode names it: `flower-supernode --node-config 'config="dgpt.toml" oracle="alpha" run-dir="runs/org_a"'`
-(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). On
+(run-dir optional: the config's run_dir otherwise; relative paths are the SuperNode's working directory's). Only
+the local keys of that file are read (`dgpt.config_shared`: run directory, device, the oracle's data paths); every
+setting the parties share comes from the server's message, and a tokenizer that is not the server's is refused.
+A ClientApp that cannot take part replies with the reason, which the server logs. On
 Flower's simulation engine, whose virtual SuperNodes carry only a `partition-id`, SuperNode i is the i-th
 `[[oracles]]` entry of the app's config, in the app's run directory. The
 run directory is the oracle's own: its prepared shards (`dgpt prepare --oracle`, with the federation's
@@ -23,12 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dgpt.config import Config, load_config
+from dgpt.config_shared import with_local
+from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
 from dgpt.fileio import atomic_path, torch_save
@@ -62,16 +69,19 @@ class Oracle:
         self.round, self.kind = _round_of(message)
         node_config = dict(context.node_config)
         path, name = _identity(node_config, dict(context.run_config))
-        self.config: Config = load_config(path)
-        if name is None:  # a virtual SuperNode of the simulation engine
-            name = _nth_oracle(self.config, node_config["partition-id"], path)
+        local = load_config(path)
         if isinstance(node_config.get("run-dir"), str):  # this organisation's copy of the run: shards and private state
-            self.config = dataclasses.replace(self.config, run_dir=node_config["run-dir"])
+            local = dataclasses.replace(local, run_dir=node_config["run-dir"])
+        shared, tokenizer_sha256 = wire.settings_from(message.content.config_records.get("settings"))
+        if name is None:  # a virtual SuperNode of the simulation engine
+            name = _nth_oracle(local, node_config["partition-id"], path)
         self.name = check_oracle_name(name, "--node-config oracle")
+        self.config: Config = with_local(shared, local, name)
         if name not in self.config.oracle_names():
-            raise DgptError(f"{path}: no oracle '{name}' (declared: {', '.join(self.config.oracle_names())})")
+            raise DgptError(f"the server's settings have no oracle '{name}' (declared: {', '.join(self.config.oracle_names())})")
         if self.kind not in wire.WORKS:
             raise DgptError(f"the server asked for {self.kind!r}; this SuperNode's dgpt knows {', '.join(wire.WORKS)}")
+        _check_tokenizer(self.config, self.kind, tokenizer_sha256)
         sizes = message.content.metric_records.get("sizes")
         transport = OwnData({k: float(v) for k, v in sizes.items()} if sizes is not None else {})
         self.work: Work = (finetune_work if self.kind == "finetune" else pretraining_work)(self.config, transport, [name])
@@ -98,6 +108,9 @@ class Oracle:
         for old in sorted(states)[:-KEEP_STATES]:
             states[old].unlink()
 
+    def size(self) -> dict[str, float]:
+        return {"size": float(self.work.sizes[self.name])}
+
     def theta(self, message: Message) -> torch.Tensor:
         """The Theta the message carries, checked against this oracle's model."""
         return wire.theta_from(message.content.array_records.get("theta"), sum(p.numel() for p in self.work.params))
@@ -121,6 +134,19 @@ def _nth_oracle(config: Config, index: int, path: str) -> str:
     return names[index]
 
 
+def _check_tokenizer(config: Config, kind: str, server_sha256: str) -> None:
+    """This SuperNode's tokenizer (its run's; fine-tuning: the pre-trained run's) must be the server's."""
+    ft = config.finetune
+    path = RunDir(config.run_dir).tokenizer if kind == "pretrain" else (
+        RunDir(ft.init_from).tokenizer if ft.init_from else Path(config.tokenizer.path))
+    if not path.is_file():
+        raise DgptError(f"{path}: no tokenizer; prepare this oracle's shards with the federation's tokenizer first")
+    mine = TextTokenizer.load(path).sha256
+    if mine != server_sha256:
+        raise DgptError(f"{path} is not the server's tokenizer (sha256 {mine[:12]} vs {server_sha256[:12]}): prepare this "
+                        "oracle's shards with the federation's tokenizer")
+
+
 def _round_of(message: Message) -> tuple[int, str]:
     asked = message.content.config_records.get("round")
     if asked is None or not isinstance(asked.get("round"), int) or not isinstance(asked.get("work"), str):
@@ -128,18 +154,24 @@ def _round_of(message: Message) -> tuple[int, str]:
     return asked["round"], asked["work"]
 
 
-def _reply(message: Message, oracle: Oracle, rnd: int, metrics: dict[str, float], arrays=None) -> Message:
-    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle.name}),
-                          "metrics": MetricRecord({"size": float(oracle.work.sizes[oracle.name]), **metrics})})
-    if arrays is not None:
-        content["delta"] = arrays
+def _answer(message: Message, context: Context, handle: Callable[[Oracle, Message], RecordDict]) -> Message:
+    """The handler's reply, or (it cannot take part) the reason, for the server to log: a DgptError's line, else the
+    exception's type and message (its traceback in this SuperNode's log)."""
+    try:
+        content = handle(Oracle(context, message), message)
+    except Exception as e:
+        if not isinstance(e, DgptError):
+            logger.exception("the ClientApp failed")
+        asked, oracle = message.content.config_records.get("round"), context.node_config.get("oracle")
+        rnd = asked.get("round") if asked is not None else None
+        reason = str(e) if isinstance(e, DgptError) else f"{type(e).__name__}: {e}"
+        logger.error(f"round {rnd}: oracle {oracle!r} cannot take part: {reason}")
+        content = wire.refusal(rnd if isinstance(rnd, int) else -1, oracle if isinstance(oracle, str) else "", reason)
     return Message(content, reply_to=message)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
+def _train(oracle: Oracle, message: Message) -> RecordDict:
     """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss."""
-    oracle = Oracle(context, message)
     rnd, theta = oracle.round, oracle.theta(message)
     oracle.forget(rnd)
     oracle.restore(rnd)
@@ -149,16 +181,24 @@ def train(message: Message, context: Context) -> Message:
     loop = oracle.work.loops[oracle.name]
     logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.inner_steps} steps, loss {loss:.4f}, "
                 f"sends {payload.nbytes:,} bytes")
-    return _reply(message, oracle, rnd, {"train_loss": loss, "tokens": float(loop.tokens)}, wire.payload_record(payload))
+    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens)}, payload)
 
 
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
+def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
     """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is).
     Fine-tuning validates with the oracle's head as it was after that round."""
-    oracle = Oracle(context, message)
     if oracle.kind == "finetune":
         oracle.restore(oracle.round + 1)
     copy_into(oracle.work.params, oracle.theta(message))
     found = oracle.work.evaluate().get(oracle.name, {})
-    return _reply(message, oracle, oracle.round, {f"valid_{k}": float(v) for k, v in found.items()})
+    return wire.reply(oracle.round, oracle.name, {**oracle.size(), **{f"valid_{k}": float(v) for k, v in found.items()}})
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return _answer(message, context, _train)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return _answer(message, context, _evaluate)

@@ -21,11 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch.nn.utils import parameters_to_vector
 
 from dgpt.config import Config, dump_config, load_config
+from dgpt.config_shared import shared_toml
+from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.federation.aggregate import mean_weights
@@ -80,11 +82,15 @@ class FlowerServer:
         self.config, self.grid, self.kind, fed = config, grid, kind, config.federation
         self.run_dir = RunDir(config.run_dir)
         self.work = server_work(config, kind)
+        # what every SuperNode trains with: the shared settings and the tokenizer it must hold (checked there)
+        self.settings = wire.settings_record(shared_toml(config), TextTokenizer.load(self.run_dir.tokenizer).sha256)
+        logger.info(f"shared settings sha256 {self.settings['sha256']}")
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
         self.met: set[int] = set()  # every SuperNode that ever answered
         self.tokens: dict[str, float] = {}  # each oracle's trained tokens, as it last reported them
         self.transport, self.round = Aggregator(), 0
+        self.skipped: list[int] = []  # this launch's rounds that did not move Theta
 
     def run(self) -> None:
         fed, work = self.config.federation, self.work
@@ -112,6 +118,9 @@ class FlowerServer:
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
                 self._save(rnd)
         report.finished(self.strategy)
+        if self.skipped:
+            logger.warning(f"round(s) {', '.join(map(str, self.skipped))} of {work.rounds} did not move the model "
+                           "(no usable update; the reasons are above)")
 
     def _round(self, rnd: int) -> RoundRecord:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
@@ -140,6 +149,10 @@ class FlowerServer:
         valid, scores = self.validate() if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else ({}, {})
         record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
         record.seconds = time.perf_counter() - t0
+        figures = ", ".join(f"{k} {v}" for k, v in record.postfix().items())
+        logger.info(f"round {rnd} of {self.work.rounds}: {figures or 'no figures'} ({record.seconds:.1f} s)")
+        if result.skipped:
+            self.skipped.append(rnd)
         return record
 
     # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
@@ -174,7 +187,8 @@ class FlowerServer:
         """Each oracle's training tokens, as it declared them (absent oracles: the mean of the others, logged)."""
         sizes = {n: float(c.metric_records["metrics"]["size"]) for n, c in replies.contents.items()}
         if not sizes:
-            raise DgptError("no oracle answered the server's first message")
+            why = "; ".join(f"'{n}': {r}" for n, r in replies.refused.items())
+            raise DgptError(f"no oracle answered the server's first message{' usably (' + why + ')' if why else ''}")
         missing = [n for n in self.config.oracle_names() if n not in sizes]
         if missing:
             logger.warning(f"oracle(s) {', '.join(missing)} did not answer before round 1: weighted by the mean size")
@@ -200,13 +214,11 @@ class FlowerServer:
         fed, replies, wanted = self.config.federation, Replies(), len(set(names))
         live = set(self.grid.get_node_ids())
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
-        content = RecordDict({"theta": wire.theta_record(self._theta()),
-                              "round": ConfigRecord({"round": rnd, "work": self.kind}),
-                              "sizes": MetricRecord(self.work.sizes)})  # every oracle's: fine-tuning's rounds
+        content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings)  # sizes: fine-tuning's rounds
         sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
         pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
         deadline = time.monotonic() + fed.round_timeout_s
-        while pending and len(replies.contents) < wanted:
+        while pending and len(replies.contents) + len(replies.refused) < wanted:
             if time.monotonic() > deadline and len(replies.contents) >= fed.min_oracles:
                 break  # the round closes without the late
             for reply in self.grid.pull_messages(list(pending)):
@@ -224,7 +236,14 @@ class FlowerServer:
         content = reply.content
         said = content.config_records.get("round")
         name = said.get("oracle") if said is not None else None
-        if said is None or said.get("round") != rnd:
+        refused = wire.refusal_reason(content)
+        if refused is not None:
+            known = [n for n, id_ in self.node_of.items() if id_ == node]
+            name = name or (known[0] if known else "not met yet")
+            logger.warning(f"round {rnd}: oracle '{name}' (SuperNode {node}) cannot take part: {refused}")
+            if name in names and name not in replies.contents:
+                replies.refused[name] = f"its ClientApp could not take part: {refused}"
+        elif said is None or said.get("round") != rnd:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node} made for round {said and said.get('round')}")
         elif name not in names:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node}: {name!r} is not an oracle asked this round")

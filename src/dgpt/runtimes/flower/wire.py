@@ -4,6 +4,11 @@ Tensors travel as Flower `Array`s holding their raw little-endian bytes (stype "
 reply's arrays are exactly the `Payload.nbytes` the Strategy counts. bf16 has no numpy dtype, so its
 16-bit patterns travel as int16 and are reinterpreted on arrival. Everything else is a `ConfigRecord`
 (round id, oracle name) or a `MetricRecord` (token counts, losses).
+
+A request (`request`) carries the round, Theta, every oracle's size and the shared settings: the TOML text of what
+every party must agree on (`dgpt.config_shared`), its sha256 and the sha256 of the server's tokenizer. A reply
+(`reply`) carries the round and oracle, its metrics and (train) its payload; a ClientApp that cannot take part
+replies with an `error` record instead (`refusal`). Each record has its own function here, to be extended.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 
 import torch
 
+from dgpt.config_shared import sha256_text
+from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec, Payload
 
 RAW = "raw"  # the Array's bytes are the tensor's memory, little-endian, C order
@@ -78,10 +85,56 @@ def theta_record(theta: torch.Tensor):
 
 def theta_from(record, numel: int) -> torch.Tensor:
     """The global parameters a message carries, checked against the model's size."""
-    from dgpt.errors import DgptError
-
     tensor, problem = from_array(record["theta"]) if record is not None and "theta" in record else (None, "no 'theta'")
     if problem or tensor.dtype != torch.float32 or tensor.numel() != numel:
         raise DgptError(f"the server sent {problem or f'{tensor.numel()} {tensor.dtype} values'} where {numel} float32 "
                         "parameters were expected: is this SuperNode's config the server's model?")
     return tensor
+
+
+def settings_record(shared_toml: str, tokenizer_sha256: str):
+    """The shared settings as the server sends them: TOML text, its hash, and the tokenizer's fingerprint."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"toml": shared_toml, "sha256": sha256_text(shared_toml), "tokenizer": tokenizer_sha256})
+
+
+def settings_from(record) -> tuple[str, str]:
+    """(shared TOML, tokenizer sha256) of a request, checked against the hash it came with."""
+    fields = {k: record.get(k) if record is not None else None for k in ("toml", "sha256", "tokenizer")}
+    if not all(isinstance(v, str) for v in fields.values()):
+        raise DgptError("the server's message carries no shared settings: is the server's dgpt older than this SuperNode's?")
+    if sha256_text(fields["toml"]) != fields["sha256"]:
+        raise DgptError("the server's shared settings do not match the sha256 they came with")
+    return fields["toml"], fields["tokenizer"]
+
+
+def request(rnd: int, work: str, theta: torch.Tensor, sizes: dict[str, float], settings):
+    """What the server sends each asked SuperNode."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    return RecordDict({"theta": theta_record(theta), "round": ConfigRecord({"round": rnd, "work": work}),
+                       "sizes": MetricRecord(sizes), "settings": settings})
+
+
+def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None):
+    """A ClientApp's answer: the round and oracle it is for, its metrics and (train) its encoded pseudo-gradient."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord(metrics)})
+    if payload is not None:
+        content["delta"] = payload_record(payload)
+    return content
+
+
+def refusal(rnd: int, oracle: str, reason: str):
+    """A ClientApp's answer when it cannot take part (other settings, another tokenizer, an exception)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "error": ConfigRecord({"reason": reason})})
+
+
+def refusal_reason(content) -> str | None:
+    """Why a reply's ClientApp could not take part (None: it did)."""
+    record = content.config_records.get("error")
+    return None if record is None else str(record.get("reason", "no reason given"))

@@ -1,0 +1,135 @@
+"""One source of truth for a federation's shared settings: the ServerApp's. A SuperNode's ClientApp (called here
+in-process with Flower's own Message and Context, as its SuperNode calls it) builds its config from the settings
+the message carries and its own file's local keys only, refuses a tokenizer that is not the server's with its
+reason, and the server logs a refusal and never counts a round without usable replies as trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from conftest import strategy, tiny_config  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from dgpt import api  # noqa: E402
+from dgpt.config import Config, dump_config  # noqa: E402
+from dgpt.config_shared import shared_toml, unclassified, with_local  # noqa: E402
+from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
+from dgpt.errors import DgptError  # noqa: E402
+from dgpt.rundir import RunDir  # noqa: E402
+from dgpt.runtimes.flower import client, wire  # noqa: E402
+from dgpt.runtimes.flower import server as flower_server  # noqa: E402
+from dgpt.runtimes.flower.server import FlowerServer  # noqa: E402
+from dgpt.runtimes.setup import build_model, read_run  # noqa: E402
+from test_flower_wire import Grid  # noqa: E402
+from torch.nn.utils import parameters_to_vector  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def in_a_task(monkeypatch):
+    """What a SuperNode sets in its ClientApp's process before calling it (a Message cannot be made without)."""
+    for key, value in (("_run_id", 1), ("_node_id", 2), ("_task_id", 3)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Config:
+    """The server's config (rounds 2, H 2), with every oracle's shards prepared in its run directory."""
+    config = tiny_config(tmp_path_factory.mktemp("settings"), federation={"runtime": "flower", "rounds": 2, "inner_steps": 2})
+    api.prepare(config)
+    return config
+
+
+def supernode_file(config: Config, path, **changes) -> str:
+    """A SuperNode's own config file: the server's, with `changes` (section -> {key: value})."""
+    for section, values in changes.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    path.write_text(dump_config(config))
+    return str(path)
+
+
+def ask(config: Config, node_file: str, oracle: str, rnd: int, kind: str = wire.TRAIN, run_dir: str | None = None) -> RecordDict:
+    """The reply of `oracle`'s ClientApp to the server's `kind` message of round `rnd` (Theta: the seed's model)."""
+    theta = parameters_to_vector(build_model(read_run(config, oracles=[]))[0].parameters()).detach()
+    sizes = {n: 1000.0 for n in config.oracle_names()}
+    settings = wire.settings_record(shared_toml(config), TextTokenizer.load(RunDir(config.run_dir).tokenizer).sha256)
+    message = Message(wire.request(rnd, "pretrain", theta, sizes, settings), dst_node_id=2, message_type=kind, group_id=str(rnd))
+    node_config = {"config": node_file, "oracle": oracle, **({"run-dir": run_dir} if run_dir else {})}
+    context = Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config={})
+    return client.app(message, context).content
+
+
+def test_every_config_key_is_shared_or_local(prepared, tmp_path):
+    """New sections must be classified; the shared TOML holds no run directory, device or data path; a SuperNode's
+    config takes every shared key from the server and only the local ones from its own file."""
+    assert unclassified() == []
+    text = shared_toml(prepared)
+    assert "run_dir" not in text and "device" not in text and "train = " not in text
+    assert tomllib.loads(text)["federation"]["rounds"] == 2
+    local = tiny_config(tmp_path, federation={"rounds": 9, "inner_steps": 7}, pretrain={"lr": 1.0, "device": "cpu"},
+                        seed=99, run_dir=str(tmp_path / "mine"))
+    merged = with_local(text, local, "beta")
+    assert merged.federation == prepared.federation and merged.seed == prepared.seed and merged.model == prepared.model
+    assert merged.pretrain == dataclasses.replace(prepared.pretrain, device="cpu")
+    assert merged.run_dir == str(tmp_path / "mine")
+    assert merged.oracles[1].train == local.oracles[1].train and merged.oracles[0].train == []
+    with pytest.raises(DgptError, match="not valid TOML"):
+        with_local("rounds = [", local, "beta")
+
+
+def test_a_supernode_file_with_other_rounds_trains_on_the_servers(prepared, tmp_path):
+    """A SuperNode whose own file says 1 round (and another learning rate) is asked for round 2 of the server's 2:
+    it trains H steps (its own file's schedule would have had none left: a ZeroDivisionError before)."""
+    node_file = supernode_file(prepared, tmp_path / "node.toml", federation={"rounds": 1, "inner_steps": 5},
+                               pretrain={"lr": 0.5})
+    content = ask(prepared, node_file, "alpha", 2)
+    assert wire.refusal_reason(content) is None
+    assert content.config_records["round"]["oracle"] == "alpha" and "delta" in content.array_records
+    assert content.metric_records["metrics"]["tokens"] == 2 * 4 * 32  # H = 2 steps of 4 windows of 32 tokens
+    assert "rounds = 2" in (RunDir(prepared.run_dir).config).read_text()  # what the SuperNode trained with
+
+
+def test_a_supernode_with_another_tokenizer_or_foreign_shards_is_refused_with_its_reason(prepared, tmp_path):
+    other = tiny_config(tmp_path / "other", tokenizer={"vocab_size": 280}, federation={"runtime": "flower"})
+    api.prepare(other)
+    node_file = supernode_file(prepared, tmp_path / "node.toml")
+    content = ask(prepared, node_file, "beta", 1, run_dir=other.run_dir)
+    assert "is not the server's tokenizer" in wire.refusal_reason(content)
+    assert content.config_records["round"]["oracle"] == "beta" and "delta" not in content.array_records
+    # the server's tokenizer copied over shards of another vocabulary
+    RunDir(other.run_dir).tokenizer.write_bytes(RunDir(prepared.run_dir).tokenizer.read_bytes())
+    content = ask(prepared, node_file, "beta", 1, kind=wire.EVALUATE, run_dir=other.run_dir)
+    assert "made with a different tokenizer" in wire.refusal_reason(content)
+    content = ask(prepared, node_file, "mallory", 1)
+    assert "no oracle 'mallory'" in wire.refusal_reason(content)
+
+
+class Refusing(Grid):
+    """SuperNodes that all answer with an error record."""
+
+    def pull_messages(self, ids):
+        return [SimpleNamespace(content=wire.refusal(self.rnd, self.answers[self.sent[i].dst_node_id], "bad shards"),
+                                has_error=lambda: False, metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+
+def test_the_server_logs_refusals_and_a_round_of_refusals_moves_nothing(monkeypatch, caplog):
+    monkeypatch.setattr(flower_server, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
+    server = FlowerServer.__new__(FlowerServer)
+    server.config = SimpleNamespace(federation=SimpleNamespace(round_timeout_s=60.0, min_oracles=1))
+    server.work, server.kind = SimpleNamespace(params=[torch.zeros(3)], sizes={"alpha": 1.0, "beta": 1.0}), "pretrain"
+    server.node_of, server.met, server.settings = {}, set(), wire.settings_record("seed = 1\n", "0" * 64)
+    server.grid = Refusing(3, {11: "alpha", 12: "beta"})
+    with caplog.at_level(logging.WARNING):
+        replies = server._ask(wire.TRAIN, 3, ["alpha", "beta"])  # ends at once: every oracle answered
+    assert replies.contents == {} and set(replies.refused) == {"alpha", "beta"}
+    assert "round 3: oracle 'alpha' (SuperNode 11) cannot take part: bad shards" in caplog.text
+    result = strategy({"alpha": 1.0, "beta": 1.0}, 3).aggregate({})
+    assert result.update is None and "no update arrived" in result.skipped
