@@ -56,6 +56,8 @@ class DataConfig:
     shard_tokens: int = 1 << 24  # tokens per shard file
     batch_docs: int = 512  # at most this many documents (or segments of long ones) per parallel encode batch
     batch_bytes: int = 1 << 20  # and at most about this many bytes of text
+    part_bytes: int = 1 << 23  # a larger text or JSONL file is cut between documents into parts of about this size
+    workers: int = 0  # processes that read and encode the parts; 0: one per core, as free memory allows
 
 
 @dataclass

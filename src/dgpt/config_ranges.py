@@ -33,6 +33,8 @@ RANGES: dict[str, Rule] = {
     "data.shard_tokens": AT_LEAST_1,
     "data.batch_docs": AT_LEAST_1,
     "data.batch_bytes": AT_LEAST_1,
+    "data.part_bytes": AT_LEAST_1,
+    "data.workers": AT_LEAST_0,
     "oracles[].weight": AT_LEAST_0,
     "oracles[].task.num_choices": (lambda v: v == 0 or v >= 2, "0 (from the data) or >= 2"),
     "pretrain.steps": AT_LEAST_0,  # 0: derived from [federation] (runtimes.central)

@@ -60,7 +60,8 @@ class DocumentCleaner:
 
 class DocumentFilter:
     """Drops empty and too-short documents and (with dedup) exact duplicates, counting each. A document is
-    judged whole (`keep`) or in parts (`add` each, then `decide`)."""
+    judged whole (`keep`) or in parts (`add` each, then `decide`). `digests` lists the kept documents' hashes
+    in order (with dedup), for a merge that drops the duplicates of documents that another filter kept."""
 
     def __init__(self, min_chars: int = 0, dedup: bool = True):
         self.min_chars = min_chars
@@ -69,6 +70,7 @@ class DocumentFilter:
         self.duplicates = 0
         self.too_short = 0  # empty documents count here too
         self._seen: set[bytes] = set()  # 16-byte digests: memory grows with unique documents, not their size
+        self.digests: list[bytes] = []
         self._chars = 0
         self._hash = hashlib.blake2b(digest_size=16)
 
@@ -94,5 +96,6 @@ class DocumentFilter:
                 self.duplicates += 1
                 return False
             self._seen.add(digest)
+            self.digests.append(digest)
         self.kept += 1
         return True

@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
+from contextlib import ExitStack
+from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -22,6 +25,7 @@ from tqdm import tqdm
 from dgpt.config import Config, DataConfig, OracleConfig
 from dgpt.data.clean import DocumentFilter
 from dgpt.data.documents import oracle_documents
+from dgpt.data.parts import encoded_parts, merge, split_parts, worker_count
 from dgpt.data.shards import FORMAT_VERSION, ShardWriter, dtype_for_vocab, load_split, read_manifest
 from dgpt.data.sources import input_files
 from dgpt.data.pretokens import merge_counts, write_counts
@@ -47,8 +51,7 @@ def prepare(config: Config, *, oracles: list[str] | None = None) -> dict[str, di
             raise DgptError(f"oracle '{oracle.name}' has no train source")
     run = RunDir(config.run_dir)
     tokenizer = _get_tokenizer(config, run, every_oracle=len(chosen) == len(config.oracles))
-    dtype = dtype_for_vocab(tokenizer.vocab_size)
-    return {oracle.name: _prepare_oracle(oracle, config.data, tokenizer, dtype, run.oracle_data(oracle.name)) for oracle in chosen}
+    return _write_shards(chosen, config.data, tokenizer, dtype_for_vocab(tokenizer.vocab_size), run)
 
 
 def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: int = 1) -> str:
@@ -156,10 +159,19 @@ def _read_json(path: Path) -> dict:
 # --- the shards --------------------------------------------------------------------------------------
 
 
-def _prepare_oracle(
-    oracle: OracleConfig, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path
-) -> dict:
-    fingerprint = _digest({
+def _write_shards(chosen: list[OracleConfig], data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, run: RunDir) -> dict[str, dict]:
+    """Each oracle's shards and manifest, reused where its inputs are unchanged and its shards verify; every
+    other oracle's parts encoded together, by one pool of processes (`dgpt.data.parts`)."""
+    fingerprints = {o.name: _fingerprint(o, data, tokenizer) for o in chosen}
+    manifests = {o.name: _reusable(run.oracle_data(o.name), fingerprints[o.name], tokenizer.sha256) for o in chosen}
+    todo = [o for o in chosen if manifests[o.name] is None]
+    if todo:
+        manifests.update(_write_oracles(todo, data, tokenizer, dtype, run, fingerprints))
+    return {o.name: _report(o.name, manifests[o.name], reused=o not in todo) for o in chosen}
+
+
+def _fingerprint(oracle: OracleConfig, data: DataConfig, tokenizer: TextTokenizer) -> str:
+    return _digest({
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tokenizer.sha256,
         "text_field": oracle.text_field,
@@ -167,31 +179,52 @@ def _prepare_oracle(
         "cleaning": _cleaning(data),
         "shard_tokens": data.shard_tokens,
     })
-    manifest = _reusable(out, fingerprint, tokenizer.sha256)
-    reused = manifest is not None
-    if manifest is None:
-        with atomic_dir(out) as tmp:  # the old directory stays valid until the new one is complete
-            splits = {split: _write_split(oracle, split, data, tokenizer, dtype, tmp) for split in SPLITS}
+
+
+def _write_oracles(todo: list[OracleConfig], data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, run: RunDir,
+                   fingerprints: dict[str, str]) -> dict[str, dict]:
+    parts = {(o.name, split): split_parts(o, split, data) for o in todo for split in SPLITS}
+    every = [part for group in parts.values() for part in group]
+    workers = worker_count(data.workers, every)
+    if workers > 1:
+        logger.info(f"encoding {len(every)} parts in {workers} processes")
+    manifests = {}
+    with ExitStack() as stack:  # the old directories stay valid until every new one is complete
+        tmp = {o.name: stack.enter_context(atomic_dir(run.oracle_data(o.name))) for o in todo}
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".parts.", suffix=".tmp", dir=run.oracle_data(todo[0].name).parent)))
+        encoded = iter(stack.enter_context(encoded_parts(every, workers, (tokenizer, data, dtype, {o.name: o for o in todo}, scratch))))
+        for oracle in todo:
+            splits = {}
+            for split in SPLITS:
+                group = parts[oracle.name, split]
+                with ShardWriter(tmp[oracle.name], split, dtype, data.shard_tokens) as writer:
+                    done = tqdm(islice(encoded, len(group)), total=len(group), desc=f"{oracle.name} {split}", unit=" parts", disable=None, leave=False)
+                    stats = merge(done, writer)
+                    splits[split] = {"shards": writer.close(), **stats}
             if splits["train"]["tokens"] == 0:
                 raise DgptError(f"oracle '{oracle.name}': the training split yields zero tokens "
                                 "(every document was empty, too short or a duplicate)")
-            manifest = {
+            manifests[oracle.name] = {
                 "format_version": FORMAT_VERSION,
                 "oracle": oracle.name,
                 "dtype": dtype.name,
                 "vocab_size": tokenizer.vocab_size,
                 "tokenizer_sha256": tokenizer.sha256,
-                "fingerprint": fingerprint,
+                "fingerprint": fingerprints[oracle.name],
                 "splits": splits,
             }
-            write_json(tmp / MANIFEST, manifest)  # last: a directory without it is incomplete
+            write_json(tmp[oracle.name] / MANIFEST, manifests[oracle.name])  # last: a directory without it is incomplete
+    return manifests
+
+
+def _report(name: str, manifest: dict, reused: bool) -> dict:
     stats = {split: {k: v for k, v in manifest["splits"][split].items() if k != "shards"} for split in SPLITS}
     parts = [
         f"{split} {s['documents']} docs, {s['tokens']} tokens, {s['duplicates']} duplicates removed, "
         f"{s['bytes_per_token']:.2f} bytes/token"
         for split, s in stats.items()
     ]
-    logger.info(f"{oracle.name}: {'; '.join(parts)}{' (reused: inputs unchanged, shards verified)' if reused else ''}")
+    logger.info(f"{name}: {'; '.join(parts)}{' (reused: inputs unchanged, shards verified)' if reused else ''}")
     return {**stats, "reused": reused}
 
 
@@ -209,57 +242,3 @@ def _reusable(out: Path, fingerprint: str, tokenizer_sha256: str) -> dict | None
         logger.warning(f"{out}: existing shards cannot be reused ({e}); rebuilding")
         return None
     return manifest
-
-
-def _write_split(
-    oracle: OracleConfig, split: str, data: DataConfig, tokenizer: TextTokenizer, dtype: np.dtype, out: Path
-) -> dict:
-    keep = _new_filter(data)
-    parts = oracle_documents(oracle, split, data, keep)
-    texts = segments(parts, SEGMENT_CHARS if tokenizer.encodes_in_segments else None)
-    text_bytes = 0
-    with ShardWriter(out, split, dtype, data.shard_tokens) as writer, \
-            tqdm(desc=f"{oracle.name} {split}", unit=" docs", disable=None, leave=False) as progress:
-        for batch, size in _batches(texts, data.batch_docs, data.batch_bytes):
-            text_bytes += size
-            writer.write(_encode(tokenizer, batch, dtype))
-            progress.update(sum(last for _, last in batch))
-        shards = writer.close()
-    tokens = sum(record["tokens"] for record in shards)
-    return {
-        "shards": shards,
-        "tokens": tokens,
-        "documents": keep.kept,
-        "duplicates": keep.duplicates,
-        "too_short": keep.too_short,
-        "text_bytes": text_bytes,
-        # text tokens only: the <|endoftext|> after each document carries no text
-        "bytes_per_token": round(text_bytes / max(tokens - keep.kept, 1), 4),
-    }
-
-
-def _batches(texts: Iterable[tuple[str, bool]], most: int, most_bytes: int) -> Iterator[tuple[list[tuple[str, bool]], int]]:
-    """(segments, their UTF-8 bytes): batches of at most `most` segments, ending once `most_bytes` is reached."""
-    batch, size = [], 0
-    for text, last in texts:
-        batch.append((text, last))
-        size += len(text.encode("utf-8"))
-        if len(batch) >= most or size >= most_bytes:
-            yield batch, size
-            batch, size = [], 0
-    if batch:
-        yield batch, size
-
-
-def _encode(tokenizer: TextTokenizer, batch: list[tuple[str, bool]], dtype: np.dtype) -> np.ndarray:
-    """The tokens of a batch of segments, with <|endoftext|> after each document's last segment."""
-    encoded = tokenizer.encode_batch([text for text, _ in batch])
-    ids = np.empty(sum(map(len, encoded)) + sum(last for _, last in batch), dtype=dtype)
-    at = 0
-    for tokens, (_, last) in zip(encoded, batch):
-        ids[at:at + len(tokens)] = tokens
-        at += len(tokens)
-        if last:
-            ids[at] = tokenizer.eot_id
-            at += 1
-    return ids

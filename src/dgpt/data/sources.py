@@ -2,7 +2,9 @@
 
 Everything streams line by line, so a source may be larger than memory, and a document of a text file
 longer than `PART_CHARS` arrives in parts (whole lines), so a document may be too (a single line, JSONL
-record or dataset row is held whole). Bad input raises a one-line DgptError naming the file (and line).
+record or dataset row is held whole). A large text or JSONL file can also be read in byte ranges that start
+and end between documents (`document_cuts`): their documents are those of the whole file. Bad input raises a
+one-line DgptError naming the file (and line).
 """
 
 from __future__ import annotations
@@ -58,35 +60,80 @@ def iter_document_parts(spec: str, *, text_field: str = "text", doc_separator: s
         yield from ((doc, True) for doc in _hf_documents(spec, text_field))
         return
     for path in input_files(spec):
-        count = 0
-        parts = ((doc, True) for doc in _jsonl_documents(path, text_field)) if path.suffix == ".jsonl" else _text_parts(path, doc_separator)
-        for part, last in parts:
-            count += last
-            yield part, last
-        if count == 0:
-            raise DgptError(f"{path}: empty file (no documents)")
+        yield from file_document_parts(path, text_field=text_field, doc_separator=doc_separator)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) pairs; bytes that are not UTF-8 are an error naming file:line."""
+def file_document_parts(path: Path, *, text_field: str = "text", doc_separator: str = "blank_line",
+                        start: int = 0, end: int | None = None) -> Iterator[tuple[str, bool]]:
+    """`iter_document_parts` of one file, or of its bytes start..end (between two of its `document_cuts`)."""
+    count = 0
+    lines = _lines(path, start, end)
+    parts = ((doc, True) for doc in _jsonl_documents(path, lines, text_field)) if path.suffix == ".jsonl" else _text_parts(lines, doc_separator)
+    for part, last in parts:
+        count += last
+        yield part, last
+    if count == 0 and start == 0:  # a range after the first may hold only blank lines; the first has a document
+        raise DgptError(f"{path}: empty file (no documents)")
+
+
+def document_cuts(path: Path, doc_separator: str, part_bytes: int) -> list[int]:
+    """Offsets about `part_bytes` apart where the file can be cut between documents: each after a line of text
+    and, with blank-line separators, the blank line after it (so each range before a cut holds a document)."""
+    size = path.stat().st_size
+    if size <= part_bytes or (doc_separator == "file" and path.suffix != ".jsonl"):
+        return []
+    per_line = path.suffix == ".jsonl" or doc_separator == "line"
+    cuts: list[int] = []
     with open(path, "rb") as f:
+        while (cuts[-1] if cuts else 0) + part_bytes < size:
+            f.seek((cuts[-1] if cuts else 0) + part_bytes)
+            at = f.tell() + len(f.readline())  # the next line's start
+            text_before = False
+            for raw in f:
+                at += len(raw)
+                blank = not raw.decode("utf-8", errors="replace").strip()
+                if text_before and (per_line or blank):
+                    break
+                text_before = not blank
+            else:
+                break
+            cuts.append(at)
+    return cuts
+
+
+def _lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) pairs of the lines from byte `start` (a line's start) to `end`; bytes that
+    are not UTF-8 are an error naming file:line."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        at = start
         for number, raw in enumerate(f, start=1):
+            if end is not None and at >= end:
+                break
+            at += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                number += _newlines_before(path, start)
                 raise DgptError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            if number == 1 and line.startswith("\ufeff"):
+            if number == 1 and start == 0 and line.startswith("\ufeff"):
                 line = line[1:]  # a byte-order mark is not text
             yield number, line
 
 
-def _text_parts(path: Path, separator: str) -> Iterator[tuple[str, bool]]:
+def _newlines_before(path: Path, offset: int) -> int:
+    """How many lines the file has before byte `offset`: what a range's line numbers are counted from."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n")
+
+
+def _text_parts(numbered: Iterator[tuple[int, str]], separator: str) -> Iterator[tuple[str, bool]]:
     """A text file's documents in parts. A part is sent once it holds PART_CHARS characters and some text
     (a document of blank lines alone is none), keeping its last line back so that the final part, whose
     trailing line breaks are dropped, is never empty."""
     lines: list[str] = []
     size, text_seen = 0, False
-    for _, line in _lines(path):
+    for _, line in numbered:
         blank = not line.strip()
         if separator == "line":
             if not blank:
@@ -107,9 +154,9 @@ def _text_parts(path: Path, separator: str) -> Iterator[tuple[str, bool]]:
         yield "".join(lines).rstrip("\r\n"), True
 
 
-def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """("file:line", parsed JSON) for every non-blank line of a JSONL file."""
-    for number, line in _lines(path):
+def iter_jsonl_rows(path: Path, lines: Iterator[tuple[int, str]] | None = None) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed JSON) for every non-blank line of a JSONL file (or of those of its `lines`)."""
+    for number, line in lines or _lines(path):
         if not line.strip():
             continue
         try:
@@ -119,8 +166,8 @@ def iter_jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}:{number}", row
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for where, row in iter_jsonl_rows(path):
+def _jsonl_documents(path: Path, lines: Iterator[tuple[int, str]], field: str) -> Iterator[str]:
+    for where, row in iter_jsonl_rows(path, lines):
         yield _text_of(row, field, where)
 
 

@@ -8,6 +8,9 @@ oracles can each count their own text and share the counts instead of the text, 
 train the same tokenizer as the pooled text would. Text is trained on as a stream: Rust pre-tokenizes
 and counts it, holding only the counts.
 
+Encoding goes through a `tiktoken` encoder derived from the tokenizer and checked to give the same ids
+(`dgpt.data.rank_encoder`); a tokenizer that cannot be expressed that way is encoded by `tokenizers`.
+
 Pre-tokenization (GPT-2's rules) always splits before a space or line break that stands between two
 non-space characters, so text cut there (`segments`) encodes, and counts, exactly as the whole text:
 long documents are handled in segments of bounded size.
@@ -18,17 +21,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
+import numpy as np
+import tiktoken
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dgpt.data.rank_encoder import NotRanks, derive_encoding, disagreement
 from dgpt.data.special_tokens import SMALLEST_VOCAB, SPECIAL_TOKENS
 from dgpt.errors import DgptError
 from dgpt.fileio import atomic_path
 
+logger = logging.getLogger(__name__)
 SEGMENT_CHARS = 1 << 16  # longer text is cut into segments of about this many characters
 _CUT = re.compile(r"(?<=\S)[ \n](?=\S)")  # the cut goes before the space or line break
 _CUT_LOOKBACK = 4096  # where to look for the last cut before the limit first
@@ -87,6 +96,7 @@ class TextTokenizer:
         if missing:
             raise DgptError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
         self.hf = hf
+        self.source = source
         self.eot_id, self.pad_id, self.start_id, self.delim_id, self.extract_id = (
             hf.token_to_id(t) for t in SPECIAL_TOKENS
         )
@@ -138,12 +148,44 @@ class TextTokenizer:
         with atomic_path(path) as tmp:
             self.hf.save(str(tmp))
 
+    @functools.cached_property
+    def fast(self) -> tiktoken.Encoding | None:
+        """The `tiktoken` encoder that gives this tokenizer's ids (checked on `PROBE` and every token), or None
+        (the reason logged) where there is none: `encode` then uses `tokenizers`."""
+        try:
+            encoding = derive_encoding(self.hf)
+        except NotRanks as e:
+            logger.info(f"{self.source}: encoding with `tokenizers`: the tokenizer cannot be expressed as tiktoken ranks ({e})")
+            return None
+        differs = disagreement(self.hf, encoding)
+        if differs:
+            logger.warning(f"{self.source}: encoding with `tokenizers`: its tiktoken encoder disagrees ({differs})")
+            return None
+        return encoding
+
     def encode(self, text: str) -> list[int]:
+        """Token ids; text equal to a special token becomes that token."""
+        if self.fast is not None:
+            return self.fast.encode(text, allowed_special="all")
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts in parallel in Rust (offsets are not computed: faster)."""
+        """Encode many texts in parallel (`tiktoken` threads, or `tokenizers`' own pool without offsets)."""
+        if self.fast is not None:
+            return self.fast.encode_batch(texts, allowed_special="all")
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """Each text's ids as an array (no Python ints in between), in `threads` threads (tiktoken releases the GIL)."""
+        if self.fast is None:
+            return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+        encode = functools.partial(self.fast.encode_to_numpy, allowed_special="all")
+        if threads == 1 or len(texts) == 1:
+            return list(map(encode, texts))
+        step = -(-len(texts) // threads)  # a slice per thread: a future per text costs more than a short text's encoding
+        with ThreadPoolExecutor(threads) as pool:
+            slices = pool.map(lambda i: list(map(encode, texts[i:i + step])), range(0, len(texts), step))
+            return [ids for piece in slices for ids in piece]
 
     @functools.cached_property
     def encodes_in_segments(self) -> bool:
