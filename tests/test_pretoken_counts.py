@@ -4,6 +4,7 @@ the pooled text; each machine prepares only the oracles it holds; bad count file
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,15 @@ def test_merged_counts_equal_pooled_text_on_real_corpora():
     assert merged_counts_tokenizer(parts, 2048, 2).sha256 == reference.sha256
 
 
-def test_two_machines_prepare_their_own_oracles_with_the_pooled_tokenizer(tmp_path, capsys):
-    pooled = tiny_config(tmp_path)
-    prepare(pooled)  # one machine holding every oracle's text: the reference
+@pytest.mark.parametrize("train_bytes", [1 << 23, 6000])  # the tiny oracles' whole text; a sample of each (~25 KB)
+def test_two_machines_prepare_their_own_oracles_with_the_pooled_tokenizer(tmp_path, capsys, caplog, train_bytes):
+    tokenizer = {"vocab_size": 300, "train_bytes": train_bytes}
+    pooled = tiny_config(tmp_path, tokenizer=tokenizer)
+    with caplog.at_level(logging.INFO, logger="dgpt"):
+        prepare(pooled)  # one machine holding every oracle's text: the reference
+    assert ("(tokenizer.train_bytes)" in caplog.text) == (train_bytes == 6000)
     holds = {"m0": {"alpha"}, "m1": {"beta", "gamma"}}
-    configs = {m: _write(tmp_path, host_config(tmp_path, m, names), f"{m}.toml") for m, names in holds.items()}
+    configs = {m: _write(tmp_path, host_config(tmp_path, m, names, tokenizer=tokenizer), f"{m}.toml") for m, names in holds.items()}
     counts = []
     for machine, names in holds.items():
         for name in sorted(names):

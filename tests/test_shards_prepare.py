@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dgpt.config import config_from_dict
-from dgpt.data import documents, prepare as prepare_module, sources
+from dgpt.data import documents, parts, prepare as prepare_module, sources
 from dgpt.data.clean import DocumentFilter, clean_text
 from dgpt.data.embedded import write_embedded_corpora
 from dgpt.data.prepare import prepare
@@ -267,7 +267,7 @@ def test_long_documents_in_parts_and_segments_give_the_same_shards(tmp_path, mon
         return read_manifest(root / "run" / "data" / "sea")["splits"], stats
 
     whole = shards("whole")
-    for module, name, value in [(sources, "PART_CHARS", 50), (documents, "PART_CHARS", 50), (prepare_module, "SEGMENT_CHARS", 20)]:
+    for module, name, value in [(sources, "PART_CHARS", 50), (documents, "PART_CHARS", 50), (prepare_module, "SEGMENT_CHARS", 20), (parts, "SEGMENT_CHARS", 20)]:
         monkeypatch.setattr(module, name, value)
     in_parts = shards("parts")
     assert in_parts == whole  # the same tokenizer, tokens, checksums and counts

@@ -46,6 +46,7 @@ class TokenizerConfig:
     min_frequency: int = 2
     path: str = ""  # an existing tokenizer.json to use instead of training one
     counts: list[str] = field(default_factory=list)  # train from these `dgpt count-pretokens` files, not from text
+    train_bytes: int = 1 << 23  # train on about this much of each oracle's text, in evenly spread slices; 0: all
 
 
 @dataclass

@@ -29,6 +29,7 @@ RANGES: dict[str, Rule] = {
     **{f"model.{k}": AT_LEAST_1 for k in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx")},
     **{f"model.{k}": FRACTION for k in ("embd_dropout", "attn_dropout", "resid_dropout")},
     "tokenizer.min_frequency": AT_LEAST_1,
+    "tokenizer.train_bytes": AT_LEAST_0,
     "data.min_chars": AT_LEAST_0,
     "data.shard_tokens": AT_LEAST_1,
     "data.batch_docs": AT_LEAST_1,

@@ -1,4 +1,4 @@
-"""An oracle's documents as `prepare` reads them: from its sources, cleaned, filtered, in parts.
+"""Documents as `prepare` reads them: cleaned, filtered, in parts.
 
 A document travels as (part, last) pairs (see `sources.iter_document_parts`), so none has to fit in
 memory. Whether to keep one (too short, a duplicate) is known only at its end: a document of one part
@@ -10,15 +10,8 @@ from __future__ import annotations
 import tempfile
 from typing import Iterable, Iterator
 
-from dgpt.config import DataConfig, OracleConfig
 from dgpt.data.clean import DocumentCleaner, DocumentFilter
-from dgpt.data.sources import PART_CHARS, iter_document_parts
-
-
-def oracle_documents(oracle: OracleConfig, split: str, data: DataConfig, keep: DocumentFilter) -> Iterator[tuple[str, bool]]:
-    """An oracle's cleaned documents of one split that pass `keep` (which counts what it drops), in parts."""
-    for spec in getattr(oracle, split):
-        yield from kept_parts(iter_document_parts(spec, text_field=oracle.text_field, doc_separator=data.doc_separator), keep)
+from dgpt.data.sources import PART_CHARS
 
 
 def kept_parts(parts: Iterable[tuple[str, bool]], keep: DocumentFilter) -> Iterator[tuple[str, bool]]:

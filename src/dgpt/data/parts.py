@@ -31,6 +31,7 @@ from dgpt.data.tokenizer import SEGMENT_CHARS, TextTokenizer, segments
 from dgpt.errors import DgptError
 
 WORKER_BYTES = 256 << 20  # a worker's peak memory is well below this (its batch, a part's records, the tokenizer)
+SAMPLE_SLICES = 16  # a tokenizer's training sample is taken in slices of about a 16th of it
 POOL_MIN_BYTES = 1 << 24  # below this much input (and data.workers = 0), starting processes costs more than it saves
 
 
@@ -67,16 +68,30 @@ class Encoded:
     doc_bytes: np.ndarray | None = None
 
 
-def split_parts(oracle: OracleConfig, split: str, data: DataConfig) -> list[Part]:
+def split_parts(oracle: OracleConfig, split: str, data: DataConfig, part_bytes: int | None = None) -> list[Part]:
+    """A split's parts, in order: its files cut between documents every `part_bytes` (data.part_bytes) or so."""
     parts = []
     for spec in getattr(oracle, split):
         files = input_files(spec)
         if not files:
             parts.append(Part(oracle.name, split, spec))
         for path in files:
-            bounds = [0, *document_cuts(path, data.doc_separator, data.part_bytes), None]
+            bounds = [0, *document_cuts(path, data.doc_separator, part_bytes or data.part_bytes), None]
             parts += [Part(oracle.name, split, spec, str(path), a, b) for a, b in zip(bounds, bounds[1:])]
     return parts
+
+
+def sample_parts(oracle: OracleConfig, data: DataConfig, budget: int) -> tuple[list[Part], int, int]:
+    """About `budget` bytes of the oracle's training files, in evenly spread slices of about budget/16 bytes cut
+    between documents: what the tokenizer is trained on (all of them when they are smaller, budget is 0 or a
+    source is a dataset, whose size is unknown). Returns the parts, their bytes and the files' bytes."""
+    parts = split_parts(oracle, "train", data, max(budget // SAMPLE_SLICES, 1) if budget else None)
+    total = sum(map(_size, parts))
+    if not budget or total <= budget or any(p.path is None for p in parts):
+        return parts, total, total
+    take = -(-len(parts) * budget // total)
+    chosen = [parts[j * len(parts) // take] for j in range(take)]
+    return chosen, sum(map(_size, chosen)), total
 
 
 def _size(part: Part) -> int:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from dgpt.config import Config, DataConfig, OracleConfig
 from dgpt.data.clean import DocumentFilter
-from dgpt.data.documents import oracle_documents
-from dgpt.data.parts import encoded_parts, merge, split_parts, worker_count
+from dgpt.data.documents import kept_parts
+from dgpt.data.parts import encoded_parts, merge, sample_parts, split_parts, worker_count
 from dgpt.data.shards import FORMAT_VERSION, ShardWriter, dtype_for_vocab, load_split, read_manifest
 from dgpt.data.sources import input_files
 from dgpt.data.pretokens import merge_counts, write_counts
@@ -58,7 +58,7 @@ def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: in
     """Write one oracle's pre-token count file (what it shares for the tokenizer); return a summary line."""
     (chosen,) = _chosen_oracles(config, [oracle])
     keep = _new_filter(config.data)
-    counts = count_pretokens(_texts(chosen, config.data, keep))
+    counts = count_pretokens(_texts(chosen, config, keep))
     if not counts:
         raise DgptError(f"oracle '{oracle}': no training text to count (every document was empty, too short or a duplicate)")
     kept = write_counts(out, oracle, counts, keep.kept, _cleaning(config.data), min_count)
@@ -76,9 +76,15 @@ def _chosen_oracles(config: Config, names: list[str] | None) -> list[OracleConfi
     return [known[n] for n in dict.fromkeys(names)]
 
 
-def _texts(oracle: OracleConfig, data: DataConfig, keep: DocumentFilter) -> Iterator[str]:
-    """An oracle's training text in segments, for counting or training the tokenizer."""
-    return (text for text, _ in segments(oracle_documents(oracle, "train", data, keep), SEGMENT_CHARS))
+def _texts(oracle: OracleConfig, config: Config, keep: DocumentFilter) -> Iterator[str]:
+    """An oracle's training text (its sample of `tokenizer.train_bytes`) in segments, for counting or training
+    the tokenizer."""
+    parts, sampled, total = sample_parts(oracle, config.data, config.tokenizer.train_bytes)
+    if sampled < total:
+        logger.info(f"tokenizer: {oracle.name}: {sampled / 1e6:.1f} MB of its {total / 1e6:.1f} MB of training text, "
+                    f"in {len(parts)} slices (tokenizer.train_bytes)")
+    documents = (doc for part in parts for doc in kept_parts(part.documents(oracle, config.data), keep))
+    return (text for text, _ in segments(documents, SEGMENT_CHARS))
 
 
 def _new_filter(data: DataConfig) -> DocumentFilter:
@@ -125,7 +131,7 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
     source = ({"counts": [sha256_file(p) if Path(p).is_file() else p for p in settings.counts]} if settings.counts else
               {"oracles": [{"name": o.name, "text_field": o.text_field, "train": _inputs(o, "train")} for o in config.oracles]})
     fingerprint = _digest({**source, "cleaning": _cleaning(config.data), "vocab_size": settings.vocab_size,
-                           "min_frequency": settings.min_frequency})
+                           "min_frequency": settings.min_frequency, "train_bytes": settings.train_bytes})
     if target.is_file() and _read_json(fingerprint_path).get("inputs") == fingerprint:
         tokenizer = TextTokenizer.load(target)
         if _read_json(fingerprint_path).get("tokenizer_sha256") == tokenizer.sha256:
@@ -139,7 +145,7 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
         tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
     else:  # the same counts, made here by the trainer from every oracle's text
         filters = {o.name: _new_filter(config.data) for o in config.oracles}
-        texts = (text for o in config.oracles for text in _texts(o, config.data, filters[o.name]))
+        texts = (text for o in config.oracles for text in _texts(o, config, filters[o.name]))
         tokenizer = TextTokenizer.train(texts, settings.vocab_size, settings.min_frequency)
         origin = f"{sum(f.kept for f in filters.values())} training documents"
     tokenizer.save(target)
