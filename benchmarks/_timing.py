@@ -42,19 +42,23 @@ def interleaved_times(sides: dict[str, Callable[[], object]], repeats: int, call
     return times
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
+def run_measured(cmd: list[str], env: dict | None = None, children: bool = False) -> tuple[float, float, int, str]:
     """Run `cmd` in a fresh process: (wall seconds, peak RSS in MiB of that process, exit code, output).
 
     The peak is the process's own VmHWM, read every 20 ms until it exits: its rusage ru_maxrss would not do, since
     Linux carries the high-water mark of the memory it replaced at exec into it, i.e. this (torch-importing) process's.
+    With `children`, the sum of the VmHWM of it and every process it started (seen alive at some reading): more
+    than their peak together, never less.
     """
     with tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        peak = 0.0
+        peaks: dict[int, float] = {}
         while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:
-            peak = max(peak, _high_water_mib(proc.pid))
+            for pid in [proc.pid, *(_descendants(proc.pid) if children else [])]:
+                peaks[pid] = max(peaks.get(pid, 0.0), _high_water_mib(pid))
             time.sleep(0.02)
+        peak = sum(peaks.values())
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(done[1])
         out.seek(0)
@@ -68,6 +72,18 @@ def _high_water_mib(pid: int) -> float:
             return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
     except OSError:
         return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (Linux /proc; [] where it cannot tell)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return found + [d for child in found for d in _descendants(child)]
 
 
 def python_child(*args: str) -> list[str]:
