@@ -3,9 +3,10 @@
 Everything streams, so memory stays flat in corpus size and in document size (the dedup set holds 16
 bytes per unique document; tokenizer training holds the pre-token counts): documents are cleaned and
 filtered in parts (`dgpt.data.documents`), cut into segments that encode as the whole (`segments`) and
-encoded in batches of at most `batch_docs` segments and `batch_bytes` bytes, straight into numpy arrays.
-Fingerprints of the inputs (path, size, mtime) and settings let a re-run reuse a tokenizer and shards
-that are still valid.
+encoded in batches of at most `batch_docs` segments and `batch_bytes` bytes, straight into numpy arrays,
+by worker processes that each take a part of a split (`dgpt.data.parts`). The tokenizer is trained on a
+sample of each oracle's text (`tokenizer.train_bytes`). Fingerprints of the inputs (path, size, mtime) and
+settings let a re-run reuse a tokenizer and shards that are still valid.
 """
 
 from __future__ import annotations
