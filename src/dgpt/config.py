@@ -171,6 +171,20 @@ class LedgerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Example-level DP-SGD in every oracle's inner loop (dgpt.train.privacy); off while both are 0."""
+
+    noise_multiplier: float = 0.0  # sigma: Gaussian noise std / max_grad_norm; 0 = from target_epsilon (or DP off)
+    target_epsilon: float = 0.0  # epsilon each oracle may spend over the planned steps; sets sigma; 0 = use noise_multiplier
+    max_grad_norm: float = 1.0  # each example's gradient clipped to this L2 norm before the noise
+    delta: float = 1e-5  # the delta of (epsilon, delta)
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
     progress_interval_s: float = 30.0  # output not a terminal: seconds between one-line progress records (0: every step/round)
@@ -188,6 +202,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -316,6 +331,9 @@ def validate(config: Config, source: str) -> None:
     if config.federation.runtime == "flower" and config.ledger.method == "first_order":
         raise DgptError(f"{source}: ledger.method = 'first_order' needs the oracles' validation gradients, which the "
                         "flower runtime does not carry; use 'shapley' or 'off'")
+    if config.privacy.noise_multiplier > 0 and config.privacy.target_epsilon > 0:
+        raise DgptError(f"{source}: set one of 'privacy.noise_multiplier' and 'privacy.target_epsilon' (the noise follows "
+                        "from the target), not both")
     if config.federation.mean_weights == "given":
         missing = [o.name for o in config.oracles if o.weight is None]
         if missing:

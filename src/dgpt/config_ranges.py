@@ -67,6 +67,9 @@ RANGES: dict[str, Rule] = {
     "finetune.max_len": (lambda v: v == 0 or v >= 4, "0 (the model's n_ctx) or >= 4"),
     "ledger.exact_max": (lambda v: 1 <= v <= _SHAPLEY_EXACT_MAX, f"in [1, {_SHAPLEY_EXACT_MAX}]"),
     "ledger.permutations": (lambda v: v >= 2, ">= 2"),
+    **{f"privacy.{k}": AT_LEAST_0 for k in ("noise_multiplier", "target_epsilon")},
+    "privacy.max_grad_norm": POSITIVE,
+    "privacy.delta": (lambda v: 0 < v < 1, "in (0, 1)"),
     "log.progress_interval_s": AT_LEAST_0,
 }
 

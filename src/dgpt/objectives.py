@@ -15,10 +15,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def lm_targets(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Next-token targets of right-padded sequences [N, T] -> [N, T - 1]; padding is IGNORE_INDEX."""
-    targets = ids[:, 1:].clone()
     positions = torch.arange(1, ids.size(1), device=ids.device)
-    targets[positions.unsqueeze(0) >= lengths.unsqueeze(1)] = IGNORE_INDEX
-    return targets
+    # torch.where, not a masked assignment: DP-SGD's per-example gradients take this under vmap
+    return torch.where(positions.unsqueeze(0) >= lengths.unsqueeze(1), IGNORE_INDEX, ids[:, 1:])
 
 
 def task_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """What `dgpt info` says about a run, reading only: its kind, the model of its newest checkpoint, its oracles
-(pre-training: their prepared tokens; fine-tuning: their task and head) and its checkpoints."""
+(pre-training: their prepared tokens; fine-tuning: their task and head), the privacy each oracle has spent under
+DP-SGD, and its checkpoints."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
 from dgpt.runtimes.evaluation import finetuning_run
 from dgpt.runtimes.federated import load_oracle_state
 from dgpt.runtimes.setup import model_config_for
-from dgpt.train.checkpoint import read_model_config
+from dgpt.train.checkpoint import load_state, read_model_config
+from dgpt.train.privacy import epsilon_spent
 
 
 def info_lines(config: Config) -> list[str]:
@@ -37,7 +39,33 @@ def info_lines(config: Config) -> list[str]:
     for oracle in config.oracles:
         state = _task_state(run, oracle.name, checkpoint) if finetuning else _prepared(run, oracle.name)
         lines.append(f"oracle      {oracle.name}: {state}")
+    lines += [f"privacy     {name}: {spent}" for name, spent in _privacy(config, run, checkpoint).items()]
     return lines + [f"checkpoint  {c}" for c in run.list_checkpoints()]
+
+
+def _privacy(config: Config, run: RunDir, checkpoint: Path | None) -> dict[str, str]:
+    """DP-SGD: each oracle's (epsilon, delta) at the newest checkpoint, from its accountant's state (its own state
+    file; the pooled trainer's in a central checkpoint; a flower server holds only what the oracles reported)."""
+    if checkpoint is None:
+        return {}
+    state, delta = load_state(checkpoint), config.privacy.delta
+    if "epsilon" in state:  # a flower server's checkpoint
+        return {n: f"epsilon {e:.3f} at delta {delta:g} (as the oracle reported it)" for n, e in state["epsilon"].items()}
+    accountants = {"pooled": state["loop"].get("privacy")} if "loop" in state else {}
+    for name in config.oracle_names():
+        path = run.oracle_state(name, checkpoint_number(checkpoint))
+        if "loop" not in state and path.is_file():
+            accountants[name] = load_oracle_state(path, mmap=True).get("privacy")
+    return {n: _spent(a) for n, a in accountants.items() if a is not None}
+
+
+def _spent(accountant: dict) -> str:
+    if not accountant["history"]:
+        return "no DP-SGD step yet"
+    steps = sum(int(s) for _, _, s in accountant["history"])
+    sigma, q, _ = accountant["history"][-1]
+    return (f"epsilon {epsilon_spent(accountant['history'], accountant['delta']):.3f} at delta {accountant['delta']:g} "
+            f"after {steps:,} DP-SGD steps (noise multiplier {sigma:.3f}, sample rate {q:.4g})")
 
 
 def _model(config: Config, run: RunDir, checkpoint: Path | None, finetuning: bool) -> tuple[GPTConfig, str]:

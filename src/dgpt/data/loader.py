@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +33,27 @@ class WindowSampler:
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         which = torch.multinomial(self.starts, batch_size, replacement=True, generator=self.generator)
         offsets = (torch.rand(batch_size, generator=self.generator, dtype=torch.float64) * self.starts[which]).long()
+        rows = [self.arrays[a][o : o + self.n_ctx + 1] for a, o in zip(which.tolist(), offsets.tolist())]
+        windows = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+    @property
+    def num_examples(self) -> int:
+        """Fixed windows of n_ctx + 1 tokens at stride n_ctx: the examples of a differentially private loop."""
+        return int(self._window_ends[-1])
+
+    @functools.cached_property
+    def _window_ends(self) -> torch.Tensor:
+        return torch.cumsum((self.starts.long() + self.n_ctx - 1) // self.n_ctx, 0)
+
+    def poisson(self, rate: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each fixed window independently with probability `rate` (Poisson sampling, what DP-SGD's accounting
+        assumes); None when none was drawn."""
+        picked = (torch.rand(self.num_examples, generator=self.generator, dtype=torch.float64) < rate).nonzero()[:, 0]
+        which = torch.searchsorted(self._window_ends, picked, right=True)
+        offsets = (picked - torch.cat([self._window_ends.new_zeros(1), self._window_ends])[which]) * self.n_ctx
+        if not len(picked):
+            return None
         rows = [self.arrays[a][o : o + self.n_ctx + 1] for a, o in zip(which.tolist(), offsets.tolist())]
         windows = torch.from_numpy(np.stack(rows).astype(np.int64))
         return windows[:, :-1], windows[:, 1:]

@@ -264,6 +264,17 @@ class ExampleSampler:
             self.pos += take
         return self.examples.batch(picked)
 
+    @property
+    def num_examples(self) -> int:
+        """The examples a differentially private loop samples from (one labeled example each)."""
+        return len(self.examples)
+
+    def poisson(self, rate: float) -> TaskBatch | None:
+        """Each example independently with probability `rate` (Poisson sampling, as DP-SGD's accounting assumes);
+        None when none was drawn. The shuffled epoch order is left as it is."""
+        picked = (torch.rand(len(self.examples), generator=self.generator, dtype=torch.float64) < rate).nonzero()[:, 0]
+        return self.examples.batch(picked.tolist()) if len(picked) else None
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self.order.clone(), "pos": self.pos}
 

@@ -48,6 +48,8 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSum
     n_ctx = setup.model_config.n_ctx
     pooled = [a for arrays in setup.train.values() for a in arrays]
     loop = InnerLoop(model, cfg, WindowSampler(pooled, n_ctx, config.seed, "pooled"), cfg.steps, setup.device, config.seed, forward)
+    if config.privacy.enabled:  # the pooled baseline under the same DP-SGD: what privacy costs without federation
+        loop.make_private(config.privacy, "pooled")
     validator = Validator(setup.valid, n_ctx, cfg.eval_windows, cfg.batch_size)
     train_tokens = {name: sum(len(a) for a in arrays) for name, arrays in setup.train.items()}
 
@@ -75,7 +77,8 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSum
     for step in range(start + 1, cfg.steps + 1):
         loss = loop.train_step()
         if step % cfg.log_interval == 0 or step == cfg.steps:
-            metrics.log(step=step, tokens=loop.tokens, kind="train", loss=loss, lr=loop.optimizer.param_groups[0]["lr"])
+            metrics.log(step=step, tokens=loop.tokens, kind="train", loss=loss, lr=loop.optimizer.param_groups[0]["lr"],
+                        **({"privacy_epsilon": loop.privacy.epsilon()} if loop.privacy is not None else {}))
         bar.update(loop.tokens, loss=f"{loss:.4f}")
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             losses, validated = validate(step), step
@@ -88,4 +91,5 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSum
     if not losses:  # resumed without validating since: the summary's validation, not logged again
         losses, validated = validator(model, setup.device, cfg.dtype), loop.step
     return RunSummary("central", "step", loop.step, cfg.steps, validated, weighted_loss(losses, train_tokens),
-                      {n: {"loss": loss} for n, loss in losses.items()}, loop.tokens, 0, 0, time.perf_counter() - t_start)
+                      {n: {"loss": loss} for n, loss in losses.items()}, loop.tokens, 0, 0, time.perf_counter() - t_start,
+                      epsilon={"pooled": loop.privacy.epsilon()} if loop.privacy is not None else {}, delta=config.privacy.delta)

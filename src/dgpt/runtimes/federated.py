@@ -96,6 +96,8 @@ def pretraining_work(config: Config, transport: Transport, local_names: list[str
         seed = oracle_seed(config.seed, all_names.index(name))
         sampler = WindowSampler(setup.train[name], n_ctx, seed, name)
         loops[name] = InnerLoop(model, settings, sampler, fed.rounds * fed.inner_steps, setup.device, seed, forward)
+        if config.privacy.enabled:
+            loops[name].make_private(config.privacy, name)
     sizes = transport.gather_scalars({n: float(loops[n].sampler.num_tokens) for n in local_names})
     validator = Validator({n: setup.valid[n] for n in local_names}, n_ctx, cfg.eval_windows, cfg.batch_size)
 
@@ -191,7 +193,7 @@ class RoundDriver:
             if evaluated:
                 (valid, scores), validated = now, rnd
             record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), *now)
-            record.tokens = self._tokens()
+            record.tokens, record.epsilon = self._tokens(), self._epsilon()
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
                 logger.warning(f"round {rnd}: oracle '{name}' was left out of this round: {why}")
@@ -213,11 +215,18 @@ class RoundDriver:
             self.transport.name, "round", done, work.rounds, validated, weighted_loss(valid, work.sizes),
             {n: {"loss": loss, **scores.get(n, {})} for n, loss in valid.items()}, self._tokens(), sent.total,
             sent.dp_bytes, time.perf_counter() - t_start, language_model=work.unit == "tokens",
+            epsilon=self._epsilon(), delta=self.config.privacy.delta,
         )
 
     def _tokens(self) -> int:
         """Tokens trained so far by every oracle."""
         return int(sum(self.gather({n: float(loop.tokens) for n, loop in self.work.loops.items()}).values()))
+
+    def _epsilon(self) -> dict[str, float]:
+        """DP-SGD: every oracle's epsilon spent so far, from its own accountant ({} without [privacy])."""
+        if not self.config.privacy.enabled:
+            return {}
+        return self.gather({n: loop.privacy.epsilon() for n, loop in self.work.loops.items()})
 
     def _theta(self) -> torch.Tensor:
         return parameters_to_vector(self.work.params).detach()

@@ -87,6 +87,8 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
         head = shared or _head(spec, model_config, ft.classifier_dropout, seed, device)
         sampler = ExampleSampler(train, seed, name)
         loops[name] = TaskLoop(TaskModel(gpt, head), spec, settings, sampler, steps, device, seed, ft.lambda_lm, examples)
+        if config.privacy.enabled:
+            loops[name].make_private(config.privacy, name)
     params = list(gpt.parameters()) + (list(shared.parameters()) if shared is not None else [])
 
     def evaluate() -> dict[str, dict[str, float]]:

@@ -4,7 +4,7 @@ closing line on communication."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dgpt.config import Config
 from dgpt.federation.accounting import human_bytes
@@ -27,6 +27,7 @@ class RoundRecord:
     scores: dict[str, dict[str, float]]  # other validation metrics per oracle (fine-tuning)
     tokens: int = 0  # trained by every oracle so far
     seconds: float = 0.0
+    epsilon: dict[str, float] = field(default_factory=dict)  # DP-SGD: each oracle's epsilon spent so far ({}: off)
 
     def postfix(self) -> dict[str, str]:
         """The progress figures: the participants' mean training loss; when validated, each oracle's validation loss
@@ -42,6 +43,7 @@ class RoundRecord:
 class RoundReport:
     def __init__(self, config: Config, run_dir: RunDir, work, start: int):
         self.sizes, self.unit = work.sizes, work.unit
+        self.delta, self.epsilon = config.privacy.delta, {}
         self.metrics = MetricsLog(run_dir.metrics, start if start else None, key="round", tensorboard=config.log.tensorboard)
         shared = sum(p.numel() for p in work.params)
         logger.info(f"model: {shared:,} shared parameters; oracles: "
@@ -59,12 +61,14 @@ class RoundReport:
         """A `round` row (global validation loss when validated; the update's agreement and the extrapolation factor)
         and one `oracle` row per oracle."""
         result, sent = record.result, strategy.bytes
+        self.epsilon = record.epsilon or self.epsilon
         self.metrics.log(
             round=record.number, kind="round", **self._evaluated(record.valid, record.scores), participants=result.participants,
             accepted=result.accepted, rejected=list(result.rejected), agreement=result.agreement, outer_scale=result.scale,
             bytes_total=sent.total, bytes_sent=sum(sent.sent.values()), dp_bytes=sent.dp_bytes, seconds=record.seconds,
             tokens=record.tokens, **({"skipped": result.skipped} if result.skipped else {}),
             **({"carried": result.carried} if result.carried else {}),
+            **({"privacy_epsilon": record.epsilon, "privacy_delta": self.delta} if record.epsilon else {}),
         )
         for name in self.sizes:
             self.metrics.log(
@@ -72,6 +76,7 @@ class RoundReport:
                 train_loss=record.train_loss.get(name), bytes_sent=result.bytes_received.get(name, 0),
                 participated=name in result.participants, accepted=name in result.accepted,
                 **({"rejected": result.rejected[name]} if name in result.rejected else {}),
+                **({"privacy_epsilon": record.epsilon[name]} if name in record.epsilon else {}),
             )
 
     def finished(self, strategy: Strategy) -> None:
@@ -82,3 +87,6 @@ class RoundReport:
             f"oracles); synchronous data parallel would have moved {human_bytes(sent.dp_bytes)} "
             f"({sent.dp_bytes / max(sent.total, 1):.0f}x more)"
         )
+        if self.epsilon:
+            logger.info(f"privacy: epsilon spent at delta {self.delta:g}: "
+                        + ", ".join(f"{n} {e:.2f}" for n, e in self.epsilon.items()))

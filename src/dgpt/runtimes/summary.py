@@ -4,7 +4,7 @@ bytes communicated and the time taken."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dgpt.federation.accounting import human_bytes
 from dgpt.train.evaluate import perplexity
@@ -24,6 +24,8 @@ class RunSummary:
     dp_bytes: int  # what synchronous data parallel would have communicated
     seconds: float  # this command's training time (from the first validation; preparing data not included)
     language_model: bool = True  # pre-training: the loss is L1 (perplexity shown); fine-tuning: L2
+    epsilon: dict[str, float] = field(default_factory=dict)  # DP-SGD: each oracle's epsilon spent ({}: no [privacy])
+    delta: float = 0.0  # ... at this delta
 
     def lines(self) -> list[str]:
         loss = f"final global validation loss {self.loss:.4f}"
@@ -35,7 +37,13 @@ class RunSummary:
         moved = ("no communication (central: the oracles' data pooled)" if self.runtime == "central" else
                  f"{human_bytes(self.bytes_total)} communicated (synchronous data parallel: {human_bytes(self.dp_bytes)})")
         return [f"{loss} at {where} ({self.runtime})", *score_lines(scores),
-                f"trained {self.tokens:,} tokens in {self.seconds:.1f} s; {moved}"]
+                f"trained {self.tokens:,} tokens in {self.seconds:.1f} s; {moved}", *self.privacy_lines()]
+
+    def privacy_lines(self) -> list[str]:
+        if not self.epsilon:
+            return []
+        spent = ", ".join(f"{n} {e:.2f}" for n, e in self.epsilon.items())
+        return [f"differential privacy (DP-SGD, per example): epsilon spent at delta {self.delta:g}: {spent}"]
 
 
 def with_perplexity(scores: dict[str, float]) -> dict[str, float]:

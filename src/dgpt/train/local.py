@@ -17,9 +17,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from dgpt.config import PretrainConfig
+from dgpt.config import PretrainConfig, PrivacyConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
+from dgpt.objectives import lm_loss
+from dgpt.train.privacy import PrivateGradients
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class InnerLoop:
         self.objective = objective or (lambda x, y: (self.forward(x, y), y.numel()))
         self.step = 0
         self.tokens = 0
+        self.privacy: PrivateGradients | None = None  # DP-SGD (make_private); None: the plain step, at no cost
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.rng_state = torch.get_rng_state()
@@ -182,28 +185,54 @@ class InnerLoop:
         """Samples per micro-batch at `step`."""
         return self.cfg.batch_size
 
+    def make_private(self, cfg: PrivacyConfig, name: str) -> None:
+        """Train with DP-SGD from now on: Poisson batches of batch_size x grad_accum expected examples; with
+        target_epsilon, the noise that spends it over the loop's total_steps."""
+        expected = self.cfg.batch_size * self.cfg.grad_accum
+        self.privacy = PrivateGradients.plan(cfg, self.sampler.num_examples, expected, self.total_steps, name)
+
+    def example_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The objective's loss without the token count, as DP-SGD's per-example gradients call it (under vmap: plain
+        logits and cross-entropy, not the fused LM-head loss, whose autograd Function vmap cannot batch)."""
+        return lm_loss(self.model(inputs), targets)
+
+    def batch_tokens(self, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+        return targets.numel()
+
     def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean training loss."""
+        """One optimizer step over grad_accum micro-batches (DP: one Poisson batch); returns the mean training loss."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total = 0.0
         with self._own_rng():
-            for _ in range(cfg.grad_accum):
-                batch = [t.to(self.device, non_blocking=True) for t in self.sampler.sample(self.batch_size_at(self.step))]
-                with autocast(self.device, cfg.dtype):
-                    loss, tokens = self.objective(*batch)
-                (loss / cfg.grad_accum).backward()
-                total += loss.item()
-                self.tokens += tokens
-        if cfg.grad_clip > 0:
+            loss = self._gradients() if self.privacy is None else self._private_gradients()
+        if cfg.grad_clip > 0 and self.privacy is None:  # DP-SGD clipped each example's gradient already
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        return loss
+
+    def _gradients(self) -> float:
+        cfg, total = self.cfg, 0.0
+        for _ in range(cfg.grad_accum):
+            batch = [t.to(self.device, non_blocking=True) for t in self.sampler.sample(self.batch_size_at(self.step))]
+            with autocast(self.device, cfg.dtype):
+                loss, tokens = self.objective(*batch)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item()
+            self.tokens += tokens
         return total / cfg.grad_accum
+
+    def _private_gradients(self) -> float:
+        batch = self.sampler.poisson(self.privacy.mechanism.sample_rate)
+        if batch is not None:
+            batch = [t.to(self.device, non_blocking=True) for t in batch]
+            self.tokens += self.batch_tokens(*batch)
+        with autocast(self.device, self.cfg.dtype):
+            return self.privacy.gradients(self.model, self.example_loss, batch, self.cfg.batch_size)
 
     def state_dict(self) -> dict:
         return {
@@ -212,9 +241,16 @@ class InnerLoop:
             "tokens": self.tokens,
             "sampler": self.sampler.state_dict(),
             "rng": self.rng_state,
+            **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if ("privacy" in state) != (self.privacy is not None):
+            raise DgptError("the run was trained " + ("with" if "privacy" in state else "without")
+                            + " [privacy] and would resume " + ("without" if "privacy" in state else "with")
+                            + " it: its accountant would not cover every step; resume with the [privacy] it had")
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])

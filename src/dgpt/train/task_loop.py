@@ -30,9 +30,14 @@ class TaskLoop(InnerLoop):
 
     def loss(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """L3 = L2 + lambda * L1 on one batch, and the number of (non-pad) input tokens."""
+        return self.example_loss(ids, lengths, labels), self.batch_tokens(ids, lengths, labels)
+
+    def example_loss(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         outputs, lm_logits = self.model(ids, lengths, with_lm=self.lambda_lm > 0)
-        l3, _, _ = finetune_loss(outputs, labels, lm_logits, ids.flatten(0, 1), lengths.flatten(), self.lambda_lm)
-        return l3, int(lengths.sum())
+        return finetune_loss(outputs, labels, lm_logits, ids.flatten(0, 1), lengths.flatten(), self.lambda_lm)[0]
+
+    def batch_tokens(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> int:
+        return int(lengths.sum())
 
     def state_dict(self) -> dict:
         head = {k: v.detach().cpu().clone() for k, v in self.model.head.state_dict().items()}

@@ -181,7 +181,9 @@ def _train(oracle: Oracle, message: Message) -> RecordDict:
     loop = oracle.work.loops[oracle.name]
     logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.inner_steps} steps, loss {loss:.4f}, "
                 f"sends {payload.nbytes:,} bytes")
-    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens)}, payload)
+    # DP-SGD: the epsilon this oracle's own accountant says it has spent (a statement of the oracle, like its loss)
+    spent = {"privacy_epsilon": loop.privacy.epsilon()} if loop.privacy is not None else {}
+    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent}, payload)
 
 
 def _evaluate(oracle: Oracle, message: Message) -> RecordDict:

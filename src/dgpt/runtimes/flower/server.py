@@ -89,6 +89,7 @@ class FlowerServer:
         self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
         self.met: set[int] = set()  # every SuperNode that ever answered
         self.tokens: dict[str, float] = {}  # each oracle's trained tokens, as it last reported them
+        self.epsilon: dict[str, float] = {}  # DP-SGD: each oracle's epsilon spent, as its accountant last reported it
         self.transport, self.round = Aggregator(), 0
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
 
@@ -103,6 +104,7 @@ class FlowerServer:
         else:
             work.sizes.update(state["sizes"])
             self.tokens.update(state.get("tokens", {}))
+            self.epsilon.update(state.get("epsilon", {}))
         if self.kind == "finetune":
             work.rounds, work.total_steps, _ = schedule(self.config.finetune, int(max(work.sizes.values())))
         weights = mean_weights(fed.mean_weights, work.sizes, {o.name: o.weight for o in self.config.oracles})
@@ -135,6 +137,8 @@ class FlowerServer:
             received[name] = payload
             metrics = content.metric_records["metrics"]
             train_loss[name], self.tokens[name] = float(metrics["train_loss"]), float(metrics["tokens"])
+            if isinstance(metrics.get("privacy_epsilon"), (int, float)):  # as the oracle's accountant reports it
+                self.epsilon[name] = float(metrics["privacy_epsilon"])
             logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
         result = self.strategy.aggregate(received)
         result.rejected.update(replies.refused)
@@ -148,7 +152,7 @@ class FlowerServer:
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name, 'no reply in time')}")
         valid, scores = self.validate() if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else ({}, {})
         record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
-        record.seconds = time.perf_counter() - t0
+        record.seconds, record.epsilon = time.perf_counter() - t0, dict(self.epsilon)
         figures = ", ".join(f"{k} {v}" for k, v in record.postfix().items())
         logger.info(f"round {rnd} of {self.work.rounds}: {figures or 'no figures'} ({record.seconds:.1f} s)")
         if result.skipped:
@@ -271,7 +275,7 @@ class FlowerServer:
 
     def _save(self, rnd: int) -> None:
         state = {"round": rnd, "strategy": self.strategy.state_dict(), "sizes": dict(self.work.sizes),
-                 "tokens": dict(self.tokens), "ledger_head": self.ledger.head}
+                 "tokens": dict(self.tokens), "epsilon": dict(self.epsilon), "ledger_head": self.ledger.head}
         model = self.work.model
         save_checkpoint(self.run_dir.root, "round", rnd, weights_of(model), model.config, state, self.config.pretrain.keep_checkpoints)
 
