@@ -26,6 +26,7 @@ from dgpt.runtimes.finetune import finetune_work
 from dgpt.runtimes.sim import SimTransport
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint
 from dgpt.train.metrics import read_metrics
+from dgpt.train.privacy import Mechanism, PrivateGradients
 
 KINDS = ("classification", "entailment", "similarity", "regression", "multiple_choice")
 FINETUNE = {"rounds": 2, "inner_steps": 2, "batch_size": 8, "lr": 1e-3, "eval_batch_size": 16}
@@ -204,6 +205,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, pretrained):
         torch.testing.assert_close(wa[key], wb[key])
     for name in ("entailment", "multiple_choice"):
         torch.testing.assert_close(head_of(whole, name), head_of(parts, name))
+
+
+def test_dp_sgd_fine_tunes_every_task_type(tmp_path, pretrained):
+    config = ft_config(tmp_path, pretrained, privacy={"noise_multiplier": 1.0})
+    work = finetune_work(config, SimTransport(), config.oracle_names())
+    for name, loop in work.loops.items():  # per-example gradients (vmap) equal one backward pass per example
+        loop.model.eval()
+        ids, lengths, labels = loop.sampler.sample(3)
+        loop.privacy = PrivateGradients(Mechanism(0.0, 1e6, 0.5, 3.0), delta=1e-5)  # no noise, nothing clipped
+        loop.privacy.gradients(loop.model, loop.example_loss, (ids, lengths, labels), chunk=2)
+        got = [p.grad.clone() for p in loop.model.parameters()]
+        loop.model.zero_grad()
+        for i in range(3):
+            loop.example_loss(ids[i : i + 1], lengths[i : i + 1], labels[i : i + 1]).backward()
+        for p, g in zip(loop.model.parameters(), got):
+            torch.testing.assert_close(g, p.grad / 3, rtol=1e-4, atol=1e-6, msg=name)
+    summary = api.finetune(config)
+    assert set(summary.epsilon) == set(config.oracle_names()) and all(e > 0 for e in summary.epsilon.values())
 
 
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):

@@ -77,12 +77,13 @@ def test_flower_simulation_engine_equals_sim(tmp_path, sim):
 
 
 def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
-    """DSFT over Flower: three oracles with three kinds of task; each head stays in its oracle's state, only the body
-    is aggregated. Body, heads and validation metrics equal sim's (the ClientApp is the deployment engine's too)."""
-    kinds = ("classification", "entailment", "multiple_choice")
-    ft_sim = ft_config(tmp_path / "sim", sim.run_path, kinds, ledger={"method": "off"})
+    """DSFT over Flower, with DP-SGD: three oracles with three kinds of task; each head stays in its oracle's state,
+    only the body is aggregated. Body, heads, validation metrics and the epsilon each oracle reports equal sim's (the
+    ClientApp is the deployment engine's too)."""
+    kinds, privacy = ("classification", "entailment", "multiple_choice"), {"noise_multiplier": 1.0}
+    ft_sim = ft_config(tmp_path / "sim", sim.run_path, kinds, ledger={"method": "off"}, privacy=privacy)
     api.finetune(ft_sim)
-    config = ft_config(tmp_path / "fl", sim.run_path, kinds, ledger={"method": "off"},
+    config = ft_config(tmp_path / "fl", sim.run_path, kinds, ledger={"method": "off"}, privacy=privacy,
                        federation={"runtime": "flower", "round_timeout_s": 60})
     simulate(tmp_path, config, finetune=True)
     assert_same_model(ft_sim, config)
@@ -91,6 +92,8 @@ def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
             torch.testing.assert_close(head_of(config, name)[key], tensor, rtol=1e-4, atol=1e-5)
     rows, sim_rows = rounds(config), rounds(ft_sim)
     assert [r["round"] for r in rows] == [r["round"] for r in sim_rows] == [0, 1, 2]
+    assert [r.get("privacy_epsilon") for r in rows] == [r.get("privacy_epsilon") for r in sim_rows]
+    assert set(rows[-1]["privacy_epsilon"]) == set(kinds)
     for row, sim_row in zip(rows, sim_rows):
         assert set(row["metrics"]) == set(kinds)
         for name in kinds:

@@ -50,14 +50,16 @@ def assert_same_model(a, b):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("aggregator, extrapolate", [("mean", "none"), ("trimmed_mean", "none"), ("mean", "fedexp")])
-def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
+@pytest.mark.parametrize("aggregator, extrapolate, privacy", [
+    ("mean", "none", {}), ("trimmed_mean", "none", {"noise_multiplier": 0.8, "max_grad_norm": 0.5}), ("mean", "fedexp", {}),
+])
+def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate, privacy):
     fed = {**FED, "aggregator": aggregator, "trim_fraction": 0.34, "extrapolation": extrapolate}
     # FedExP lengthens only updates that disagree: without warmup these oracles' first updates do
     pre = {"warmup_steps": 0} if extrapolate == "fedexp" else {}
-    sim = tiny_config(tmp_path / "sim", federation=fed, pretrain=pre)
+    sim = tiny_config(tmp_path / "sim", federation=fed, pretrain=pre, privacy=privacy)
     api.pretrain(sim)
-    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"}, pretrain=pre)
+    dist = tiny_config(tmp_path / "dist", federation={**fed, "runtime": "torchrun"}, pretrain=pre, privacy=privacy)
     api.prepare(dist)  # ranks read prepared shards; they never race to write them
     result = torchrun(write_config(dist, tmp_path / "dist.toml"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,6 +72,9 @@ def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate):
     assert [a["agreement"] for a in sim_rows[1:]] == pytest.approx([b["agreement"] for b in dist_rows[1:]], rel=1e-4)
     assert [a["outer_scale"] for a in sim_rows[1:]] == pytest.approx([b["outer_scale"] for b in dist_rows[1:]], rel=1e-4)
     assert (max(a["outer_scale"] for a in sim_rows[1:]) > 1) == (extrapolate == "fedexp")
+    # DP-SGD: each rank's oracle draws the same Poisson batches and noise as in sim, and spends the same epsilon
+    assert [a.get("privacy_epsilon") for a in sim_rows] == [b.get("privacy_epsilon") for b in dist_rows]
+    assert bool(sim_rows[-1].get("privacy_epsilon")) == bool(privacy)
     # the contribution ledger: every rank values the same coalitions; rank 0 writes what sim writes
     sim_values, dist_values = (verify_ledger(c.run_dir).oracles for c in (sim, dist))
     for name in sim.oracle_names():
