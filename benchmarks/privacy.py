@@ -2,7 +2,7 @@
 
 Run (from the project root, venv active; see the README's "Privacy" for the time it takes alone):
 
-    python benchmarks/privacy.py [--steps 1500] [--inner-steps 50] [--candidates 4096] [--canaries 2]
+    python benchmarks/privacy.py [--steps 1000] [--inner-steps 50] [--candidates 4096] [--canaries 2]
     python benchmarks/privacy.py --quick        # a smoke run (two small oracles, a few steps): proves it works
 
 Canaries "my account number is D D D D D D D D" (8 random digits, every canary distinct) are planted in one
@@ -211,7 +211,7 @@ def report(data: dict, args) -> str:
                         cell([arms["federated"]["exposure"]["single"][i] for i in which], key)]
             rows.append(row)
         headers = ["repetitions"] + [f"{lv}: {m}" for lv in LEVELS for m in ("central", "federated", "single update")]
-        sections += [f"## Exposure in bits ({key}; mean over the {args.canaries} canaries of each row)", "", table(headers, rows), ""]
+        sections += [f"## Exposure in bits ({key}; mean over each row's {args.canaries} canar{'y' if args.canaries == 1 else 'ies'})", "", table(headers, rows), ""]
     cost = []
     for level, arms in data["arms"].items():
         for kind in ("central", "federated"):
@@ -224,7 +224,7 @@ def report(data: dict, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="inner steps per oracle (central: the same number of pooled steps)")
+    parser.add_argument("--steps", type=int, default=1000, help="inner steps per oracle (central: the same number of pooled steps)")
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=4096)
     parser.add_argument("--canaries", type=int, default=2, help="canaries per repetition level")
@@ -260,8 +260,8 @@ def main() -> None:
     intro = (f"{len(folders)} oracles ({', '.join(SHORT.get(n, n) for n in folders)}), the canaries in {SHORT[SECRET]}'s text; "
              f"model {json.dumps(setup['model'])}; {args.steps} inner steps per oracle (H = {args.inner_steps}, FedAvg outer "
              f"step), batch {setup['batch']} windows per oracle (DP: Poisson, that many expected); central: the same "
-             f"steps with the pooled batch. {args.candidates} random candidates per ranking; {args.canaries} canaries per "
-             f"repetition level. Machine load at the start: `{started}`."
+             f"steps with the pooled batch. {args.candidates} random candidates per ranking; {args.canaries} "
+             f"canar{'y' if args.canaries == 1 else 'ies'} per repetition level. Machine load at the start: `{started}`."
              + (" **Smoke run (--quick): the numbers mean nothing.**" if args.quick else ""))
     out = args.runs if args.quick else None
     write_report("privacy", "Canary exposure with and without DP-SGD", intro, [report(data, args)],
