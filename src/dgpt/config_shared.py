@@ -21,7 +21,7 @@ from dgpt.config import Config, config_from_dict, dump_data
 from dgpt.errors import DgptError
 
 # every key of these sections is shared, except those LOCAL names
-SHARED = ("seed", "model", "tokenizer", "oracles", "pretrain", "federation", "finetune", "ledger")
+SHARED = ("seed", "model", "tokenizer", "oracles", "pretrain", "federation", "finetune", "ledger", "privacy")
 # a party's own: where its run directory is, how it prepares its text, its device, its logs, the paths it reads
 # (a tokenizer recipe's files, the pre-trained run to fine-tune from: each machine has its own copy)
 LOCAL: dict[str, tuple[str, ...] | None] = {
