@@ -14,6 +14,7 @@ from dgpt.config import config_from_dict
 from dgpt.data.prepare import prepare
 from dgpt.data.shards import read_manifest
 from dgpt.data.sources import document_cuts, file_document_parts
+from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 
 WORDS = ["sea", "wind", "  indented", "tab\there", "naïve", "don't", "42,", "\u00a0x", "漢字", "🙂"]
@@ -80,7 +81,15 @@ def test_bad_bytes_in_a_later_part_are_named_at_their_line_in_the_file(tmp_path)
     lines[500] = "bad \xff here\n"
     path.write_bytes("".join(lines).encode("utf-8").replace("\xff".encode(), b"\xff"))
     cuts = [0, *document_cuts(path, "blank_line", 300), None]
-    with pytest.raises(DgptError, match=rf"{path}:501: not valid UTF-8 \(byte 0xff at column 5\)"):
+    error = rf"{path}:501: not valid UTF-8 \(byte 0xff at column 5\)"
+    with pytest.raises(DgptError, match=error):
         for start, end in zip(cuts, cuts[1:]):
             list(file_document_parts(path, start=start, end=end))
     assert len(cuts) > 10
+    tokenizer = tmp_path / "tokenizer.json"
+    TextTokenizer.train(iter(["line 1", "line 2"] * 10), 300).save(tokenizer)
+    config = config_from_dict({"run_dir": str(tmp_path / "run"), "tokenizer": {"path": str(tokenizer)},
+                               "data": {"part_bytes": 300, "workers": 2}, "oracles": [{"name": "o", "train": [str(path)]}]})
+    with pytest.raises(DgptError, match=error):  # raised in a worker process, the same one line here
+        prepare(config)
+    assert not (tmp_path / "run" / "data" / "o").exists() and not list((tmp_path / "run" / "data").iterdir())
