@@ -193,8 +193,9 @@ def _write_oracles(todo: list[OracleConfig], data: DataConfig, tokenizer: TextTo
     parts = {(o.name, split): split_parts(o, split, data) for o in todo for split in SPLITS}
     every = [part for group in parts.values() for part in group]
     workers = worker_count(data.workers, every)
-    if workers > 1:
-        logger.info(f"encoding {len(every)} parts in {workers} processes")
+    # asked here, so that the workers get the checked encoder (or its absence) with the tokenizer
+    encoder = "tiktoken" if tokenizer.fast is not None else "tokenizers"
+    logger.info(f"encoding {len(every)} parts with {encoder} in {f'{workers} processes' if workers > 1 else 'this process'}")
     manifests = {}
     with ExitStack() as stack:  # the old directories stay valid until every new one is complete
         tmp = {o.name: stack.enter_context(atomic_dir(run.oracle_data(o.name))) for o in todo}
