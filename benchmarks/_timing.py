@@ -47,29 +47,28 @@ def run_measured(cmd: list[str], env: dict | None = None, children: bool = False
 
     The peak is the process's own VmHWM, read every 20 ms until it exits: its rusage ru_maxrss would not do, since
     Linux carries the high-water mark of the memory it replaced at exec into it, i.e. this (torch-importing) process's.
-    With `children`, the sum of the VmHWM of it and every process it started (seen alive at some reading): more
-    than their peak together, never less.
+    With `children`, the peak of the summed VmRSS of it and every process it started, read at the same times (at
+    least the largest VmHWM of any one of them): what they held together at their fullest.
     """
     with tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        peaks: dict[int, float] = {}
+        peak = 0.0
         while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:
-            for pid in [proc.pid, *(_descendants(proc.pid) if children else [])]:
-                peaks[pid] = max(peaks.get(pid, 0.0), _high_water_mib(pid))
+            pids = [proc.pid, *(_descendants(proc.pid) if children else [])]
+            peak = max(peak, sum(_status_mib(pid, "VmRSS:") for pid in pids), *(_status_mib(pid, "VmHWM:") for pid in pids))
             time.sleep(0.02)
-        peak = sum(peaks.values())
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(done[1])
         out.seek(0)
         return seconds, peak, proc.returncode, out.read().decode(errors="replace")
 
 
-def _high_water_mib(pid: int) -> float:
-    """VmHWM of a running process in MiB (0 once it is gone)."""
+def _status_mib(pid: int, field: str) -> float:
+    """A memory field of a running process's /proc status (VmHWM: its peak RSS) in MiB (0 once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as status:
-            return next((int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")), 0.0)
+            return next((int(line.split()[1]) / 1024 for line in status if line.startswith(field)), 0.0)
     except OSError:
         return 0.0
 

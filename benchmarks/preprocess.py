@@ -6,8 +6,8 @@ Run (from the project root, venv active, nothing else running; ~10 min on 2 CPU 
 
     python benchmarks/preprocess.py [--quick] [--rounds 2] [--large-mb N] [--doc-mb N] [--keep-dir DIR] [--out DIR]
 
-Cases, each `python -m dgpt prepare CONFIG` in a fresh process (peak RSS: the sum of the VmHWM of it and of the
-worker processes it starts, read while they run), sizes in alternating order (1 4 16, 16 4 1, ...), median of
+Cases, each `python -m dgpt prepare CONFIG` in a fresh process (peak RSS: the largest sum of the resident memory
+of it and of the worker processes it starts, read together every 20 ms), sizes in alternating order (1 4 16, 16 4 1, ...), median of
 `--rounds`:
 - `Kx`: the four ../shared/data/pretrain/*/train.txt concatenated (valid: their valid.txt), written K times
   into one oracle's train file, with a BPE tokenizer (8192 tokens) trained once beforehand (timed separately)
@@ -279,8 +279,8 @@ def main() -> None:
         f"Median of {rounds} alternating rounds (trained tokenizers: one run each); each run is "
         "`python -m dgpt prepare CONFIG` in a fresh process (seconds include interpreter start-up and imports; "
         "`prepare` does not import torch), encoding in worker processes (one per core) where the input reaches "
-        "16 MB, in threads of its own process below. Peak RSS adds up the high-water marks of the process and its "
-        f"workers. The long document is one document of {doc_mb} MB; pretrain_large is "
+        "16 MB, in threads of its own process below. Peak RSS is the largest sum of the resident memory of the process "
+        f"and its workers, read together every 20 ms. The long document is one document of {doc_mb} MB; pretrain_large is "
         f"{'all of it' if not large_mb else f'the first {large_mb} MB of each train file'}.", "",
     ]
     if compression:
