@@ -128,7 +128,7 @@ def test_bad_count_files_and_partial_prepare_fail_with_one_line(tmp_path, capsys
     fails([str(tmp_path / "format.json")], "format 'something-else'")
     fails([str(tmp_path / "negative.json")], "count of pre-token 'Ġthe' is -3")
     fails([str(good), str(good)], "oracle 'alpha' was already counted")
-    fails([str(tmp_path / "other.json")], "counted with cleaning settings")
+    fails([str(tmp_path / "other.json")], "counted with cleaning and sample settings")
 
     assert main(["prepare", str(path), "--oracle", "alpha"]) == 2  # no counts, no ready tokenizer
     assert main(["prepare", str(path), "--oracle", "delta", "--set", f'tokenizer.counts=["{good}"]']) == 2

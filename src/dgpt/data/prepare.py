@@ -62,7 +62,7 @@ def count_oracle_pretokens(config: Config, oracle: str, out: Path, min_count: in
     counts = count_pretokens(_texts(chosen, config, keep))
     if not counts:
         raise DgptError(f"oracle '{oracle}': no training text to count (every document was empty, too short or a duplicate)")
-    kept = write_counts(out, oracle, counts, keep.kept, _cleaning(config.data), min_count)
+    kept = write_counts(out, oracle, counts, keep.kept, _counted(config), min_count)
     return (f"{oracle}: {sum(counts.values())} pre-tokens ({len(counts)} distinct) in {keep.kept} documents; "
             f"{kept} distinct written to {out}" + (f" (those seen >= {min_count} times)" if min_count > 1 else ""))
 
@@ -109,6 +109,11 @@ def _cleaning(data: DataConfig) -> dict:
     return {"doc_separator": data.doc_separator, "min_chars": data.min_chars, "dedup": data.dedup}
 
 
+def _counted(config: Config) -> dict:
+    """What a pre-token count file records of how its text was chosen, and merging checks: the cleaning and the sample."""
+    return {**_cleaning(config.data), "tokenizer.train_bytes": config.tokenizer.train_bytes}
+
+
 # --- the tokenizer ---------------------------------------------------------------------------------
 
 
@@ -141,7 +146,7 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
 
     fingerprint_path.unlink(missing_ok=True)
     if settings.counts:
-        counts, names = merge_counts(settings.counts, _cleaning(config.data))
+        counts, names = merge_counts(settings.counts, _counted(config))
         origin = f"the pre-token counts of {', '.join(names)}"
         tokenizer = TextTokenizer.train_from_counts(counts, settings.vocab_size, settings.min_frequency)
     else:  # the same counts, made here by the trainer from every oracle's text

@@ -2,7 +2,7 @@
 
 An oracle runs `dgpt count-pretokens CONFIG --oracle NAME` on its own machine; the file holds how often
 each byte-level pre-token (a word with its leading space, a run of digits or punctuation) occurs in its
-cleaned training documents: a bag of words, no document and no word order. With every oracle's file
+cleaned training documents (its sample of `tokenizer.train_bytes`): a bag of words, no document and no word order. With every oracle's file
 listed in `tokenizer.counts`, `dgpt prepare` on any machine trains the same tokenizer, equal to the one
 trained on the pooled text. `min_count` > 1 leaves out the oracle's rarest pre-tokens (names, numbers)
 at the price of that equality.
@@ -43,7 +43,7 @@ def read_counts(path: str | Path) -> dict:
 
 def merge_counts(paths: list[str], cleaning: dict) -> tuple[Counter[str], list[str]]:
     """The summed counts of several oracles' files and the oracles they came from. Every file must come
-    from a different oracle and from this config's cleaning settings (else the merged counts describe
+    from a different oracle and from this config's cleaning and sample settings (else the merged counts describe
     text that `prepare` would never write)."""
     total: Counter[str] = Counter()
     seen: dict[str, str] = {}
@@ -53,7 +53,7 @@ def merge_counts(paths: list[str], cleaning: dict) -> tuple[Counter[str], list[s
         if oracle in seen:
             raise DgptError(f"{path}: oracle '{oracle}' was already counted in {seen[oracle]}")
         if data["cleaning"] != cleaning:
-            raise DgptError(f"{path}: counted with cleaning settings {data['cleaning']}, but this config has {cleaning}")
+            raise DgptError(f"{path}: counted with cleaning and sample settings {data['cleaning']}, but this config has {cleaning}")
         seen[oracle] = str(path)
         total.update(data["counts"])
     return total, list(seen)
