@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dgpt.config import config_from_dict
+from dgpt.config import DataConfig, config_from_dict
+from dgpt.data import parts as parts_module
+from dgpt.data.parts import sample_parts, split_parts, worker_count
 from dgpt.data.prepare import prepare
 from dgpt.data.shards import read_manifest
 from dgpt.data.sources import document_cuts, file_document_parts
@@ -93,3 +95,29 @@ def test_bad_bytes_in_a_later_part_are_named_at_their_line_in_the_file(tmp_path)
     with pytest.raises(DgptError, match=error):  # raised in a worker process, the same one line here
         prepare(config)
     assert not (tmp_path / "run" / "data" / "o").exists() and not list((tmp_path / "run" / "data").iterdir())
+
+
+def test_workers_are_bounded_by_cores_memory_and_parts(tmp_path, monkeypatch):
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 2_000_000 + "\n\n" + "more " * 2_000_000 + "\n", encoding="utf-8")  # 20 MB, 2 documents
+    oracle = config_from_dict({"run_dir": str(tmp_path / "r"), "oracles": [{"name": "o", "train": [str(big)]}]}).oracles[0]
+    parts = split_parts(oracle, "train", DataConfig(part_bytes=1 << 20))
+    assert len(parts) == 2 and parts[0].end == parts[1].start
+    monkeypatch.setattr(parts_module, "_cores", lambda: 8)
+    monkeypatch.setattr(parts_module, "_available_memory", lambda: 100 * parts_module.WORKER_BYTES)
+    assert worker_count(0, parts) == 2  # no more processes than parts
+    monkeypatch.setattr(parts_module, "_available_memory", lambda: parts_module.WORKER_BYTES + 1)
+    assert worker_count(0, parts) == 1  # room for one
+    monkeypatch.setattr(parts_module, "_available_memory", lambda: None)  # unknown: one per core
+    assert worker_count(0, split_parts(oracle, "train", DataConfig(part_bytes=1 << 30))) == 1  # one part
+    assert worker_count(3, parts) == 2  # asked for: as many as there are parts
+
+
+def test_the_tokenizer_sample_is_spread_over_the_text(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(f"document {i} " + "text " * 40 + "\n\n" for i in range(2000)), encoding="utf-8")  # ~430 KB
+    oracle = config_from_dict({"run_dir": str(tmp_path / "r"), "oracles": [{"name": "o", "train": [str(path)]}]}).oracles[0]
+    parts, sampled, total = sample_parts(oracle, DataConfig(), 40_000)
+    assert total == path.stat().st_size and 40_000 <= sampled < 50_000 and 16 <= len(parts) <= 18
+    assert parts[0].start == 0 and parts[-1].start > total * 0.9  # from the beginning to the end
+    assert sample_parts(oracle, DataConfig(), 0)[1:] == (total, total)  # 0: all of it

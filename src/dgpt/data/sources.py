@@ -86,9 +86,10 @@ def document_cuts(path: Path, doc_separator: str, part_bytes: int) -> list[int]:
     cuts: list[int] = []
     with open(path, "rb") as f:
         while (cuts[-1] if cuts else 0) + part_bytes < size:
-            f.seek((cuts[-1] if cuts else 0) + part_bytes)
-            at = f.tell() + len(f.readline())  # the next line's start
-            text_before = False
+            at = f.seek((cuts[-1] if cuts else 0) + part_bytes)
+            rest = f.readline()  # of the line the offset falls in; the range before the cut holds all of it
+            at += len(rest)
+            text_before = bool(rest.decode("utf-8", errors="replace").strip())
             for raw in f:
                 at += len(raw)
                 blank = not raw.decode("utf-8", errors="replace").strip()
