@@ -5,7 +5,8 @@
     RUN/tokenizer.fingerprint.json        what the tokenizer was trained from, so that `dgpt prepare` can reuse it
     RUN/data/<oracle>/manifest.json       an oracle's token shards and their checksums
     RUN/pretoken_counts/<oracle>.json     what an oracle shares to train the tokenizer without its text
-    RUN/checkpoints/<kind>_<n>/           model.safetensors + state.pt + checksums.json (kind: step or round)
+    RUN/checkpoints/<kind>_<n>/           model.safetensors + state.pt + checksums.json (kind: step or round);
+                                          FINAL in the last one of a finished run, which rotation keeps
     RUN/oracles/<oracle>/round_<n>.pt     an oracle's private state (inner optimizer, sampler, head) at round n
     RUN/metrics.jsonl, RUN/ledger.jsonl   one row per event / per round
     RUN/plots/, RUN/tensorboard/          what `dgpt plot` and `[log] tensorboard` write
@@ -37,6 +38,7 @@ STATE = "state.pt"
 METRICS = "metrics.jsonl"
 LEDGER = "ledger.jsonl"
 CHECKSUMS = "checksums.json"  # in each checkpoint: the SHA-256 of its other files
+FINAL = "FINAL"  # in the last checkpoint of a finished run: checkpoint rotation keeps it
 LOCK = "dgpt.lock"
 
 _ORACLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

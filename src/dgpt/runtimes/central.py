@@ -83,7 +83,8 @@ def pretrain_central(config: Config, *, stop_after: int | None = None) -> RunSum
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             losses, validated = validate(step), step
         if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
-            save_checkpoint(run_dir, "step", step, weights_of(model), setup.model_config, {"loop": loop.state_dict()}, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, "step", step, weights_of(model), setup.model_config, {"loop": loop.state_dict()},
+                            cfg.keep_checkpoints, final=step == cfg.steps)
         if stop_after is not None and step >= stop_after:
             break
     bar.close()

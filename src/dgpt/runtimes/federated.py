@@ -263,7 +263,7 @@ class RoundDriver:
             state = load_state(checkpoint)
             start, head = state["round"], state.get("ledger_head")
             for name, loop in work.loops.items():
-                loop.load_state_dict(load_oracle_state(self.run_dir.oracle_state(name, start)))
+                loop.load_state_dict(load_oracle_state(self.run_dir.oracle_state(name, start)), start * work.inner_steps)
                 move_optimizer_state(loop.optimizer, PARKED)
             self.strategy.load_state_dict(_strategy_state(state), self._theta())
             logger.info(f"resumed from {checkpoint} at round {start}")
@@ -285,7 +285,8 @@ class RoundDriver:
         keep = self.config.pretrain.keep_checkpoints
         # every process holds the same global model and Strategy: each host without a shared run_dir gets its copy
         self.transport.each_filesystem(
-            lambda: save_checkpoint(run_dir.root, "round", rnd, weights_of(work.model), work.model.config, state, keep),
+            lambda: save_checkpoint(run_dir.root, "round", rnd, weights_of(work.model), work.model.config, state, keep,
+                                    final=rnd == work.rounds),
             run_dir.checkpoint("round", rnd).is_dir,
         )
         kept = {checkpoint_number(p) for p in run_dir.list_checkpoints()}

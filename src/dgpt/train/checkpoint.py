@@ -2,7 +2,8 @@
 
 A checkpoint is the directory `RunDir.checkpoint(kind, n)` with the WEIGHTS file (its metadata holds
 the model config), the STATE file (read with `weights_only=True`: nothing is unpickled) and CHECKSUMS, the
-SHA-256 of both. It is written under a temporary name and renamed when complete, so a directory that
+SHA-256 of both; the last checkpoint of a finished run also holds FINAL, and rotation never removes it (the
+model a run ended with stays when the run is extended). It is written under a temporary name and renamed when complete, so a directory that
 exists is whole; `RunDir.latest_checkpoint` checks the checksums and falls back past a corrupt one.
 """
 
@@ -17,10 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums
+from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums, write_text
 from dgpt.model.config import GPTConfig
 from dgpt.model.gpt import tied_weight_names
-from dgpt.rundir import CHECKSUMS, STATE, WEIGHTS, RunDir
+from dgpt.rundir import CHECKSUMS, FINAL, STATE, WEIGHTS, RunDir
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,16 +68,22 @@ def checkpoint_dir(run_dir: Path, kind: str, n: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, kind: str, n: int, weights: dict[str, torch.Tensor], model_config: GPTConfig, state: dict, keep: int
+    run_dir: Path, kind: str, n: int, weights: dict[str, torch.Tensor], model_config: GPTConfig, state: dict, keep: int,
+    final: bool = False,
 ) -> Path:
-    final = checkpoint_dir(run_dir, kind, n)
-    with atomic_dir(final) as tmp:
+    """Write checkpoint `kind` `n` (`final`: the run's last, kept for good), then remove all but the `keep` newest,
+    except the final ones."""
+    path = checkpoint_dir(run_dir, kind, n)
+    with atomic_dir(path) as tmp:
         save_weights(tmp / WEIGHTS, weights, model_config)
         torch_save(state, tmp / STATE)
+        if final:
+            write_text(tmp / FINAL, f"{kind} {n}: the last of a finished run; checkpoint rotation keeps it\n")
         write_checksums(tmp, CHECKSUMS)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-    return final
+        if not (old / FINAL).is_file():
+            shutil.rmtree(old)
+    return path
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -120,15 +120,36 @@ def make_optimizer(model: nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
-def lr_at(step: int, cfg: LoopSettings, total_steps: int) -> float:
-    """Linear warmup to cfg.lr, then cosine (or, with schedule = "linear", linear) decay to cfg.min_lr at total_steps."""
+@dataclass(frozen=True)
+class Rewarm:
+    """Where a run whose schedule was re-planned (its planned end moved: rounds or steps raised) took it up again:
+    from step `step` the LR climbs linearly from `lr`, where it stood, to `peak` over warmup_steps, then decays to
+    min_lr at the new end. A finished run stood at min_lr."""
+
+    step: int
+    lr: float
+    peak: float
+
+    @classmethod
+    def at(cls, step: int, cfg: LoopSettings, old_total: int, old: Rewarm | None, new_total: int) -> Rewarm:
+        """The re-plan from `step` of the schedule ending at `old_total` to one ending at `new_total`: an extension
+        warms back up to cfg.lr; a shortened schedule holds the LR where it stood through the warmup, then decays."""
+        lr = lr_at(step, cfg, old_total, old)
+        return cls(step, lr, cfg.lr if new_total > old_total else lr)
+
+
+def lr_at(step: int, cfg: LoopSettings, total_steps: int, rewarm: Rewarm | None = None) -> float:
+    """Linear warmup to cfg.lr, then cosine (or, with schedule = "linear", linear) decay to cfg.min_lr at total_steps;
+    after a re-plan (`rewarm`) the warmup starts from the LR where the run stood and the decay from its peak."""
+    start, low, peak = (rewarm.step, rewarm.lr, rewarm.peak) if rewarm is not None else (0, 0.0, cfg.lr)
+    step, total_steps = step - start, total_steps - start
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return low + (peak - low) * (step + 1) / cfg.warmup_steps
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     if cfg.schedule == "linear":
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr + (peak - cfg.min_lr) * (1.0 - progress)
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -164,6 +185,7 @@ class InnerLoop:
         self.step = 0
         self.tokens = 0
         self.privacy: PrivateGradients | None = None  # DP-SGD (make_private); None: the plain step, at no cost
+        self.rewarm: Rewarm | None = None  # set when a resumed run's planned end (total_steps) moved
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.rng_state = torch.get_rng_state()
@@ -202,7 +224,7 @@ class InnerLoop:
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches (DP: one Poisson batch); returns the mean training loss."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg, self.total_steps)
+        lr = lr_at(self.step, cfg, self.total_steps, self.rewarm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -242,9 +264,12 @@ class InnerLoop:
             "sampler": self.sampler.state_dict(),
             "rng": self.rng_state,
             **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {}),
+            "schedule": {"total_steps": self.total_steps, "rewarm": dataclasses.astuple(self.rewarm) if self.rewarm else None},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, position: int | None = None) -> None:
+        """Resume; if the run's planned end moved since `state` was saved, re-plan the schedule from `position`, the
+        step where the run stands (default: the state's), or the old end if that came first (a finished run)."""
         if ("privacy" in state) != (self.privacy is not None):
             raise DgptError("the run was trained " + ("with" if "privacy" in state else "without")
                             + " [privacy] and would resume " + ("without" if "privacy" in state else "with")
@@ -255,3 +280,10 @@ class InnerLoop:
         self.step, self.tokens = state["step"], state["tokens"]
         self.sampler.load_state_dict(state["sampler"])
         self.rng_state = state["rng"]
+        saved = state.get("schedule", {"total_steps": self.total_steps, "rewarm": None})  # older states: the same end
+        old = Rewarm(*saved["rewarm"]) if saved["rewarm"] else None
+        if saved["total_steps"] == self.total_steps:
+            self.rewarm = old
+        else:
+            at = min(saved["total_steps"], self.step if position is None else position)
+            self.rewarm = Rewarm.at(at, self.cfg, saved["total_steps"], old, self.total_steps)

@@ -43,6 +43,6 @@ class TaskLoop(InnerLoop):
         head = {k: v.detach().cpu().clone() for k, v in self.model.head.state_dict().items()}
         return {**super().state_dict(), "head": head, "task": self.spec.to_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict, position: int | None = None) -> None:
+        super().load_state_dict(state, position)
         self.model.head.load_state_dict(state["head"])

@@ -99,7 +99,8 @@ class Oracle:
         """The oracle's newest state from before round `before` (none yet: as it starts)."""
         states = {r: path for r, path in self.run_dir.oracle_states(self.name).items() if r < before}
         if states:
-            self.work.loops[self.name].load_state_dict(load_oracle_state(states[max(states)]))
+            position = (before - 1) * self.work.inner_steps  # where the run stands (a finished run's schedule ended there)
+            self.work.loops[self.name].load_state_dict(load_oracle_state(states[max(states)]), position)
 
     def save(self, rnd: int) -> None:
         with atomic_path(self.run_dir.oracle_state(self.name, rnd)) as tmp:

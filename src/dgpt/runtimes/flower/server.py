@@ -277,7 +277,8 @@ class FlowerServer:
         state = {"round": rnd, "strategy": self.strategy.state_dict(), "sizes": dict(self.work.sizes),
                  "tokens": dict(self.tokens), "epsilon": dict(self.epsilon), "ledger_head": self.ledger.head}
         model = self.work.model
-        save_checkpoint(self.run_dir.root, "round", rnd, weights_of(model), model.config, state, self.config.pretrain.keep_checkpoints)
+        save_checkpoint(self.run_dir.root, "round", rnd, weights_of(model), model.config, state,
+                        self.config.pretrain.keep_checkpoints, final=rnd == self.work.rounds)
 
 
 _NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",)}
