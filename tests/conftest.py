@@ -75,6 +75,11 @@ def strategy(weights, numel, kind="none", **fed) -> Strategy:
     return Strategy(FederationConfig(**fed), Codec(kind, [numel]), weights, torch.zeros(numel), seed=0)
 
 
+def extended(config: Config, **federation) -> Config:
+    """The same run with [federation] keys changed (its rounds raised: the run extended)."""
+    return dataclasses.replace(config, federation=dataclasses.replace(config.federation, **federation))
+
+
 def rounds(config: Config, kind: str = "round") -> list[dict]:
     """The run's metrics rows of one kind."""
     return [r for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == kind]

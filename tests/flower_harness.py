@@ -219,9 +219,10 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def finished(run_dir: str) -> bool:
+def finished(run_dir: str, runs: int = 1) -> bool:
+    """Whether the ServerApp finished `runs` times in this run directory (an extended run: once more)."""
     log = RunDir(run_dir).server_log
-    return log.is_file() and "communication:" in log.read_text()
+    return log.is_file() and log.read_text().count("communication:") >= runs
 
 
 def round_done(run_dir: str, rnd: int) -> bool:

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import rounds, tiny_config
+from conftest import extended, rounds, tiny_config
 
 from dgpt import api
 from dgpt.audit import verify_ledger
@@ -19,11 +19,6 @@ from dgpt.train.local import InnerLoop, Rewarm, lr_at
 from dgpt.train.metrics import read_metrics
 
 FED = {"rounds": 3, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9}
-
-
-def extended(config, **fed):
-    """The same run with [federation] keys changed (more rounds)."""
-    return dataclasses.replace(config, federation=dataclasses.replace(config.federation, **fed))
 
 
 def final_loss(config) -> float:

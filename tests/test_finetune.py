@@ -2,6 +2,7 @@
 oracle, a shared head, resume, torchrun == sim, and one clear line for each kind of bad input."""
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -223,6 +224,20 @@ def test_dp_sgd_fine_tunes_every_task_type(tmp_path, pretrained):
             torch.testing.assert_close(g, p.grad / 3, rtol=1e-4, atol=1e-6, msg=name)
     summary = api.finetune(config)
     assert set(summary.epsilon) == set(config.oracle_names()) and all(e > 0 for e in summary.epsilon.values())
+
+
+def test_extending_a_finished_fine_tuning_run(tmp_path, pretrained):
+    """finetune.rounds raised from 2 to 4: the run continues from round 2 with each oracle's head, its linear decay
+    (which had reached 0) re-planned from there to the new end; the round-2 checkpoint stays."""
+    config = ft_config(tmp_path, pretrained, kinds=("entailment", "multiple_choice"))
+    api.finetune(config)
+    longer = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, rounds=4))
+    assert api.finetune(longer).done == 4
+    assert [r["round"] for r in read_metrics(config.run_path / "metrics.jsonl") if r["kind"] == "round"] == [0, 1, 2, 3, 4]
+    run = RunDir(config.run_path)
+    assert [p.name for p in run.list_checkpoints()] == ["round_0000002", "round_0000003", "round_0000004"]
+    schedule = torch.load(run.oracle_state("entailment", 4), weights_only=True)["schedule"]
+    assert schedule == {"total_steps": 8, "rewarm": (4, 0.0, FINETUNE["lr"])}  # GPT-1's warmup of 0.2%: none here
 
 
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):

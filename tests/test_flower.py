@@ -12,13 +12,14 @@ import torch
 
 pytest.importorskip("flwr")
 
-from conftest import rounds, tiny_config  # noqa: E402
+from conftest import extended, rounds, tiny_config  # noqa: E402
 from flower_harness import Deployment, finished, round_done, split_roles, write_node_key, write_tls  # noqa: E402
 from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
 from dgpt.config import dump_config  # noqa: E402
+from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
 
@@ -51,12 +52,13 @@ def ledger_values(config) -> list[dict[str, float]]:
     return [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(config.run_path / "ledger.jsonl")[1:]]
 
 
-def simulate(tmp_path, config, finetune: bool = False) -> None:
-    """`flwr run APP local` with one virtual SuperNode per oracle, until the ServerApp is done."""
+def simulate(tmp_path, config, finetune: bool = False, runs: int = 1) -> None:
+    """`flwr run APP local` with one virtual SuperNode per oracle, until the ServerApp is done (`runs`: its how many
+    times in this run directory)."""
     fed = Deployment(tmp_path / "flwr")
     try:
         fed.simulate(write_flower_app(config, finetune), len(config.oracles))
-        fed.wait_for(lambda: finished(config.run_dir), 180, "the run", watch=())
+        fed.wait_for(lambda: finished(config.run_dir, runs), 180, "the run", watch=())
     finally:
         fed.close()
 
@@ -98,6 +100,28 @@ def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
         assert set(row["metrics"]) == set(kinds)
         for name in kinds:
             assert row["metrics"][name] == pytest.approx(sim_row["metrics"][name], rel=1e-3, abs=1e-4)
+
+
+def test_flower_extends_a_finished_run_as_sim_does(tmp_path):
+    """A finished 3-round run raised to 6 rounds on the simulation engine: the server resumes from its round-3
+    checkpoint (kept through rotation), each oracle from its state with its schedule re-planned; the model equals
+    sim's extended run, ends no worse than the 3-round run and within 2% of a fresh 6-round run."""
+    fed, ledger = {**FED, "rounds": 3, "eval_interval": 1}, {"method": "off"}
+    sim = tiny_config(tmp_path / "sim", federation=fed, ledger=ledger)
+    api.pretrain(sim)
+    api.pretrain(extended(sim, rounds=6))
+    fresh = tiny_config(tmp_path / "fresh", federation={**fed, "rounds": 6}, ledger=ledger)
+    api.pretrain(fresh)
+    config = tiny_config(tmp_path / "fl", federation={**fed, "runtime": "flower", "round_timeout_s": 60}, ledger=ledger)
+    api.prepare(config)
+    simulate(tmp_path, config)
+    three = rounds(config)[-1]["loss"]
+    longer = extended(config, rounds=6)
+    simulate(tmp_path, longer, runs=2)
+    assert_same_model(sim, longer)
+    assert [r["round"] for r in rounds(longer)] == [0, 1, 2, 3, 4, 5, 6]
+    assert rounds(longer)[-1]["loss"] <= min(three, 1.02 * rounds(fresh)[-1]["loss"])
+    assert [p.name for p in RunDir(config.run_dir).list_checkpoints()] == ["round_0000003", "round_0000005", "round_0000006"]
 
 
 def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):

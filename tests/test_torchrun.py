@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import host_config, tiny_config
+from conftest import extended, host_config, tiny_config
 from safetensors.torch import load_file
 
 from dgpt import api
 from dgpt.audit import verify_ledger
 from dgpt.runtimes.sim import pretrain_sim
 from dgpt.config import dump_config
+from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import WEIGHTS, latest_checkpoint
 from dgpt.train.metrics import read_metrics
 
@@ -146,7 +147,7 @@ def test_torchrun_ranks_leave_no_gloo_threads_to_interpreter_exit(tmp_path):
         assert not [t for t in threads if "gloo" in t], threads
 
 
-def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
+def test_torchrun_resume_after_interruption_and_extension_equals_sim(tmp_path):
     sim = tiny_config(tmp_path / "sim", federation=FED)
     api.pretrain(sim)
     dist = tiny_config(tmp_path / "dist", federation=FED)  # a sim config: torchrun is detected from the launch
@@ -159,6 +160,12 @@ def test_torchrun_resume_after_interruption_equals_sim(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
     assert_same_model(sim, dist)
+    # the finished run extended to 6 rounds: each rank re-plans its schedule as sim does
+    api.pretrain(extended(sim, rounds=6))
+    third = torchrun(path, "--set", "federation.rounds=6")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert_same_model(sim, dist)
+    assert [p.name for p in RunDir(dist.run_dir).list_checkpoints()] == ["round_0000003", "round_0000005", "round_0000006"]
 
 
 def test_torchrun_world_size_must_match_oracles(tmp_path):
