@@ -30,7 +30,7 @@ def test_rewarm_from_min_lr_then_decay_to_the_new_end():
     the new end; a shortened schedule holds the LR where it stood, then decays; with no re-plan nothing changes."""
     cfg = PretrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="linear")
     rewarm = Rewarm.at(100, cfg, 100, None, 200)
-    assert rewarm == Rewarm(100, pytest.approx(0.1), 1.0)
+    assert rewarm == Rewarm(100, pytest.approx(0.1), 1.0, 10)
     assert lr_at(100, cfg, 200, rewarm) == pytest.approx(0.1 + 0.9 / 10)
     assert lr_at(109, cfg, 200, rewarm) == pytest.approx(1.0)
     assert lr_at(155, cfg, 200, rewarm) == pytest.approx(0.55)
@@ -41,6 +41,9 @@ def test_rewarm_from_min_lr_then_decay_to_the_new_end():
     assert shorter.peak == shorter.lr == pytest.approx(lr_at(50, cfg, 100))
     assert lr_at(55, cfg, 80, shorter) == pytest.approx(shorter.lr) and lr_at(80, cfg, 80, shorter) == pytest.approx(0.1)
     assert lr_at(55, cfg, 100, None) == lr_at(55, cfg, 100)
+    short = Rewarm.at(100, cfg, 100, None, 110)  # a short extension warms up over half of it, and still ends at min_lr
+    assert short.warmup == 5 and lr_at(104, cfg, 110, short) == pytest.approx(1.0)
+    assert lr_at(110, cfg, 110, short) == pytest.approx(0.1)
 
 
 def test_a_loop_replans_only_when_its_end_moved(tmp_path):
@@ -65,7 +68,7 @@ def test_a_loop_replans_only_when_its_end_moved(tmp_path):
     assert same.rewarm is None
     longer = loop(12)
     longer.load_state_dict(state, position=8)  # a finished run is re-planned from its end, wherever it is asked
-    assert longer.rewarm == Rewarm(6, pytest.approx(0.1), 1.0)
+    assert longer.rewarm == Rewarm(6, pytest.approx(0.1), 1.0, 2)
     longer.train_step()
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.55)
     resumed = loop(12)

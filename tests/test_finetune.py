@@ -237,7 +237,7 @@ def test_extending_a_finished_fine_tuning_run(tmp_path, pretrained):
     run = RunDir(config.run_path)
     assert [p.name for p in run.list_checkpoints()] == ["round_0000002", "round_0000003", "round_0000004"]
     schedule = torch.load(run.oracle_state("entailment", 4), weights_only=True)["schedule"]
-    assert schedule == {"total_steps": 8, "rewarm": (4, 0.0, FINETUNE["lr"])}  # GPT-1's warmup of 0.2%: none here
+    assert schedule == {"total_steps": 8, "rewarm": (4, 0.0, FINETUNE["lr"], 0)}  # GPT-1's warmup of 0.2%: none here
 
 
 def test_torchrun_finetune_equals_sim(tmp_path, pretrained):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
 from dgpt.objectives import lm_loss
 from dgpt.train.privacy import PrivateGradients
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,30 +126,32 @@ def make_optimizer(model: nn.Module, cfg: LoopSettings) -> torch.optim.Optimizer
 @dataclass(frozen=True)
 class Rewarm:
     """Where a run whose schedule was re-planned (its planned end moved: rounds or steps raised) took it up again:
-    from step `step` the LR climbs linearly from `lr`, where it stood, to `peak` over warmup_steps, then decays to
+    from step `step` the LR climbs linearly from `lr`, where it stood, to `peak` over `warmup` steps, then decays to
     min_lr at the new end. A finished run stood at min_lr."""
 
     step: int
     lr: float
     peak: float
+    warmup: int
 
     @classmethod
     def at(cls, step: int, cfg: LoopSettings, old_total: int, old: Rewarm | None, new_total: int) -> Rewarm:
         """The re-plan from `step` of the schedule ending at `old_total` to one ending at `new_total`: an extension
-        warms back up to cfg.lr; a shortened schedule holds the LR where it stood through the warmup, then decays."""
+        warms back up to cfg.lr; a shortened schedule holds the LR where it stood through the warmup, then decays. The
+        warmup takes at most half of what is left, so that a short extension still ends at min_lr."""
         lr = lr_at(step, cfg, old_total, old)
-        return cls(step, lr, cfg.lr if new_total > old_total else lr)
+        return cls(step, lr, cfg.lr if new_total > old_total else lr, min(cfg.warmup_steps, (new_total - step) // 2))
 
 
 def lr_at(step: int, cfg: LoopSettings, total_steps: int, rewarm: Rewarm | None = None) -> float:
     """Linear warmup to cfg.lr, then cosine (or, with schedule = "linear", linear) decay to cfg.min_lr at total_steps;
     after a re-plan (`rewarm`) the warmup starts from the LR where the run stood and the decay from its peak."""
-    start, low, peak = (rewarm.step, rewarm.lr, rewarm.peak) if rewarm is not None else (0, 0.0, cfg.lr)
+    start, low, peak, warmup = (0, 0.0, cfg.lr, cfg.warmup_steps) if rewarm is None else dataclasses.astuple(rewarm)
     step, total_steps = step - start, total_steps - start
-    if step < cfg.warmup_steps:
-        return low + (peak - low) * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if step < warmup:
+        return low + (peak - low) * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     if cfg.schedule == "linear":
         return cfg.min_lr + (peak - cfg.min_lr) * (1.0 - progress)
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
@@ -287,3 +292,6 @@ class InnerLoop:
         else:
             at = min(saved["total_steps"], self.step if position is None else position)
             self.rewarm = Rewarm.at(at, self.cfg, saved["total_steps"], old, self.total_steps)
+            logger.info(f"learning-rate schedule re-planned from {saved['total_steps']:,} to {self.total_steps:,} "
+                        f"steps: from step {at:,} the LR goes from {self.rewarm.lr:.3g} to {self.rewarm.peak:.3g} over "
+                        f"{self.rewarm.warmup} steps, then to {self.cfg.min_lr:.3g} at the new end")
