@@ -2,9 +2,10 @@
 
 A checkpoint is the directory `RunDir.checkpoint(kind, n)` with the WEIGHTS file (its metadata holds
 the model config), the STATE file (read with `weights_only=True`: nothing is unpickled) and CHECKSUMS, the
-SHA-256 of both; the last checkpoint of a finished run also holds FINAL, and rotation never removes it (the
-model a run ended with stays when the run is extended). It is written under a temporary name and renamed when complete, so a directory that
-exists is whole; `RunDir.latest_checkpoint` checks the checksums and falls back past a corrupt one.
+SHA-256 of both; the last checkpoint of a finished run also holds FINAL, which rotation never removes (the model
+a run ended with stays when the run is extended). It is written under a temporary name and renamed when
+complete, so a directory that exists is whole; `RunDir.latest_checkpoint` checks the checksums and falls back
+past a corrupt one.
 """
 
 from __future__ import annotations
