@@ -265,13 +265,33 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+MOST_CONFIG_BYTES = 1 << 20  # a config names its sources, it does not hold them: far more than any real one
+
+
+class NotToml(DgptError):
+    """Text the TOML parser refused (an override's value is then taken as a bare string)."""
+
+
+def parse_toml(text: str, source: str) -> dict:
+    """TOML text as a dict, or one DgptError line: not TOML, over MOST_CONFIG_BYTES, or nested deeper than the
+    parser's recursion allows (tomllib recurses once per level of arrays and inline tables)."""
+    if len(text) > MOST_CONFIG_BYTES:
+        raise DgptError(f"{source}: {len(text):,} characters; a config is at most {MOST_CONFIG_BYTES:,}")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise NotToml(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise DgptError(f"{source}: arrays or inline tables nested too deeply to read") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise DgptError(f"--set {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = parse_toml(f"v = {raw}", f"--set {text[:80]!r}")["v"]
+    except NotToml:
         value = raw  # a bare word is a string
     return key.strip().split("."), value
 
@@ -296,10 +316,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise DgptError(f"{p}: config file not found")
+        if p.stat().st_size > MOST_CONFIG_BYTES:
+            raise DgptError(f"{p}: {p.stat().st_size:,} bytes; a config is at most {MOST_CONFIG_BYTES:,}")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             raise DgptError(f"{p}: not valid TOML: {e}") from None
+        data = parse_toml(text, str(p))
     for text in overrides:
         key_path, value = _parse_override(text)
         _apply_override(data, key_path, value, text)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from dgpt.data.special_tokens import SMALLEST_VOCAB
 from dgpt.errors import DgptError
 from dgpt.model.config import resolve_config
+from dgpt.model.memory import check_weights_fit
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -21,6 +22,7 @@ POSITIVE: Rule = (lambda v: v > 0, "> 0")
 FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SHAPLEY_EXACT_MAX = 16  # 2^16 coalitions a round is already far more validation than training
+MOST_STEPS = 10**10  # optimizer steps of one run: over 100 days at a millisecond a step
 
 # "section.key" (or "oracles[].key", "oracles[].task.key" for every oracle) -> rule
 RANGES: dict[str, Rule] = {
@@ -96,7 +98,22 @@ def check_ranges(config: Any, source: str) -> None:
     if config.tokenizer.vocab_size < SMALLEST_VOCAB:
         raise DgptError(f"{source}: 'tokenizer.vocab_size' must be >= {SMALLEST_VOCAB} (256 bytes + special tokens), "
                         f"got {config.tokenizer.vocab_size}")
+    _check_steps(config, source)
     try:
-        resolve_config(config.model, config.tokenizer.vocab_size)
+        model = resolve_config(config.model, config.tokenizer.vocab_size)
     except ValueError as e:
         raise DgptError(f"{source}: [model]: {e}") from None
+    check_weights_fit(model, f"{source}: [model]")
+
+
+def _check_steps(config: Any, source: str) -> None:
+    """No schedule longer than any run can take: a count that large is a typo, and would only be found out by
+    a run that never ends."""
+    fed, ft = config.federation, config.finetune
+    for keys, steps in ((("pretrain.steps",), config.pretrain.steps),
+                        (("federation.rounds", "federation.inner_steps"), fed.rounds * fed.inner_steps),
+                        (("finetune.rounds", "finetune.inner_steps"), ft.rounds * ft.inner_steps),
+                        (("finetune.epochs",), ft.epochs)):
+        if steps > MOST_STEPS:
+            raise DgptError(f"{source}: {' x '.join(repr(k) for k in keys)} = {steps:.3g}: a run of more than "
+                            f"{MOST_STEPS:.0e} optimizer steps would take over 100 days at a millisecond a step")

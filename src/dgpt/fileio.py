@@ -65,14 +65,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
+        if path.exists() or path.is_symlink():
+            remove_tree(path)
         os.replace(tmp, path)
     except OSError as e:
         raise _named(e, tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a directory and what is in it, never what a symbolic link points to: a link, the directory itself
+    or one inside it, is removed as a link (shutil.rmtree refuses the first and unlinks the others)."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def remove_stale_temps(root: str | Path, older_than: float) -> list[Path]:
@@ -83,8 +93,8 @@ def remove_stale_temps(root: str | Path, older_than: float) -> list[Path]:
         for name in [n for n in dirs + files if TEMP_NAME.match(n)]:
             path = Path(folder) / name
             if path.lstat().st_mtime < older_than:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
+                if path.is_dir():
+                    remove_tree(path)
                 else:
                     path.unlink()
                 removed.append(path)

@@ -14,8 +14,11 @@
     RUN/flower_server.log                 what the Flower ServerApp of this run logged
     RUN/dgpt.lock                         the run lock of the command writing the run (`dgpt.runlock`)
 
-Oracle names come from configs written by other people, so they are checked before they become a path,
-and every path built from one is checked to stay inside the run directory.
+Oracle names come from configs written by other people, so they are checked before they become a path.
+Run directories travel between parties (a run handed over for audit, a checkpoint to fine-tune from), so a
+run directory is input like any other: every path named here is checked to stay inside the run directory
+with its symbolic links followed (`inside`), before anything is read or written through it; a link that
+leads out is refused, one line naming it. Links that stay inside are allowed.
 """
 
 from __future__ import annotations
@@ -61,6 +64,31 @@ def checkpoint_number(checkpoint: Path) -> int:
     return int(match.group(2))
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or os.path.commonpath([root, path]) == root
+
+
+def inside(path: str | Path, root: str | Path, what: str = "the run directory") -> Path:
+    """`path`, refused unless it stays inside `root` both as written (no '..', no absolute part) and with
+    every symbolic link on it followed, however deep (a path that does not exist yet is checked as far as
+    it exists: what is written there then stays inside too)."""
+    path, root = Path(path), Path(root)
+    lexical = os.path.normpath(path)
+    if not _within(lexical, os.path.normpath(root)):
+        raise DgptError(f"{path}: outside {what} {root}")
+    real_root = os.path.realpath(root)
+    if _within(os.path.realpath(path), real_root):
+        return path
+    step = root
+    for part in Path(lexical).relative_to(os.path.normpath(root)).parts:  # name the first link that leads out
+        step = step / part
+        if not _within(os.path.realpath(step), real_root):
+            break
+    target = os.readlink(step) if step.is_symlink() else os.path.realpath(step)
+    raise DgptError(f"{step}: a symbolic link to {target}, outside {what} {root}; a run directory is read and "
+                    "written only inside itself")
+
+
 class RunDir:
     """Paths of one run. Creating a RunDir touches nothing on disk."""
 
@@ -71,52 +99,65 @@ class RunDir:
         return f"RunDir({str(self.root)!r})"
 
     def _inside(self, *parts: str) -> Path:
-        """root/parts, refused unless it stays inside root (no '..', no absolute part)."""
-        path, root = self.root.joinpath(*parts), os.path.normpath(self.root)
-        normal = os.path.normpath(path)
-        if normal == root or os.path.commonpath([root, normal]) != root:
+        """root/parts, refused unless it is strictly inside root, symbolic links followed (`inside`)."""
+        path = self.root.joinpath(*parts)
+        if os.path.normpath(path) == os.path.normpath(self.root):
             raise DgptError(f"{path}: outside the run directory {self.root}")
-        return path
+        return inside(path, self.root)
+
+    def check_links(self) -> None:
+        """Refuse the run if any symbolic link in it leads out (one line naming the first). Writers call it
+        when they take the run (`dgpt.runlock`), so that a received run directory is refused before anything
+        is written; readers rely on each path named here being checked when it is asked for."""
+        for folder, dirs, files in os.walk(self.root):  # does not descend into linked folders
+            for name in sorted(dirs + files):
+                if os.path.islink(os.path.join(folder, name)):
+                    inside(Path(folder, name), self.root)
+
+    def _entries(self, folder: Path) -> list[Path]:
+        """The entries of a folder of the run, each checked to stay inside it (a received run's checkpoint
+        or shard folder may hold a link to a file elsewhere)."""
+        return [self._inside(*p.relative_to(self.root).parts) for p in folder.iterdir()] if folder.is_dir() else []
 
     @property
     def config(self) -> Path:
-        return self.root / CONFIG
+        return self._inside(CONFIG)
 
     @property
     def tokenizer(self) -> Path:
-        return self.root / TOKENIZER
+        return self._inside(TOKENIZER)
 
     @property
     def tokenizer_fingerprint(self) -> Path:
-        return self.root / "tokenizer.fingerprint.json"
+        return self._inside("tokenizer.fingerprint.json")
 
     @property
     def metrics(self) -> Path:
-        return self.root / METRICS
+        return self._inside(METRICS)
 
     @property
     def ledger(self) -> Path:
-        return self.root / LEDGER
+        return self._inside(LEDGER)
 
     @property
     def server_log(self) -> Path:
-        return self.root / "flower_server.log"
+        return self._inside("flower_server.log")
 
     @property
     def flower_app(self) -> Path:
-        return self.root / "flower_app"
+        return self._inside("flower_app")
 
     @property
     def lock(self) -> Path:
-        return self.root / LOCK
+        return self._inside(LOCK)
 
     @property
     def plots(self) -> Path:
-        return self.root / "plots"
+        return self._inside("plots")
 
     @property
     def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+        return self._inside("tensorboard")
 
     # --- an oracle's prepared data and private state ------------------------------------------------
 
@@ -124,7 +165,7 @@ class RunDir:
         return self._inside("data", check_oracle_name(name))
 
     def manifest(self, name: str) -> Path:
-        return self.oracle_data(name) / MANIFEST
+        return self._inside("data", check_oracle_name(name), MANIFEST)
 
     def pretoken_counts(self, name: str) -> Path:
         return self._inside("pretoken_counts", f"{check_oracle_name(name)}.json")
@@ -134,27 +175,27 @@ class RunDir:
 
     def oracle_states(self, name: str) -> dict[int, Path]:
         """round -> state file of every round this oracle's state was kept for."""
-        folder = self._inside("oracles", check_oracle_name(name))
-        found = [(_ORACLE_STATE.match(p.name), p) for p in folder.iterdir()] if folder.is_dir() else []
+        found = [(_ORACLE_STATE.match(p.name), p) for p in self._entries(self._inside("oracles", check_oracle_name(name)))]
         return {int(m.group(1)): p for m, p in found if m}
 
     def oracles_with_state(self) -> list[str]:
-        folder = self.root / "oracles"
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return sorted(p.name for p in self._entries(self._inside("oracles")) if p.is_dir())
 
     # --- checkpoints ------------------------------------------------------------------------------
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self._inside("checkpoints")
 
     def checkpoint(self, kind: str, n: int) -> Path:
-        return self.checkpoints / f"{kind}_{n:07d}"
+        return self._inside("checkpoints", f"{kind}_{n:07d}")
 
     def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first (temporary ones of interrupted writes are skipped)."""
-        root = self.checkpoints
-        found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if root.is_dir() else []
+        """Complete checkpoint directories, oldest first (temporary ones of interrupted writes are skipped),
+        each with every file in it checked to stay inside the run."""
+        found = [p for p in self._entries(self.checkpoints) if p.is_dir() and _CHECKPOINT.match(p.name)]
+        for checkpoint in found:
+            self._entries(checkpoint)
         return sorted(found, key=checkpoint_number)
 
     def latest_checkpoint(self) -> Path | None:

@@ -104,11 +104,12 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
           "job": torchrun_job()}
     taken = _acquire(run, me)
-    if taken:
-        removed = remove_stale_temps(run.root, run.lock.stat().st_mtime)
-        if removed:
-            logger.info(f"{run.root}: removed {len(removed)} temporary file(s) of interrupted writes")
     try:
+        run.check_links()
+        if taken:
+            removed = remove_stale_temps(run.root, run.lock.stat().st_mtime)
+            if removed:
+                logger.info(f"{run.root}: removed {len(removed)} temporary file(s) of interrupted writes")
         yield
     finally:
         if taken and _read_holder(run.lock) == me:

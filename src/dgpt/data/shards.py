@@ -16,7 +16,7 @@ import numpy as np
 
 from dgpt.errors import DgptError
 from dgpt.fileio import sha256_file
-from dgpt.rundir import MANIFEST
+from dgpt.rundir import MANIFEST, inside
 
 FORMAT_VERSION = 1
 
@@ -110,7 +110,7 @@ class ShardWriter:
 
 
 def read_manifest(oracle_dir: str | Path) -> dict:
-    path = Path(oracle_dir) / MANIFEST
+    path = inside(Path(oracle_dir) / MANIFEST, oracle_dir, "the oracle's data directory")
     if not path.is_file():
         raise DgptError(f"{path}: manifest missing (the data was never prepared or its preparation did not finish; run `dgpt prepare`)")
     try:
@@ -142,7 +142,7 @@ def load_split(
         raise DgptError(f"{oracle_dir / MANIFEST}: corrupt manifest: bad shard records for split '{split}'") from None
     arrays = []
     for file, tokens, sha256 in records:
-        path = oracle_dir / file
+        path = inside(oracle_dir / str(file), oracle_dir, "the oracle's data directory")  # a received manifest names them
         if not path.is_file():
             raise DgptError(f"{path}: shard missing")
         expected = tokens * dtype.itemsize

@@ -26,7 +26,7 @@ from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.federated import Transport, Work, load_oracle_state, oracle_seed
 from dgpt.runtimes.setup import load_newest, model_config_for, newest_weights
 from dgpt.train.checkpoint import load_weights_into
-from dgpt.train.local import LoopSettings, describe_dtype, pick_device
+from dgpt.train.local import LoopSettings, check_training_memory, describe_dtype, pick_device
 from dgpt.train.task_eval import METRICS, evaluate_task, task_gradient
 from dgpt.train.task_loop import TaskLoop
 
@@ -68,6 +68,8 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     max_len = ft.max_len or model_config.n_ctx
     if max_len > model_config.n_ctx:
         raise DgptError(f"finetune.max_len {max_len} exceeds the model's n_ctx {model_config.n_ctx}")
+    device = pick_device(config.pretrain.device)
+    check_training_memory(model_config, device, "finetune.batch_size", ft.batch_size, max_len, len(local_names))
     oracles = {o.name: o for o in config.oracles}
     data = {name: load_task(oracles[name], tokenizer, max_len) for name in local_names}
     sizes = transport.gather_scalars({name: float(len(train)) for name, (_, train, _) in data.items()})
@@ -76,7 +78,6 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
         write_text(run_dir.config, dump_config(config))
     rounds, steps, examples = schedule(ft, int(max(sizes.values())))
     settings = loop_settings(config, steps)
-    device = pick_device(config.pretrain.device)
     logger.info(describe_dtype(config.pretrain.dtype, device))
     gpt = shared_body(config, tokenizer, model_config, init).to(device)
     names = config.oracle_names()

@@ -17,9 +17,10 @@ from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.model.config import GPTConfig, resolve_config
 from dgpt.model.gpt import GPT
+from dgpt.model.memory import check_weights_fit
 from dgpt.rundir import RunDir
 from dgpt.train.checkpoint import WEIGHTS, load_weights_into, read_model_config
-from dgpt.train.local import describe_dtype, pick_device
+from dgpt.train.local import check_training_memory, describe_dtype, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,12 @@ def read_run(config: Config, oracles: list[str] | None = None) -> RunSetup:
 
 
 def load_run(config: Config, oracles: list[str] | None = None, prepare_data: bool = True) -> RunSetup:
-    """For training: prepare (or reuse) the shards, read the run, and record the config it trains with."""
+    """For training: refuse a batch that cannot fit, prepare (or reuse) the shards, read the run, and record the
+    config it trains with."""
+    estimate = model_config_for(config, config.tokenizer.vocab_size)  # the trained tokenizer has at most this many
+    trainers = 1 if config.federation.runtime == "central" else len(oracles if oracles is not None else config.oracles)
+    check_training_memory(estimate, pick_device(config.pretrain.device), "pretrain.batch_size",
+                          config.pretrain.batch_size, estimate.n_ctx, trainers)
     if prepare_data:
         from dgpt.data.prepare import prepare
 
@@ -101,6 +107,7 @@ def newest_weights(run_dir: Path) -> tuple[TextTokenizer, GPTConfig, Path]:
 def load_newest(run_dir: Path) -> tuple[TextTokenizer, GPT, Path]:
     """A run's tokenizer, its newest checkpoint's model (weights loaded, on the CPU) and that checkpoint's weight file."""
     tokenizer, model_config, weights = newest_weights(run_dir)
+    check_weights_fit(model_config, str(weights))  # a received checkpoint's metadata names the shape
     model = GPT(model_config)
     load_weights_into(model, weights, model_config)
     return tokenizer, model, weights

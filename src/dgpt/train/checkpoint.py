@@ -11,7 +11,6 @@ past a corrupt one.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, torch_save, write_bytes, write_checksums, write_text
+from dgpt.fileio import atomic_dir, remove_tree, torch_save, write_bytes, write_checksums, write_text
 from dgpt.model.config import GPTConfig
 from dgpt.model.gpt import tied_weight_names
 from dgpt.rundir import CHECKSUMS, FINAL, STATE, WEIGHTS, RunDir
@@ -83,7 +82,7 @@ def save_checkpoint(
         write_checksums(tmp, CHECKSUMS)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if not (old / FINAL).is_file():
-            shutil.rmtree(old)
+            remove_tree(old)  # a link among them is removed as a link, never what it points to
     return path
 
 

@@ -21,6 +21,8 @@ import torch.nn as nn
 from dgpt.config import PretrainConfig, PrivacyConfig
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
+from dgpt.model.config import GPTConfig
+from dgpt.model.memory import check_training_fits, physical_memory
 from dgpt.objectives import lm_loss
 from dgpt.train.privacy import PrivateGradients
 
@@ -65,6 +67,21 @@ def pick_device(name: str) -> torch.device:
         raise DgptError(f"device {name!r} is not available: torch sees {count} CUDA device(s) "
                         "(set pretrain.device or --device to auto or cpu)")
     return device
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """The memory a model on `device` can use, in bytes, and the words that name it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"memory on {device}"
+    return physical_memory(), "physical memory on this machine"
+
+
+def check_training_memory(model: GPTConfig, device: torch.device, batch_key: str, batch: int, tokens: int,
+                          trainers: int = 1) -> None:
+    """Refuse, before anything is built, training that cannot fit `device` (`dgpt.model.memory`); `trainers`
+    optimizer states stay in this process (a sim run's idle oracles' states are parked in CPU memory)."""
+    limit, where = device_memory(device)
+    check_training_fits(model, batch, tokens, trainers if device.type == "cpu" else 1, limit, where, f"{batch_key} {batch:,}")
 
 
 @functools.lru_cache(maxsize=None)
