@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,10 @@ OTHER_OVERRIDES = st.one_of(
                      "ledger.exact_max=40", "ledger.permutations=1", "finetune.max_len=2", "pretrain.device=tpu",
                      "federation.trim_fraction=0.5", "oracles.0.name=\"../../victim\"", "oracles.1.name=\"a/b\"",
                      "oracles.0.name=\".hidden\"", "oracles.0.weight=-1", "run_dir=\"\"", "nosuchsection.key=1",
-                     "pretrain=3", "noequals"]),
+                     "pretrain=3", "noequals",
+                     # impossible shapes and schedules, values that exhaust the parser
+                     "model.n_ctx=100000000", "model.d_model=1000000", "federation.rounds=100000000000000000000000",
+                     "pretrain.steps=99999999999", "seed=" + "[" * 3000 + "]" * 3000, "run_dir=" + "{a=" * 3000]),
     st.from_regex(r"pretrain\.[a-z]{3,8}z=1", fullmatch=True),  # unknown keys
 )
 COMMANDS = [["info"], ["prepare"], ["pretrain"], ["finetune"], ["eval"], ["count-pretokens", "--oracle", "alpha"]]
@@ -126,3 +131,32 @@ def test_no_traceback_reaches_stderr_of_a_process(prepared, argv):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("dgpt: error: "), done.stderr
     assert digest(run.parent) == before
+
+
+LINK_COMMANDS = [["prepare", "{cfg}"], ["pretrain", "{cfg}"], ["info", "{run}"], ["eval", "{run}"], ["ledger", "{run}"],
+                 ["generate", "{run}", "--max-new-tokens", "2"], ["plot", "{run}"]]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pick=st.integers(min_value=0), command=st.sampled_from(LINK_COMMANDS))
+def test_any_entry_of_a_run_made_a_link_out_changes_nothing_outside(prepared, capsys, pick, command):
+    """Any file or folder of a trained run replaced by a link to a copy outside it: a writer refuses the run, a
+    reader either never needs the entry or refuses it, naming the link; the copy outside stays as it was."""
+    path, run = prepared
+    with tempfile.TemporaryDirectory() as tmp:
+        copy, outside = Path(tmp) / "run", Path(tmp) / "outside"
+        shutil.copytree(run, copy)
+        entries = sorted(p for p in copy.rglob("*") if p.name != "dgpt.lock")
+        at = entries[pick % len(entries)]
+        outside.mkdir()
+        shutil.move(at, outside / at.name)
+        at.symlink_to(outside / at.name)
+        config = Path(tmp) / "config.toml"
+        config.write_text(path.read_text().replace(f'run_dir = "{run}"', f'run_dir = "{copy}"'))
+        before = digest(outside)
+        capsys.readouterr()
+        code = main(["-q", *(a.format(cfg=config, run=copy) for a in command)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert digest(outside) == before, (at, command)
+        if command[0] in ("prepare", "pretrain") or code != 0:
+            assert code == 2 and len(lines) == 1 and lines[0].startswith(f"dgpt: error: {at}: a symbolic link to "), (at, lines)

@@ -25,6 +25,8 @@ from dgpt.cli import main
 from dgpt.config import dump_config, load_config
 from dgpt.errors import DgptError
 from dgpt.interop.hf import import_hf
+from dgpt.model.config import PRESETS, GPTConfig
+from dgpt.model.memory import check_training_fits
 from dgpt.rundir import CHECKSUMS, WEIGHTS, RunDir
 from dgpt.runlock import run_lock
 from dgpt.train.checkpoint import load_weights_into
@@ -325,3 +327,45 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
 def test_predict_output_naming_a_directory_is_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--oracle", "a", "--input", "x.jsonl", "--output", str(tmp_path)]) == 2
     assert "--output is a directory" in one_error_line(capsys.readouterr().err)
+
+
+# --- 6. inputs that would exhaust memory or the parser ------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "arrays or inline tables nested too deeply to read"),
+    ("x = " + "{y = " * 3000 + "1" + "}" * 3000 + "\n", "arrays or inline tables nested too deeply to read"),
+    ("# " + "x" * (1 << 20) + "\n", "bytes; a config is at most 1,048,576"),
+])
+def test_a_config_that_exhausts_the_parser_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert main(["info", str(path)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"dgpt: error: {path}: ") and message in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_ctx=100000000", "[model]: 12,801,"),
+    ("model.d_model=1000000", "[model]: 16,012,"),
+    ("federation.rounds=100000000000000000000000", "'federation.rounds' x 'federation.inner_steps' = 5e+25: a run of more than 1e+10"),
+    ("pretrain.steps=20000000000", "'pretrain.steps' = 2e+10"),
+    ("finetune.epochs=1e12", "'finetune.epochs' = 1e+12"),
+])
+def test_absurd_shapes_and_schedules_are_refused_when_the_config_is_read(tmp_path, override, message):
+    with pytest.raises(DgptError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, capsys):
+    path, config = write_config(tmp_path)
+    assert main(["-q", "pretrain", str(path), "--set", "pretrain.batch_size=100000000"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "pretrain.batch_size 100,000,000 sequences of 32 tokens: training needs about" in line
+    assert "physical memory on this machine" in line and not config.run_path.exists()
+
+
+def test_the_memory_estimate_accepts_gpt1_on_24_gib():
+    gpt1 = GPTConfig(vocab_size=40478, **PRESETS["gpt1"])
+    check_training_fits(gpt1, 16, 512, 4, 24 * 2**30, "24 GiB", "pretrain.batch_size 16")  # four oracles in one process
+    with pytest.raises(DgptError, match=r"pretrain.batch_size 64 sequences of 512 tokens: training needs about 3\d\.\d GiB"):
+        check_training_fits(gpt1, 64, 512, 1, 24 * 2**30, "24 GiB", "pretrain.batch_size 64")

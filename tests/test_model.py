@@ -5,7 +5,8 @@ import torch
 
 from dgpt.model.generate import filter_logits, generate
 from dgpt.model.config import PRESETS, GPTConfig
-from dgpt.model.gpt import GPT, KVCache, param_count_estimate
+from dgpt.model.gpt import GPT, KVCache
+from dgpt.model.memory import param_count_estimate
 
 
 def small(ln="post", **kw) -> GPTConfig:

@@ -80,7 +80,9 @@ def _print_summary(summary) -> None:
 
 
 def cmd_flower_app(args) -> None:
-    print(api.flower_app(api.load_run_config(args.config, args.overrides), finetune=args.finetune))
+    config = api.load_run_config(args.config, args.overrides)
+    with run_lock(config.run_dir):  # it writes the run's config
+        print(api.flower_app(config, finetune=args.finetune))
 
 
 def cmd_eval(args) -> None:

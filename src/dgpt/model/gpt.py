@@ -183,14 +183,6 @@ def flops_per_token(config: GPTConfig) -> float:
     return 6 * n + 12 * config.n_layer * config.n_ctx * config.d_model
 
 
-def param_count_estimate(config: GPTConfig) -> int:
-    """Closed-form parameter count, checked against the module in the tests."""
-    d, f = config.d_model, config.d_ff
-    per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-    final_ln = 2 * d if config.ln == "pre" else 0
-    return config.vocab_size * d + config.n_ctx * d + config.n_layer * per_block + final_ln
-
-
 def tied_weight_names() -> tuple[str, ...]:
     """State-dict keys that alias another tensor and are not stored in weight files."""
     return ("lm_head.weight",)

@@ -25,15 +25,16 @@ from dgpt.model.config import GPTConfig
 FLOAT = 4  # bytes of an fp32 value
 
 
-def num_params(c: GPTConfig) -> int:
-    """GPT(c).num_params(), counted without building it (the tied output projection counts once)."""
+def param_count_estimate(c: GPTConfig) -> int:
+    """GPT(c).num_params() in closed form, without building it (the tied output projection counts once; checked
+    against the module in the tests)."""
     per_layer = 4 * c.d_model**2 + 2 * c.d_model * c.d_ff + 9 * c.d_model + c.d_ff
     final_ln = 2 * c.d_model if c.ln == "pre" else 0
     return (c.vocab_size + c.n_ctx) * c.d_model + c.n_layer * per_layer + final_ln
 
 
 def weight_bytes(c: GPTConfig) -> int:
-    return FLOAT * num_params(c)
+    return FLOAT * param_count_estimate(c)
 
 
 def activation_bytes(c: GPTConfig, batch: int, tokens: int) -> int:
@@ -57,7 +58,7 @@ def check_weights_fit(c: GPTConfig, where: str) -> None:
     """A model whose weights alone are more than this machine's memory cannot be used here at all."""
     limit = physical_memory()
     if limit is not None and weight_bytes(c) > limit:
-        raise DgptError(f"{where}: {num_params(c):,} parameters need {gib(weight_bytes(c))} for the weights alone, "
+        raise DgptError(f"{where}: {param_count_estimate(c):,} parameters need {gib(weight_bytes(c))} for the weights alone, "
                         f"more than the {gib(limit)} of physical memory on this machine")
 
 
