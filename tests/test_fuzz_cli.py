@@ -137,7 +137,7 @@ LINK_COMMANDS = [["prepare", "{cfg}"], ["pretrain", "{cfg}"], ["info", "{run}"],
                  ["generate", "{run}", "--max-new-tokens", "2"], ["plot", "{run}"]]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pick=st.integers(min_value=0), command=st.sampled_from(LINK_COMMANDS))
 def test_any_entry_of_a_run_made_a_link_out_changes_nothing_outside(prepared, capsys, pick, command):
     """Any file or folder of a trained run replaced by a link to a copy outside it: a writer refuses the run, a

@@ -181,3 +181,18 @@ def test_a_finetuning_batch_that_cannot_fit_is_refused_before_anything_is_writte
     line, = capsys.readouterr().err.strip().splitlines()
     assert "finetune.batch_size 1,000,000,000 sequences of 32 tokens: training needs about" in line
     assert "more than the" in line and "physical memory on this machine" in line and not (tmp / "ft").exists()
+
+
+@pytest.mark.parametrize("where, argv", [
+    ("data/alpha/manifest.json", ["info", "{run}"]),
+    (f"{ROUND}/{CHECKSUMS}", ["generate", "{run}", "--max-new-tokens", "2"]),
+    ("metrics.jsonl", ["plot", "{run}"]),
+    ("ledger.jsonl", ["ledger", "{run}"]),
+])
+def test_a_received_json_file_nested_too_deeply_is_one_line(received, capsys, where, argv):
+    config, run, _ = received
+    (run / where).write_text("[" * 100_000 + "\n")
+    capsys.readouterr()
+    code = main(["-q", *(a.format(cfg=config, run=run) for a in argv)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dgpt: error: ")]
+    assert code == 2 and len(errors) == 1 and "unexpected" not in errors[0], errors  # after warnings (a skipped checkpoint)

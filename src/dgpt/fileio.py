@@ -161,13 +161,22 @@ def checksum_problem(folder: Path, name: str) -> str | None:
     return None
 
 
+def parse_json(text: str) -> Any:
+    """json.loads, with a value nested too deeply for the parser a JSONDecodeError like any other malformed JSON
+    (a received run's files are input: they must end in one line, not a RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to read", text[:0], 0) from None
+
+
 def read_json_object(path: str | Path, missing: str = "not found") -> dict:
     """A JSON object from a file, or one DgptError line naming the file: `missing`, not JSON, not an object."""
     path = Path(path)
     if not path.is_file():
         raise DgptError(f"{path}: {missing}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise DgptError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

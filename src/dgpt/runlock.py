@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dgpt.errors import DgptError
-from dgpt.fileio import remove_stale_temps
+from dgpt.fileio import parse_json, remove_stale_temps
 from dgpt.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _read_holder(path: Path) -> dict | None:
     """The holder's record (None: unreadable after waiting for its writer)."""
     for _ in range(_READ_TRIES):
         try:
-            holder = json.loads(path.read_text(encoding="utf-8"))
+            holder = parse_json(path.read_text(encoding="utf-8"))
             if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
                 return holder
         except FileNotFoundError:

@@ -32,7 +32,7 @@ from dgpt.data.sources import input_files
 from dgpt.data.pretokens import merge_counts, write_counts
 from dgpt.data.tokenizer import SEGMENT_CHARS, TextTokenizer, count_pretokens, segments
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, sha256_file, write_json
+from dgpt.fileio import atomic_dir, parse_json, sha256_file, write_json
 from dgpt.rundir import MANIFEST, RunDir
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _get_tokenizer(config: Config, run: RunDir, every_oracle: bool) -> TextToken
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

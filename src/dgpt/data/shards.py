@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dgpt.errors import DgptError
-from dgpt.fileio import sha256_file
+from dgpt.fileio import parse_json, sha256_file
 from dgpt.rundir import MANIFEST, inside
 
 FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ def read_manifest(oracle_dir: str | Path) -> dict:
     if not path.is_file():
         raise DgptError(f"{path}: manifest missing (the data was never prepared or its preparation did not finish; run `dgpt prepare`)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DgptError(f"{path}: corrupt manifest: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

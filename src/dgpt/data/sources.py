@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dgpt.errors import DgptError
+from dgpt.fileio import parse_json
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
 SEPARATORS = ("blank_line", "line", "file")
@@ -161,7 +162,7 @@ def iter_jsonl_rows(path: Path, lines: Iterator[tuple[int, str]] | None = None) 
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as e:
             raise DgptError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         yield f"{path}:{number}", row

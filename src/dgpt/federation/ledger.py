@@ -63,7 +63,7 @@ def check_chain(lines: list[str]) -> tuple[list[dict], str]:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
             return records, f"line {number}: not a JSON record"
         where = f"round {record.get('round')} (line {number})" if isinstance(record, dict) else f"line {number}"
         if not isinstance(record, dict) or record.get("prev") != prev:

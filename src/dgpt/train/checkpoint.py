@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from dgpt.errors import DgptError
-from dgpt.fileio import atomic_dir, remove_tree, torch_save, write_bytes, write_checksums, write_text
+from dgpt.fileio import atomic_dir, parse_json, remove_tree, torch_save, write_bytes, write_checksums, write_text
 from dgpt.model.config import GPTConfig
 from dgpt.model.gpt import tied_weight_names
 from dgpt.rundir import CHECKSUMS, FINAL, STATE, WEIGHTS, RunDir
@@ -40,7 +40,7 @@ def read_model_config(path: Path) -> GPTConfig:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return GPTConfig(**json.loads(meta["model_config"]))
+        return GPTConfig(**parse_json(meta["model_config"]))
     except FileNotFoundError:
         raise DgptError(f"{path}: weight file not found") from None
     except (SafetensorError, KeyError, ValueError, TypeError) as e:

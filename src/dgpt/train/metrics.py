@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from dgpt.errors import DgptError
-from dgpt.fileio import write_text
+from dgpt.fileio import parse_json, write_text
 from dgpt.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def read_metrics(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except ValueError:
             if number < len(lines):
                 raise DgptError(f"{path}: line {number} is not valid JSON") from None
