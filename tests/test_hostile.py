@@ -367,5 +367,8 @@ def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path,
 def test_the_memory_estimate_accepts_gpt1_on_24_gib():
     gpt1 = GPTConfig(vocab_size=40478, **PRESETS["gpt1"])
     check_training_fits(gpt1, 16, 512, 4, 24 * 2**30, "24 GiB", "pretrain.batch_size 16")  # four oracles in one process
-    with pytest.raises(DgptError, match=r"pretrain.batch_size 64 sequences of 512 tokens: training needs about 3\d\.\d GiB"):
-        check_training_fits(gpt1, 64, 512, 1, 24 * 2**30, "24 GiB", "pretrain.batch_size 64")
+    with pytest.raises(DgptError, match=r"pretrain.batch_size 96 sequences of 512 tokens: training needs about 32\.3 GiB"):
+        check_training_fits(gpt1, 96, 512, 1, 24 * 2**30, "24 GiB", "pretrain.batch_size 96")
+    check_training_fits(gpt1, 64, 512, 1, 24 * 2**30, "24 GiB", "pretrain.batch_size 64")
+    with pytest.raises(DgptError, match=r"activations and per-example gradients 48\.1 GiB"):  # DP-SGD: 64 x 4P more
+        check_training_fits(gpt1, 64, 512, 1, 24 * 2**30, "24 GiB", "pretrain.batch_size 64", private=True)

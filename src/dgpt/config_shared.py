@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import sys
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from dgpt.config import Config, config_from_dict, dump_data
+from dgpt.config import Config, config_from_dict, dump_data, parse_toml
 from dgpt.errors import DgptError
 
 # every key of these sections is shared, except those LOCAL names
@@ -58,10 +52,7 @@ def sha256_text(text: str) -> str:
 def with_local(shared: str, local: Config, oracle: str) -> Config:
     """A party's config: the `shared` settings (TOML from the aggregator) with `local`'s own keys, and `oracle`'s data
     keys from its entry in `local` (if it declares one). Every shared key of `local` is ignored."""
-    try:
-        data = tomllib.loads(shared)
-    except tomllib.TOMLDecodeError as e:
-        raise DgptError(f"the server's settings are not valid TOML: {e}") from None
+    data = parse_toml(shared, "the server's settings")  # one line: not TOML, too large, nested too deeply
     if not isinstance(data.get("oracles"), list):
         raise DgptError("the server's settings declare no [[oracles]]")
     mine = dataclasses.asdict(local)

@@ -6,9 +6,11 @@ The estimate, in bytes, for fp32 (bf16 autocast keeps fp32 weights and saves som
     P             parameters: V·d + T·d + L·(4d² + 2d·f + 9d + f), + 2d for pre-LN's final LayerNorm
     weights       4P
     training      8P (weights and gradients) + 8P per AdamW state the process keeps (one per oracle it trains)
-                  + 4·B·T·(L·(10d + 2f) + 2V + d) for one micro-batch of B sequences of T tokens: per layer what
+                  + 4·B·T·(L·(10d + 2f) + d) for one micro-batch of B sequences of T tokens: per layer what
                   backward keeps (LayerNorm inputs, q, k, v, attention and projection outputs, the feed-forward's
-                  input and both sides of its activation), the logits and their gradient, the embeddings
+                  input and both sides of its activation), and the embeddings (the logits are made a chunk of rows
+                  at a time, `dgpt.model.lm_loss`, so they are left out)
+                  + 4P·B with DP-SGD: its per-example gradients, B at a time (`dgpt.train.privacy`)
 
 (V vocabulary, T context, L layers, d width, f feed-forward width.) A configuration is refused when the estimate is
 above the memory of the device it would run on: the machine's physical memory for the CPU, the GPU's for CUDA.
@@ -39,7 +41,7 @@ def weight_bytes(c: GPTConfig) -> int:
 
 def activation_bytes(c: GPTConfig, batch: int, tokens: int) -> int:
     """What one training micro-batch of `batch` sequences of `tokens` keeps for backward."""
-    return FLOAT * batch * tokens * (c.n_layer * (10 * c.d_model + 2 * c.d_ff) + 2 * c.vocab_size + c.d_model)
+    return FLOAT * batch * tokens * (c.n_layer * (10 * c.d_model + 2 * c.d_ff) + c.d_model)
 
 
 def physical_memory() -> int | None:
@@ -63,12 +65,14 @@ def check_weights_fit(c: GPTConfig, where: str) -> None:
 
 
 def check_training_fits(c: GPTConfig, batch: int, tokens: int, optimizers: int, limit: int | None, device: str,
-                        what: str) -> None:
+                        what: str, private: bool = False) -> None:
     """Refuse training whose estimate (module docstring) is above `limit` bytes of `device`; `what` names the
-    batch's config key and value."""
-    weights, states, acts = 2 * weight_bytes(c), 2 * weight_bytes(c) * optimizers, activation_bytes(c, batch, tokens)
+    batch's config key and value; `private`: DP-SGD's per-example gradients are counted too."""
+    weights, states = 2 * weight_bytes(c), 2 * weight_bytes(c) * optimizers
+    acts = activation_bytes(c, batch, tokens) + (batch * weight_bytes(c) if private else 0)
     needed = weights + states + acts
     if limit is not None and needed > limit:
         raise DgptError(f"{what} sequences of {tokens:,} tokens: training needs about {gib(needed)} (weights and "
-                        f"gradients {gib(weights)}, optimizer state {gib(states)}, activations {gib(acts)}), more "
-                        f"than the {gib(limit)} of {device}")
+                        f"gradients {gib(weights)}, optimizer state {gib(states)}, activations"
+                        f"{' and per-example gradients' if private else ''} {gib(acts)}), more than the {gib(limit)} "
+                        f"of {device}")

@@ -69,7 +69,8 @@ def finetune_work(config: Config, transport: Transport, local_names: list[str]) 
     if max_len > model_config.n_ctx:
         raise DgptError(f"finetune.max_len {max_len} exceeds the model's n_ctx {model_config.n_ctx}")
     device = pick_device(config.pretrain.device)
-    check_training_memory(model_config, device, "finetune.batch_size", ft.batch_size, max_len, len(local_names))
+    check_training_memory(model_config, device, "finetune.batch_size", ft.batch_size, max_len, len(local_names),
+                          config.privacy.enabled)
     oracles = {o.name: o for o in config.oracles}
     data = {name: load_task(oracles[name], tokenizer, max_len) for name in local_names}
     sizes = transport.gather_scalars({name: float(len(train)) for name, (_, train, _) in data.items()})

@@ -72,7 +72,7 @@ def load_run(config: Config, oracles: list[str] | None = None, prepare_data: boo
     estimate = model_config_for(config, config.tokenizer.vocab_size)  # the trained tokenizer has at most this many
     trainers = 1 if config.federation.runtime == "central" else len(oracles if oracles is not None else config.oracles)
     check_training_memory(estimate, pick_device(config.pretrain.device), "pretrain.batch_size",
-                          config.pretrain.batch_size, estimate.n_ctx, trainers)
+                          config.pretrain.batch_size, estimate.n_ctx, trainers, config.privacy.enabled)
     if prepare_data:
         from dgpt.data.prepare import prepare
 

@@ -77,11 +77,13 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
 
 
 def check_training_memory(model: GPTConfig, device: torch.device, batch_key: str, batch: int, tokens: int,
-                          trainers: int = 1) -> None:
+                          trainers: int, private: bool) -> None:
     """Refuse, before anything is built, training that cannot fit `device` (`dgpt.model.memory`); `trainers`
-    optimizer states stay in this process (a sim run's idle oracles' states are parked in CPU memory)."""
+    optimizer states stay in this process (a sim run's idle oracles' states are parked in CPU memory);
+    `private`: DP-SGD."""
     limit, where = device_memory(device)
-    check_training_fits(model, batch, tokens, trainers if device.type == "cpu" else 1, limit, where, f"{batch_key} {batch:,}")
+    check_training_fits(model, batch, tokens, trainers if device.type == "cpu" else 1, limit, where, f"{batch_key} {batch:,}",
+                        private)
 
 
 @functools.lru_cache(maxsize=None)
