@@ -58,7 +58,8 @@ OTHER_OVERRIDES = st.one_of(
                      "pretrain=3", "noequals",
                      # impossible shapes and schedules, values that exhaust the parser
                      "model.n_ctx=100000000", "model.d_model=1000000", "federation.rounds=100000000000000000000000",
-                     "pretrain.steps=99999999999", "seed=" + "[" * 3000 + "]" * 3000, "run_dir=" + "{a=" * 3000]),
+                     "pretrain.steps=99999999999", "pretrain.grad_accum=1000000000000", "federation.timeout_s=1e300",
+                     "seed=" + "[" * 3000 + "]" * 3000, "run_dir=" + "{a=" * 3000]),
     st.from_regex(r"pretrain\.[a-z]{3,8}z=1", fullmatch=True),  # unknown keys
 )
 COMMANDS = [["info"], ["prepare"], ["pretrain"], ["finetune"], ["eval"], ["count-pretokens", "--oracle", "alpha"]]

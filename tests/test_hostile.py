@@ -295,7 +295,7 @@ def test_written_files_get_the_umask_permissions(tmp_path):
         ("pretrain.warmup_steps=-5", "'pretrain.warmup_steps' must be >= 0"),
         ("pretrain.grad_clip=-1", "'pretrain.grad_clip' must be >= 0"),
         ("federation.clip_norm=-0.5", "'federation.clip_norm' must be >= 0"),
-        ("federation.timeout_s=0", "'federation.timeout_s' must be > 0"),
+        ("federation.timeout_s=0", "'federation.timeout_s' must be in (0, 1e+07] seconds"),
         ("model.n_ctx=0", "'model.n_ctx' must be >= 1, got 0"),
         ("model.embd_dropout=1.5", "'model.embd_dropout' must be in [0, 1), got 1.5"),
         ("model.n_head=3", "[model]: d_model 128 is not divisible by n_head 3"),
@@ -347,8 +347,10 @@ def test_a_config_that_exhausts_the_parser_is_one_line(tmp_path, capsys, text, m
 @pytest.mark.parametrize("override, message", [
     ("model.n_ctx=100000000", "[model]: 12,801,"),
     ("model.d_model=1000000", "[model]: 16,012,"),
-    ("federation.rounds=100000000000000000000000", "'federation.rounds' x 'federation.inner_steps' = 5e+25: a run of more than 1e+10"),
-    ("pretrain.steps=20000000000", "'pretrain.steps' = 2e+10"),
+    ("federation.rounds=100000000000000000000000", "'federation.inner_steps' x 'pretrain.grad_accum' = 5e+25: a run of more than 1e+10"),
+    ("pretrain.steps=20000000000", "'pretrain.steps' x 'pretrain.grad_accum' = 2e+10"),
+    ("pretrain.grad_accum=1000000000000", "'federation.rounds' x 'federation.inner_steps' x 'pretrain.grad_accum' = 5e+15"),
+    ("federation.timeout_s=1e300", "'federation.timeout_s' must be in (0, 1e+07] seconds, got 1e+300"),
     ("finetune.epochs=1e12", "'finetune.epochs' = 1e+12"),
 ])
 def test_absurd_shapes_and_schedules_are_refused_when_the_config_is_read(tmp_path, override, message):

@@ -22,7 +22,8 @@ POSITIVE: Rule = (lambda v: v > 0, "> 0")
 FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SHAPLEY_EXACT_MAX = 16  # 2^16 coalitions a round is already far more validation than training
-MOST_STEPS = 10**10  # optimizer steps of one run: over 100 days at a millisecond a step
+MOST_STEPS = 10**10  # micro-batches of one run: over 100 days at a millisecond each
+MOST_SECONDS = 10**7  # a timeout beyond 100 days is a typo (and overflows the timedelta it becomes)
 
 # "section.key" (or "oracles[].key", "oracles[].task.key" for every oracle) -> rule
 RANGES: dict[str, Rule] = {
@@ -55,9 +56,9 @@ RANGES: dict[str, Rule] = {
     "federation.bucket_size": AT_LEAST_0,
     "federation.int8_block": AT_LEAST_0,
     "federation.drop_prob": FRACTION,
-    "federation.timeout_s": POSITIVE,
+    "federation.timeout_s": (lambda v: 0 < v <= MOST_SECONDS, f"in (0, {MOST_SECONDS:.0e}] seconds"),
     "federation.min_oracles": AT_LEAST_1,  # at most the oracles declared: dgpt.config.validate
-    "federation.round_timeout_s": POSITIVE,
+    "federation.round_timeout_s": (lambda v: 0 < v <= MOST_SECONDS, f"in (0, {MOST_SECONDS:.0e}] seconds"),
     "federation.max_weight_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "federation.fedexp_max": AT_LEAST_1,
     "federation.norm_filter": (lambda v: v == 0 or v >= 1, "0 (off) or >= 1"),
@@ -109,11 +110,12 @@ def check_ranges(config: Any, source: str) -> None:
 def _check_steps(config: Any, source: str) -> None:
     """No schedule longer than any run can take: a count that large is a typo, and would only be found out by
     a run that never ends."""
-    fed, ft = config.federation, config.finetune
-    for keys, steps in ((("pretrain.steps",), config.pretrain.steps),
-                        (("federation.rounds", "federation.inner_steps"), fed.rounds * fed.inner_steps),
+    fed, ft, accum = config.federation, config.finetune, config.pretrain.grad_accum
+    for keys, steps in ((("pretrain.steps", "pretrain.grad_accum"), config.pretrain.steps * accum),
+                        (("federation.rounds", "federation.inner_steps", "pretrain.grad_accum"),
+                         fed.rounds * fed.inner_steps * accum),
                         (("finetune.rounds", "finetune.inner_steps"), ft.rounds * ft.inner_steps),
                         (("finetune.epochs",), ft.epochs)):
         if steps > MOST_STEPS:
             raise DgptError(f"{source}: {' x '.join(repr(k) for k in keys)} = {steps:.3g}: a run of more than "
-                            f"{MOST_STEPS:.0e} optimizer steps would take over 100 days at a millisecond a step")
+                            f"{MOST_STEPS:.0e} micro-batches would take over 100 days at a millisecond each")

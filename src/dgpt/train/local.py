@@ -82,8 +82,8 @@ def check_training_memory(model: GPTConfig, device: torch.device, batch_key: str
     optimizer states stay in this process (a sim run's idle oracles' states are parked in CPU memory);
     `private`: DP-SGD."""
     limit, where = device_memory(device)
-    check_training_fits(model, batch, tokens, trainers if device.type == "cpu" else 1, limit, where, f"{batch_key} {batch:,}",
-                        private)
+    states = trainers if device.type == "cpu" else 1
+    check_training_fits(model, batch, tokens, states, limit, where, f"{batch_key} {batch:,}", private)
 
 
 @functools.lru_cache(maxsize=None)
