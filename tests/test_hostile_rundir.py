@@ -84,6 +84,7 @@ WRITERS = [  # (link, command); {cfg} the run's config
     ("checkpoints", ["finetune", "{cfg}"]),
     ("config.toml", ["flower-app", "{cfg}", "--set", "federation.runtime=flower"]),
     ("plots", ["plot", "{run}"]),
+    ("corpus", ["demo", "--run-dir", "{run}"]),
 ]
 READERS = [  # a run received from elsewhere: {run} its directory
     (f"{ROUND}/model.safetensors", ["eval", "{run}"]),
