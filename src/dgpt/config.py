@@ -24,6 +24,8 @@ from dgpt.config_ranges import check_ranges
 from dgpt.errors import DgptError
 from dgpt.rundir import check_oracle_name
 
+AGGREGATOR = "aggregator"  # the aggregator's name among the parties that hold ledger keys
+
 
 @dataclass
 class ModelConfig:
@@ -82,6 +84,7 @@ class OracleConfig:
     text_field: str = "text"  # the field read from JSONL lines and Hugging Face rows
     weight: float | None = None  # this oracle's weight under federation.mean_weights = "given"
     task: TaskConfig | None = None  # fine-tuning only: this oracle's labeled task
+    public_key: str = ""  # the oracle's Ed25519 public key file (`dgpt keygen`); "": run_dir/keys/<name>.pub
 
 
 @dataclass
@@ -168,6 +171,7 @@ class LedgerConfig:
     method: Literal["shapley", "first_order", "off"] = "shapley"
     exact_max: int = 6  # exact Shapley values up to this many accepted oracles in a round; sampled above
     permutations: int = 16  # joining orders sampled per round above exact_max
+    public_key: str = ""  # the aggregator's Ed25519 public key file (`dgpt keygen`); "": run_dir/keys/aggregator.pub
 
 
 @dataclass
@@ -345,6 +349,8 @@ def validate(config: Config, source: str) -> None:
         check_oracle_name(name, f"{source}: oracles[{i}].name")
         if names.count(name) > 1:
             raise DgptError(f"{source}: oracle name '{name}' is used twice")
+        if name == AGGREGATOR:
+            raise DgptError(f"{source}: oracles[{i}].name '{name}' is the name of the ledger's aggregator key; choose another")
     if config.tokenizer.path and config.tokenizer.counts:
         raise DgptError(f"{source}: set one of 'tokenizer.path' (a ready tokenizer) and 'tokenizer.counts' (train from counts)")
     check_ranges(config, source)

@@ -9,6 +9,9 @@
                                           FINAL in the last one of a finished run, which rotation keeps
     RUN/oracles/<oracle>/round_<n>.pt     an oracle's private state (inner optimizer, sampler, head) at round n
     RUN/metrics.jsonl, RUN/ledger.jsonl   one row per event / per round
+    RUN/ledger_heads.jsonl                the aggregator's signed head of each ledger record
+    RUN/keys/<party>.key, <party>.pub     Ed25519 key pairs (party: an oracle, or "aggregator") and known public keys
+    RUN/oracles/<oracle>/receipts.jsonl   the signed heads an oracle received: its receipts
     RUN/plots/, RUN/tensorboard/          what `dgpt plot` and `[log] tensorboard` write
     RUN/flower_app/pyproject.toml         the Flower App that `flwr run` ships to the SuperLink (`dgpt flower-app`)
     RUN/flower_server.log                 what the Flower ServerApp of this run logged
@@ -138,6 +141,23 @@ class RunDir:
     @property
     def ledger(self) -> Path:
         return self._inside(LEDGER)
+
+    @property
+    def ledger_heads(self) -> Path:
+        return self.root / "ledger_heads.jsonl"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    def private_key(self, party: str) -> Path:
+        return self._inside("keys", f"{check_oracle_name(party)}.key")
+
+    def public_key(self, party: str) -> Path:
+        return self._inside("keys", f"{check_oracle_name(party)}.pub")
+
+    def receipts(self, name: str) -> Path:
+        return self._inside("oracles", check_oracle_name(name), "receipts.jsonl")
 
     @property
     def server_log(self) -> Path:

@@ -11,20 +11,24 @@ its validation loss at Theta once per round and reports, for each coalition's mo
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from dgpt.config import Config, dump_config
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dgpt.config import AGGREGATOR, Config, dump_config
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.federation.codec import Payload
-from dgpt.federation.ledger import LedgerChain, check_chain, payload_sha256, record_sha256, weights_sha256
+from dgpt.federation.ledger import LedgerChain, check_chain, line_of, payload_sha256, record_sha256, weights_sha256
 from dgpt.federation.shapley import CachedValue, exact_shapley, sampled_shapley
+from dgpt.federation.signing import opened, sign_head, train_problem, vector_sha256
 from dgpt.federation.strategy import RoundResult
 from dgpt.rundir import RunDir
+from dgpt.runtimes.identity import append_line
 from dgpt.train.checkpoint import weights_of
 from dgpt.train.evaluate import weighted_loss
 
@@ -38,13 +42,19 @@ class Valuation:
     full: float | None = None  # v(all accepted): the round's whole gain, the values' sum (exact Shapley)
     evaluations: int = 0  # validation passes over every oracle
     seconds: float = 0.0
+    # what anyone recomputes the values from: the oracles valued (in order), each coalition with the hash of what
+    # its signed losses (Theta_S) or inner products (the move Theta_S - Theta) were computed at, sampled orders' seed
+    evidence: dict = field(default_factory=dict)
 
 
 class ContributionLedger:
-    def __init__(self, config: Config, driver, start: int, head: str | None):
+    def __init__(self, config: Config, driver, start: int, head: str | None, keys: dict[str, str],
+                 signer: Ed25519PrivateKey | None):
         """`driver`: the RoundDriver (its work, transport and strategy); `head`: the chain head the resumed
-        round checkpoint recorded (None: a new run, or a checkpoint written before the ledger existed)."""
+        round checkpoint recorded (None: a new run, or a checkpoint written before the ledger existed); `keys`: every
+        party's public key; `signer`: the aggregator's private key (in the process that writes the ledger)."""
         self.config, self.driver, self.path = config, driver, RunDir(config.run_dir).ledger
+        self.heads_path, self.keys, self.signer = RunDir(config.run_dir).ledger_heads, keys, signer
         self.method = config.ledger.method
         if self.method == "first_order" and driver.work.gradient is None:
             raise DgptError(f"ledger.method = 'first_order' needs the oracles' validation gradients, which the "
@@ -55,32 +65,55 @@ class ContributionLedger:
         if head is None:
             self.chain = LedgerChain()
             genesis = {"round": start, "kind": "genesis", "config_sha256": record_sha256(dump_config(config)),
-                       "oracles": config.oracle_names(), "theta": self.theta_hash, "method": self.method}
-            self._rewrite([self.chain.link(genesis)])
+                       "oracles": config.oracle_names(), "theta": self.theta_hash, "method": self.method,
+                       "keys": keys, "sizes": dict(driver.work.sizes)}
+            lines = [self.chain.link(genesis)]
         else:
             self.chain = LedgerChain(head)
-            self._rewrite(self._kept(start, head))
+            lines = self._kept(start, head)
+        self._rewrite(lines)
+        heads = [self._head(line, lines[0]) for line in lines] if self.signer is not None else []
+        if self.driver.transport.is_leader:
+            write_text(self.heads_path, "".join(line_of(h) + "\n" for h in heads))
+        self.signed_head = self._share(heads[-1] if heads else None)
+        self.genesis = self.signed_head["genesis"]
 
     @property
     def head(self) -> str:
         return self.chain.prev
 
+    def admit(self, rnd: int, theta: str, received: dict[str, Payload], statements: dict[str, dict]) -> tuple[dict, dict]:
+        """The payloads whose oracle's signed statement holds and names this round, this Theta and these very bytes;
+        and the others' oracles with why not (they are rejected like a bad payload)."""
+        admitted, refused = {}, {}
+        for name, payload in received.items():
+            body, problem = opened(statements[name], self.keys[name]) if name in statements else (None, "it sent no statement")
+            problem = problem or train_problem(body, self.genesis, rnd, name, theta, payload)
+            if problem:
+                refused[name] = f"statement refused: {problem}"
+            else:
+                admitted[name] = payload
+        return admitted, refused
+
     def value(self, result: RoundResult) -> Valuation:
         """Shapley values of the round's accepted oracles (call before the Strategy applies the round)."""
         if self.method == "off" or result.update is None:
             return Valuation()
-        t0, strategy, names = time.perf_counter(), self.driver.strategy, result.accepted
-        v, passes = self._first_order(result) if self.method == "first_order" else self._evaluated(result)
+        t0, names, subjects = time.perf_counter(), result.accepted, {}
+        v, passes = (self._first_order if self.method == "first_order" else self._evaluated)(result, subjects)
         if v is None:  # no oracle has validation data: nothing to value with
             self.driver.restore_theta()
             return Valuation(evaluations=passes, seconds=time.perf_counter() - t0)
-        valuation = Valuation()
+        valuation = Valuation(evidence={"oracles": names})
         if len(names) <= self.config.ledger.exact_max:
             valuation.values = exact_shapley(names, v)
         else:
-            orders = torch.Generator().manual_seed(self.config.seed * 31 + len(self.seen))
-            valuation.values, valuation.stderr = sampled_shapley(names, v, self.config.ledger.permutations, orders)
+            seed, permutations = self.config.seed * 31 + len(self.seen), self.config.ledger.permutations
+            orders = torch.Generator().manual_seed(seed)
+            valuation.values, valuation.stderr = sampled_shapley(names, v, permutations, orders)
+            valuation.evidence["sampled"] = {"seed": seed, "permutations": permutations}
         valuation.full = v(frozenset(names))
+        valuation.evidence["coalitions"] = [[[n for n in names if n in s], h] for s, h in subjects.items()]
         self.driver.restore_theta()
         coalitions = v.evaluations if self.method == "shapley" else 0  # first order: inner products, no passes
         valuation.evaluations, valuation.seconds = passes + coalitions, time.perf_counter() - t0
@@ -92,7 +125,7 @@ class ContributionLedger:
         if losses and not self.driver.work.private_heads:  # the parameters are the Theta whose hash `record` (or the start) just took
             self.baseline = (self.theta_hash, weighted_loss(losses, self.driver.work.sizes))
 
-    def _evaluated(self, result: RoundResult) -> tuple[CachedValue | None, int]:
+    def _evaluated(self, result: RoundResult, subjects: dict) -> tuple[CachedValue | None, int]:
         """v(S) = the global validation loss at Theta minus the loss at Theta moved by S's updates alone; and the
         validation passes spent outside the coalitions (the baseline at Theta, unless the driver just validated it)."""
         strategy, (cached_hash, baseline), passes = self.driver.strategy, self.baseline, 0
@@ -100,9 +133,15 @@ class ContributionLedger:
             baseline, passes = self._loss(strategy.theta), 1
         if baseline != baseline:
             return None, passes
-        return CachedValue(lambda s: baseline - self._loss(strategy.preview(_coalition(result, s)))), passes
 
-    def _first_order(self, result: RoundResult) -> tuple[CachedValue | None, int]:
+        def drop(s: frozenset) -> float:
+            theta = strategy.preview(_coalition(result, s))
+            subjects[s] = vector_sha256(theta)
+            return baseline - self._loss(theta)
+
+        return CachedValue(drop), passes
+
+    def _first_order(self, result: RoundResult, subjects: dict) -> tuple[CachedValue | None, int]:
         """v(S) ~ -<g, Theta_S - Theta>, g the token-weighted gradient of the validation loss at Theta: each oracle
         computes its own gradient once and reports only inner products with the candidate moves."""
         strategy = self.driver.strategy
@@ -113,13 +152,18 @@ class ContributionLedger:
 
         def gain(s: frozenset) -> float:
             move = strategy.preview(_coalition(result, s)) - strategy.theta
-            return -weighted_loss(self.driver.gather({n: float(g @ move) for n, g in grads.items()}), self.driver.work.sizes)
+            subjects[s] = vector_sha256(move)
+            products = {n: float(g @ move) for n, g in grads.items()}
+            self.driver.witness({"move": subjects[s]}, "product", products)
+            return -weighted_loss(self.driver.gather(products), self.driver.work.sizes)
 
         return CachedValue(gain), 1
 
-    def record(self, rnd: int, result: RoundResult, received: dict[str, Payload], valuation: Valuation) -> None:
-        """Append the round's record (call after the Strategy applied it)."""
-        seen, before = self._tokens(), self.theta_hash
+    def record(self, rnd: int, result: RoundResult, received: dict[str, Payload], valuation: Valuation,
+               statements: dict[str, dict], theta_sent: str) -> None:
+        """Append the round's record, with the oracles' signed statements and reports verbatim, and sign its head
+        (call after the Strategy applied the round)."""
+        seen, before, reports = self._tokens(), self.theta_hash, self.driver.reports(rnd)
         self.theta_hash = weights_sha256(weights_of(self.driver.work.model))
         oracles = {}
         for name in self.config.oracle_names():
@@ -136,15 +180,35 @@ class ContributionLedger:
                 row["value"] = valuation.values[name]
             if name in valuation.stderr:
                 row["stderr"] = valuation.stderr[name]
+            if name in statements:
+                row["statement"] = statements[name]
+            if reports.get(name):
+                row["reports"] = reports[name]
             oracles[name] = row
         self.seen = seen
-        record = {"round": rnd, "kind": "round", "theta_before": before, "theta_after": self.theta_hash, "oracles": oracles,
+        record = {"round": rnd, "kind": "round", "theta_before": before, "theta_after": self.theta_hash,
+                  "theta_sent": theta_sent, "oracles": oracles,
                   "cost": {"evaluations": valuation.evaluations, "seconds": round(valuation.seconds, 6)}}
         if result.skipped:
             record["skipped"] = result.skipped
         if valuation.full is not None:
-            record["value"] = {"method": self.method, "full": valuation.full}
-        self._append(self.chain.link(record))
+            record["value"] = {"method": self.method, "full": valuation.full, **valuation.evidence}
+        line = self.chain.link(record)
+        self._append(self.path, line)
+        head = self._head(line, "") if self.signer is not None else None
+        if head is not None:
+            self._append(self.heads_path, line_of(head))
+        self.signed_head = self._share(head)
+
+    def _head(self, line: str, genesis_line: str) -> dict:
+        """The aggregator's signature of a record's head (the genesis: `line` itself when `genesis_line` is it)."""
+        record = json.loads(line)
+        genesis = record_sha256(genesis_line) if genesis_line else self.genesis
+        return sign_head(self.signer, record["round"], record_sha256(line), record["prev"], genesis)
+
+    def _share(self, head: dict | None) -> dict:
+        """The signed head, from the process that holds the aggregator's key to every process."""
+        return json.loads(self.driver.transport.gather_texts({AGGREGATOR: line_of(head)} if head else {})[AGGREGATOR])
 
     def _loss(self, theta: torch.Tensor) -> float:
         """The token-weighted global validation loss at `theta` (every oracle evaluates it on its own windows)."""
@@ -154,13 +218,10 @@ class ContributionLedger:
     def _tokens(self) -> dict[str, float]:
         return self.driver.gather({n: float(loop.tokens) for n, loop in self.driver.work.loops.items()})
 
-    def _append(self, line: str) -> None:
-        """One whole line per write, flushed to disk: a crash leaves at most a partial last line, dropped on resume."""
+    def _append(self, path, line: str) -> None:
+        """A crash leaves at most a partial last line, dropped on resume."""
         if self.driver.transport.is_leader:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_line(path, line)
 
     def _rewrite(self, lines: list[str]) -> None:
         if self.driver.transport.is_leader:
@@ -176,6 +237,10 @@ class ContributionLedger:
         if not kept or record_sha256(kept[-1]) != head:
             why = problem or "it does not hold the record the checkpoint anchors"
             raise DgptError(f"{self.path}: cannot resume the ledger at round {start}: {why}")
+        changed = [p for p, k in self.keys.items() if records[0].get("keys", {}).get(p) != k]
+        if changed:
+            raise DgptError(f"{self.path}: cannot resume: the run began with other keys for {', '.join(changed)} "
+                            "(a party's key must stay the same for a whole run)")
         return kept
 
 

@@ -12,7 +12,9 @@ trains (its task head) stays in that loop and in the oracle's own state file.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -20,15 +22,18 @@ from typing import Callable, Protocol
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from dgpt.config import Config
+from dgpt.config import AGGREGATOR, Config
 from dgpt.data.loader import WindowSampler
 from dgpt.errors import DgptError
 from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec, Payload
+from dgpt.federation.ledger import line_of
+from dgpt.federation.signing import vector_sha256
 from dgpt.federation.strategy import Strategy
 from dgpt.model.gpt import GPT
 from dgpt.progress import Progress
 from dgpt.runtimes.contribution import ContributionLedger
+from dgpt.runtimes.identity import Witness, identities
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, load_run
 from dgpt.runtimes.summary import RunSummary
@@ -51,6 +56,9 @@ class Transport(Protocol):
 
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
         """Every oracle's value from the processes that hold them (NaN for an oracle that gave none)."""
+
+    def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
+        """Every process's texts by name (each names only its own: its oracles', the leader's the aggregator's)."""
 
     def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
         """The payload of every participant, as it arrived at the aggregator (this process's oracles in `sent`)."""
@@ -166,7 +174,9 @@ class RoundDriver:
         self.strategy = Strategy(fed, self.codec, weights, self._theta(), config.seed)
         self.start, ledger_head = self._resume()
         self.report = RoundReport(config, self.run_dir, work, self.start) if transport.is_leader else None
-        self.ledger = ContributionLedger(config, self, self.start, ledger_head)
+        keys, own = identities(config, transport, list(work.loops))
+        self.witnesses = {n: Witness(n, own[n], self.run_dir.receipts(n), keys[AGGREGATOR]) for n in work.loops}
+        self.ledger = ContributionLedger(config, self, self.start, ledger_head, keys, own.get(AGGREGATOR))
 
     def run(self, stop_after: int | None) -> RunSummary:
         work, fed = self.work, self.config.federation
@@ -180,19 +190,24 @@ class RoundDriver:
                        tokens=0 if self.start == 0 else None, enabled=self.transport.is_leader)
         for rnd in range(self.start + 1, work.rounds + 1):
             t0 = time.perf_counter()
-            participants = self.strategy.sample()
-            trained = {n: self._train_oracle(n, rnd) for n in work.loops if n in participants}
-            received = self.transport.exchange({n: p for n, (p, _) in trained.items()}, participants, self.codec)
-            result = self.strategy.aggregate(received)
+            for witness in self.witnesses.values():  # the head of the round before: each oracle's receipt
+                witness.receive(self.ledger.signed_head)
+            participants, theta = self.strategy.sample(), vector_sha256(self.strategy.theta)
+            trained = {n: self._train_oracle(n, rnd, theta) for n in work.loops if n in participants}
+            received = self.transport.exchange({n: p for n, (p, _, _) in trained.items()}, participants, self.codec)
+            statements = self.gather_signed({n: s for n, (_, _, s) in trained.items()})
+            admitted, refused = self.ledger.admit(rnd, theta, received, statements)
+            result = self.strategy.aggregate(admitted)
+            result.rejected.update(refused)
             valuation = self.ledger.value(result)
             self.load_theta(self.strategy.apply(result, work.steps_in(rnd)))
-            self.ledger.record(rnd, result, received, valuation)
+            self.ledger.record(rnd, result, received, valuation, statements, theta)
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
             now = self.validate() if evaluated else ({}, {})
             self.ledger.validated(now[0])
             if evaluated:
                 (valid, scores), validated = now, rnd
-            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss) in trained.items()}), *now)
+            record = RoundRecord(rnd, result, self.gather({n: loss for n, (_, loss, _) in trained.items()}), *now)
             record.tokens, record.epsilon = self._tokens(), self._epsilon()
             record.seconds = time.perf_counter() - t0
             for name, why in result.rejected.items():
@@ -242,14 +257,33 @@ class RoundDriver:
         """Every oracle's value from the processes that hold them (oracles without one left out)."""
         return {n: v for n, v in self.transport.gather_scalars(local).items() if v == v}
 
-    def _train_oracle(self, name: str, rnd: int) -> tuple[Payload, float]:
-        """One oracle's share of a round, its pseudo-gradient encoded to be sent."""
+    def _train_oracle(self, name: str, rnd: int, theta: str) -> tuple[Payload, float, dict]:
+        """One oracle's share of a round: its pseudo-gradient encoded to be sent, its loss, and its signed statement."""
+        before = self.work.loops[name].tokens
         delta, loss = train_round(self.work, name, self.strategy.theta, rnd)
-        return self.codec.encode(delta), loss
+        payload = self.codec.encode(delta)
+        tokens = self.work.loops[name].tokens - before
+        return payload, loss, self.witnesses[name].train_statement(rnd, theta, payload, tokens, loss)
+
+    def gather_signed(self, local: dict[str, dict]) -> dict[str, dict]:
+        """Every oracle's signed statement from the processes that hold them (read as JSON, never unpickled)."""
+        return {n: json.loads(t) for n, t in self.transport.gather_texts({n: line_of(s) for n, s in local.items()}).items()}
+
+    def witness(self, subject: dict, key: str, values: dict[str, float]) -> None:
+        """This process's oracles note what they reported about `subject` (a loss, an inner product) for their report."""
+        for name, value in values.items():
+            if math.isfinite(value):
+                self.witnesses[name].note({**subject, key: value})
+
+    def reports(self, rnd: int) -> dict[str, list[dict]]:
+        """Every oracle's signed report of what it reported since its last one."""
+        signed = self.gather_signed({n: r for n, w in self.witnesses.items() if (r := w.report(rnd)) is not None})
+        return {n: [r] for n, r in signed.items()}
 
     def validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Every oracle's validation loss at the current parameters, and its other metrics (fine-tuning: accuracy, ...)."""
         mine = self.work.evaluate()
+        self.witness({"theta": vector_sha256(self._theta())}, "loss", {n: m["loss"] for n, m in mine.items() if "loss" in m})
         gathered = {k: self.gather({n: m[k] for n, m in mine.items() if k in m}) for k in self.work.metric_names}
         extra = {n: {k: v[n] for k, v in gathered.items() if k != "loss" and n in v} for n in self.config.oracle_names()}
         return gathered["loss"], {n: m for n, m in extra.items() if m}

@@ -26,6 +26,9 @@ class SimTransport:
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
         return dict(local)
 
+    def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
+        return dict(local)
+
     def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
         if self.tamper is None:
             return dict(sent)

@@ -9,6 +9,7 @@ and runs the same Strategy on it: each rank checks what it received and none tru
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from typing import Callable
@@ -61,6 +62,18 @@ class DistTransport:
     def gather_scalars(self, local: dict[str, float]) -> dict[str, float]:
         mine = torch.tensor([local.get(self.names[self.rank], float("nan"))], dtype=torch.float64, device=self.device)
         return {name: float(v) for name, v in zip(self.names, self._gather(mine))}
+
+    def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
+        """Each rank's texts as the UTF-8 bytes of one JSON object (lengths first, then the padded bytes): no pickle."""
+        mine = torch.tensor(list(json.dumps(local).encode()), dtype=torch.uint8)
+        sizes = [int(n) for n in self._gather(torch.tensor([mine.numel()], dtype=torch.int64, device=self.device))]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8)
+        padded[: mine.numel()] = mine
+        merged: dict[str, str] = {}
+        for size, part in zip(sizes, self._gather(padded.to(self.device))):
+            texts = json.loads(part[:size].cpu().numpy().tobytes())
+            merged.update({k: v for k, v in texts.items() if isinstance(v, str)})
+        return merged
 
     def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
         """all_gather of the encoded tensors themselves; a rank that sits out the round sends zeros, ignored."""
