@@ -5,7 +5,8 @@
 Each rank writes OUT_PREFIX.rank<R>.json: one {"op", "dtype", "numel", "nbytes"} per collective call, describing the
 tensor that rank handed to it (what actually went over the wire). With DGPT_PROBE_VANISH="R:N" in the environment,
 rank R exits silently (status 0, no message) instead of starting its N-th gather: a host that went away. With
-DGPT_PROBE_LIE="R:F", rank R multiplies every pseudo-gradient it sends by F (e.g. nan or 1000): a rank that lies.
+DGPT_PROBE_LIE="R:F", rank R multiplies every pseudo-gradient it sends by F (e.g. nan or 1000) and signs it: a rank
+that lies.
 OUT_PREFIX.rank<R>.threads.json lists the names of the threads still running once the command returned.
 """
 
@@ -44,17 +45,17 @@ def vanishing(gather):
     return call
 
 
-def lying(exchange):
-    def call(self, sent, participants, codec):
+def lying(sent):
+    def call(self, name, payload, codec):
         if self.rank == int(lie_rank):
-            sent = {n: codec.encode(codec.decode(p) * float(lie_factor)) for n, p in sent.items()}
-        return exchange(self, sent, participants, codec)
+            payload = codec.encode(codec.decode(payload) * float(lie_factor))
+        return sent(self, name, payload, codec)
 
     return call
 
 
 DistTransport._gather = vanishing(DistTransport._gather)
-DistTransport.exchange = lying(DistTransport.exchange)
+DistTransport.sent = lying(DistTransport.sent)
 
 
 for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce", "gather", "scatter"):

@@ -1,9 +1,14 @@
-"""`dgpt ledger RUN_DIR`: check a run's contribution ledger and total what each oracle gave.
+"""`dgpt ledger RUN_DIR [--receipts FILE ...] [--keys DIR]`: check a run's contribution ledger and total what each
+oracle gave.
 
-The chain must hold record by record (each `prev` is the SHA-256 of the line before), each round must start
-from the parameters the round before ended with, and where a round checkpoint is kept its weights must hash to
-the record's `theta_after` and its state must anchor that very record (`ledger_head`), which also seals the last
-record. The first thing that does not match ends the check with its round. Reads the run, writes nothing.
+The chain must hold record by record (each `prev` is the SHA-256 of the line before), each record's head must
+carry the aggregator's signature, each round must start from the parameters the round before ended with, every
+accepted oracle's signed statement must match its record, every value must follow from the signed losses, and
+where a round checkpoint is kept its weights must hash to the record's `theta_after` and its state must anchor
+that very record (`ledger_head`). The public keys are the genesis record's, checked against `--keys DIR`
+(`PARTY.pub` files) when given; each `--receipts` file (an oracle's receipts.jsonl) must find every signed head
+it holds in the ledger at its round, which is what a rewriting aggregator cannot fake. The first thing that does
+not match ends the check naming its round (and oracle). Reads the run, writes nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dgpt.errors import DgptError
+from dgpt.config import AGGREGATOR
+from dgpt.federation.evidence import head_of_record_problem, receipts_problem, record_problem
 from dgpt.federation.ledger import check_chain, record_sha256, weights_sha256
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
+from dgpt.runtimes.identity import read_jsonl, read_public
 from dgpt.train.checkpoint import load_state
 
 
@@ -38,10 +46,14 @@ class LedgerSummary:
     checkpoints_checked: int
     oracles: dict[str, OracleTotal] = field(default_factory=dict)
     curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # oracle -> (round, cumulative value)
+    keys_checked: list[str] = field(default_factory=list)  # parties whose genesis key matched a --keys file
+    confirmed: dict[str, list[int]] = field(default_factory=dict)  # receipts file -> the rounds its heads confirm
+    replayed: dict[str, list[int]] = field(default_factory=dict)  # receipts file -> rounds redone after a resume
 
 
-def verify_ledger(run_dir: str | Path) -> LedgerSummary:
-    """Check a run's ledger against itself and its round checkpoints; raise DgptError on the first mismatch."""
+def verify_ledger(run_dir: str | Path, receipts: list[Path] = (), keys_dir: Path | None = None) -> LedgerSummary:
+    """Check a run's ledger against itself, its signatures, the oracles' receipts and its round checkpoints; raise
+    DgptError on the first mismatch."""
     run = RunDir(run_dir)
     path = run.ledger
     if not path.is_file():
@@ -52,14 +64,57 @@ def verify_ledger(run_dir: str | Path) -> LedgerSummary:
         raise DgptError(f"{path}: {problem}")
     if not records or records[0].get("kind") != "genesis":
         raise DgptError(f"{path}: the first record is not a genesis record")
-    by_round = {r["round"]: (r, line) for r, line in zip(records, lines)}
-    previous = records[0].get("theta")
+    genesis, keys = records[0], records[0].get("keys")
+    if not isinstance(keys, dict) or AGGREGATOR not in keys or not all(n in keys for n in genesis.get("oracles", [])):
+        raise DgptError(f"{path}: the genesis record names no signing keys (a ledger written before dgpt signed them)")
+    checked_keys = _check_keys(keys, keys_dir, path) if keys_dir is not None else []
+    genesis_hash = record_sha256(lines[0])
+    heads = read_jsonl(run.ledger_heads)
+    for i, (record, line) in enumerate(zip(records, lines)):
+        problem = head_of_record_problem(heads[i], record, line, genesis_hash, keys[AGGREGATOR]) if i < len(heads) \
+            else "no signed head"
+        if problem:
+            raise DgptError(f"{run.ledger_heads}: round {record['round']}: {problem}")
+    hashes = {r["round"]: record_sha256(line) for r, line in zip(records, lines)}
+    confirmed, replayed = {}, {}
+    for file in receipts:
+        label = _receipts_label(Path(file))
+        if not Path(file).is_file():
+            raise DgptError(f"{file}: no receipts file")
+        confirmed[label], replayed[label], problem = receipts_problem(read_jsonl(Path(file)), hashes, keys[AGGREGATOR], genesis_hash)
+        if problem:
+            raise DgptError(f"{file}: oracle '{label}': {problem}")
+    sizes = genesis.get("sizes", {})
+    previous = genesis.get("theta")
     for record in records[1:]:
         if record.get("theta_before") != previous:
             raise DgptError(f"{path}: round {record['round']}: theta_before is not the parameters the round before ended with")
         previous = record.get("theta_after")
+        oracle, problem = record_problem(record, genesis_hash, keys, sizes)
+        if problem:
+            raise DgptError(f"{path}: round {record['round']}: " + (f"oracle '{oracle}': " if oracle else "") + problem)
+    by_round = {r["round"]: (r, line) for r, line in zip(records, lines)}
     checked = sum(_check_checkpoint(checkpoint, by_round, path) for checkpoint in run.list_checkpoints())
-    return _totals(records, record_sha256(lines[-1]), checked)
+    summary = _totals(records, record_sha256(lines[-1]), checked)
+    summary.keys_checked, summary.confirmed, summary.replayed = checked_keys, confirmed, replayed
+    return summary
+
+
+def _check_keys(keys: dict[str, str], keys_dir: Path, path: Path) -> list[str]:
+    """The parties whose `PARTY.pub` in `keys_dir` is the key the genesis names (a different one is an error)."""
+    found = sorted(p for p in Path(keys_dir).glob("*.pub") if p.stem in keys)
+    if not found:
+        raise DgptError(f"{keys_dir}: no PARTY.pub file of this run's parties ({', '.join(keys)})")
+    for pub in found:
+        if read_public(pub, pub.stem) != keys[pub.stem]:
+            raise DgptError(f"{path}: the genesis names another key for {pub.stem} than {pub}: the ledger was rewritten, "
+                            "or the key is not this run's")
+    return [p.stem for p in found]
+
+
+def _receipts_label(file: Path) -> str:
+    """The oracle a receipts file belongs to: its state directory's name (RUN/oracles/NAME/receipts.jsonl)."""
+    return file.parent.name if file.name == "receipts.jsonl" else file.stem
 
 
 def _check_checkpoint(checkpoint: Path, by_round: dict, path: Path) -> int:

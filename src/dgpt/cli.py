@@ -148,14 +148,42 @@ def cmd_plot(args) -> None:
 def cmd_ledger(args) -> None:
     from dgpt.audit import verify_ledger
 
-    summary = verify_ledger(Path(args.run_dir))
+    summary = verify_ledger(Path(args.run_dir), [Path(f) for f in args.receipts], args.keys and Path(args.keys))
     if args.json:
         print(json.dumps(dataclasses.asdict(summary), indent=2))
         return
-    print(f"ledger intact: {summary.rounds} rounds, {summary.checkpoints_checked} round checkpoints match; head {summary.head}")
+    print(f"ledger intact: {summary.rounds} rounds, {summary.checkpoints_checked} round checkpoints match, every "
+          f"signature, statement and value holds; head {summary.head}")
+    if summary.keys_checked:
+        print(f"keys as in {args.keys}: {', '.join(summary.keys_checked)}")
+    else:
+        print("keys: the genesis record's own (--keys DIR checks them against copies held elsewhere)")
+    for label, rounds in summary.confirmed.items():
+        replayed = summary.replayed[label]
+        print(f"receipts of '{label}' confirm rounds {_spans(rounds)}" + (f" (rounds {_spans(replayed)} replayed after "
+                                                                          "a resume)" if replayed else ""))
     print(f"{'oracle':<24} {'rounds':>6} {'accepted':>8} {'tokens':>12} {'bytes sent':>12} {'contribution':>13} {'share':>7}")
     for name, t in summary.oracles.items():
         print(f"{name:<24} {t.rounds:>6} {t.accepted:>8} {t.tokens:>12,} {t.bytes:>12,} {t.value:>13.5f} {t.share:>7.1%}")
+
+
+def _spans(rounds: list[int]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
+
+
+def cmd_keygen(args) -> None:
+    from dgpt.rundir import check_oracle_name
+    from dgpt.runtimes.identity import keygen
+
+    private, public = keygen(Path(args.out), check_oracle_name(args.name, "--name"))
+    print(f"wrote {private} (private: keep it to yourself) and {public} (public: name it in the config)")
 
 
 def cmd_demo(args) -> None:
@@ -258,10 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("ledger", help="verify a run's contribution ledger (hash chain, checkpoints) and total each oracle's share")
+    p = sub.add_parser("ledger", help="verify a run's contribution ledger (hash chain, signatures, values "
+                       "recomputed from the signed losses, checkpoints, oracles' receipts) and total each oracle's share")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="the totals as JSON")
+    p.add_argument("--receipts", nargs="+", default=[], metavar="FILE",
+                   help="oracles' receipts.jsonl: every signed head they hold must be in the ledger")
+    p.add_argument("--keys", metavar="DIR", help="PARTY.pub files the genesis record's keys must equal")
     p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("keygen", help="a new Ed25519 key pair for signing the ledger: DIR/NAME.key (0600) and DIR/NAME.pub")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--name", default="signing", help="the key's file name (default: signing)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl (loss, scores) into RUN_DIR/plots/; "
                                     "several runs: overlaid, one curve per run, into --out DIR")

@@ -60,6 +60,9 @@ class Transport(Protocol):
     def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
         """Every process's texts by name (each names only its own: its oracles', the leader's the aggregator's)."""
 
+    def sent(self, name: str, payload: Payload, codec: Codec) -> Payload:
+        """What this process sends as oracle `name`'s update (the oracle then signs it)."""
+
     def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
         """The payload of every participant, as it arrived at the aggregator (this process's oracles in `sent`)."""
 
@@ -181,6 +184,7 @@ class RoundDriver:
     def run(self, stop_after: int | None) -> RunSummary:
         work, fed = self.work, self.config.federation
         t_start = time.perf_counter()
+        self._deliver_head()
         valid, scores = self.validate()
         self.ledger.validated(valid)
         validated = done = self.start
@@ -190,8 +194,6 @@ class RoundDriver:
                        tokens=0 if self.start == 0 else None, enabled=self.transport.is_leader)
         for rnd in range(self.start + 1, work.rounds + 1):
             t0 = time.perf_counter()
-            for witness in self.witnesses.values():  # the head of the round before: each oracle's receipt
-                witness.receive(self.ledger.signed_head)
             participants, theta = self.strategy.sample(), vector_sha256(self.strategy.theta)
             trained = {n: self._train_oracle(n, rnd, theta) for n in work.loops if n in participants}
             received = self.transport.exchange({n: p for n, (p, _, _) in trained.items()}, participants, self.codec)
@@ -202,6 +204,7 @@ class RoundDriver:
             valuation = self.ledger.value(result)
             self.load_theta(self.strategy.apply(result, work.steps_in(rnd)))
             self.ledger.record(rnd, result, received, valuation, statements, theta)
+            self._deliver_head()
             evaluated = rnd % fed.eval_interval == 0 or rnd == work.rounds
             now = self.validate() if evaluated else ({}, {})
             self.ledger.validated(now[0])
@@ -261,9 +264,15 @@ class RoundDriver:
         """One oracle's share of a round: its pseudo-gradient encoded to be sent, its loss, and its signed statement."""
         before = self.work.loops[name].tokens
         delta, loss = train_round(self.work, name, self.strategy.theta, rnd)
-        payload = self.codec.encode(delta)
+        payload = self.transport.sent(name, self.codec.encode(delta), self.codec)
         tokens = self.work.loops[name].tokens - before
         return payload, loss, self.witnesses[name].train_statement(rnd, theta, payload, tokens, loss)
+
+    def _deliver_head(self) -> None:
+        """The aggregator's signed head of the newest record to this process's oracles, which keep it as a receipt
+        (or stop, when it does not extend the last one they hold)."""
+        for witness in self.witnesses.values():
+            witness.receive(self.ledger.signed_head)
 
     def gather_signed(self, local: dict[str, dict]) -> dict[str, dict]:
         """Every oracle's signed statement from the processes that hold them (read as JSON, never unpickled)."""

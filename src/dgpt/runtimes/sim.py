@@ -14,7 +14,8 @@ from dgpt.runtimes.summary import RunSummary
 
 class SimTransport:
     """In-process transport: a payload arrives as it was sent. `tamper(oracle, delta) -> delta` stands in for a
-    faulty or malicious oracle (tests and the robustness benchmark use it): it alters what that oracle sends."""
+    faulty or malicious oracle (tests and the robustness benchmark use it): it alters what that oracle sends, and
+    that oracle's statement signs the altered payload, as a lying oracle would."""
 
     name = "sim"
     is_leader = True
@@ -29,10 +30,11 @@ class SimTransport:
     def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
         return dict(local)
 
+    def sent(self, name: str, payload: Payload, codec: Codec) -> Payload:
+        return payload if self.tamper is None else codec.encode(self.tamper(name, codec.decode(payload)))
+
     def exchange(self, sent: dict[str, Payload], participants: list[str], codec: Codec) -> dict[str, Payload]:
-        if self.tamper is None:
-            return dict(sent)
-        return {name: codec.encode(self.tamper(name, codec.decode(payload))) for name, payload in sent.items()}
+        return dict(sent)
 
     def barrier(self) -> None:
         pass

@@ -63,6 +63,9 @@ class DistTransport:
         mine = torch.tensor([local.get(self.names[self.rank], float("nan"))], dtype=torch.float64, device=self.device)
         return {name: float(v) for name, v in zip(self.names, self._gather(mine))}
 
+    def sent(self, name: str, payload: Payload, codec: Codec) -> Payload:
+        return payload
+
     def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
         """Each rank's texts as the UTF-8 bytes of one JSON object (lengths first, then the padded bytes): no pickle."""
         mine = torch.tensor(list(json.dumps(local).encode()), dtype=torch.uint8)
