@@ -76,8 +76,12 @@ def test_torchrun_equals_sim(tmp_path, aggregator, extrapolate, privacy):
     # DP-SGD: each rank's oracle draws the same Poisson batches and noise as in sim, and spends the same epsilon
     assert [a.get("privacy_epsilon") for a in sim_rows] == [b.get("privacy_epsilon") for b in dist_rows]
     assert bool(sim_rows[-1].get("privacy_epsilon")) == bool(privacy)
-    # the contribution ledger: every rank values the same coalitions; rank 0 writes what sim writes
-    sim_values, dist_values = (verify_ledger(c.run_dir).oracles for c in (sim, dist))
+    # the contribution ledger: every rank values the same coalitions; rank 0 writes what sim writes, signed by every
+    # rank's oracle, and each rank's receipts hold every head
+    run = RunDir(dist.run_dir)
+    checked = verify_ledger(run.root, [run.receipts(n) for n in dist.oracle_names()], run.keys)
+    assert checked.confirmed == {n: list(range(FED["rounds"] + 1)) for n in dist.oracle_names()}
+    sim_values, dist_values = verify_ledger(sim.run_dir).oracles, checked.oracles
     for name in sim.oracle_names():
         assert dist_values[name].value == pytest.approx(sim_values[name].value, rel=1e-3, abs=1e-6)
         assert dist_values[name].bytes == sim_values[name].bytes
@@ -284,3 +288,7 @@ def test_two_hosts_without_shared_files_equal_sim(tmp_path):
     assert "resumed from" in resumed[0][1]  # rank 0 speaks for the run
     for host in hosts:
         assert_same_model(sim, dataclasses.replace(configs[host], run_dir=str(tmp_path / host)))
+    # host1's oracle signed with a key only host1 holds, and its receipts confirm the ledger host0 wrote
+    assert not RunDir(tmp_path / "host0").private_key("beta").exists()
+    checked = verify_ledger(tmp_path / "host0", [RunDir(tmp_path / "host1").receipts("beta")])
+    assert checked.confirmed == {"beta": list(range(FED["rounds"] + 1))}
