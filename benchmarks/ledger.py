@@ -4,6 +4,8 @@ Run (from the project root, venv active; ~1 hour on 2 free CPU cores with --jobs
 
     python benchmarks/ledger.py [--rounds 20] [--inner-steps 10] [--seeds 1337 2024] [--jobs 2]
     python benchmarks/ledger.py --overhead      # alone on the machine: seconds the ledger adds to a round
+    python benchmarks/ledger.py --signing       # alone on the machine: what signing costs per round (seconds, bytes)
+    python benchmarks/ledger.py --signing --quick   # a smoke run of it: prints the table, writes nothing
     python benchmarks/ledger.py --replot        # rewrite ledger.md and the plot from ledger_runs.json
 
 Five oracles pre-train one model (sim runtime, FedAvg, the pre-LN tiny body): the four domains of
@@ -28,6 +30,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -49,6 +52,7 @@ from dgpt.rundir import RunDir, checkpoint_number  # noqa: E402
 from dgpt.runtimes.setup import read_run  # noqa: E402
 from dgpt.train.evaluate import Validator, weighted_loss  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
+from ledger_signing import signing_cost  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"
 DOMAINS = {"shakespeare": "literature_shakespeare", "wikitext": "encyclopedia_wikitext2",
@@ -203,6 +207,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {n} | {j['federated']:.3f} | {j['alone']:.3f} | {j['alone'] - j['federated']:+.3f} |" for n, j in report["joining"].items()]
     if "overhead" in report:
         lines += ["", "## Overhead (measured alone)\n", report["overhead"]]
+    if "signing" in report:
+        lines += ["", "## What signing costs (measured alone, `--signing`)\n", report["signing"]]
     return "\n".join(lines) + "\n"
 
 
@@ -262,11 +268,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench_ledger"))
     parser.add_argument("--overhead", action="store_true", help="only measure the ledger's seconds per round (run alone)")
+    parser.add_argument("--signing", action="store_true", help="only measure what signing costs per round (run alone)")
+    parser.add_argument("--quick", action="store_true", help="with --signing: a smoke run that writes nothing")
     parser.add_argument("--replot", action="store_true")
     args = parser.parse_args()
     corpora, saved = args.runs / "corpora", args.out / "ledger_runs.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.replot:
+    if args.signing:
+        with tempfile.TemporaryDirectory() as tmp:
+            before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            table = signing_cost(Path(tmp), repeats=3 if args.quick else 200)
+            after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        print(table)
+        if args.quick:
+            return
+        report = json.loads(saved.read_text())
+        report["signing"] = f"{table}\n\n`uptime` before: {before}; after: {after}"
+    elif args.replot:
         report = json.loads(saved.read_text())
     elif args.overhead:
         report = json.loads(saved.read_text())

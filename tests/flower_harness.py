@@ -20,20 +20,26 @@ import sys
 import time
 from pathlib import Path
 
-from dgpt.config import Config, dump_config
+from dgpt.config import AGGREGATOR, Config, dump_config
 from dgpt.rundir import RunDir
 from dgpt.runtimes.flower.app import write_flower_app
+from dgpt.runtimes.identity import keygen
 
 BIN = Path(sys.executable).parent
 
 
 def split_roles(config: Config, root: Path) -> tuple[Config, Path, Path]:
-    """A prepared config as the server sees it (its own run_dir holding the tokenizer, no shards), the oracles'
-    config file (one run_dir their SuperNodes share; each keeps its state under oracles/<name>/), and the Flower App."""
+    """A prepared config as the server sees it (its own run_dir holding the tokenizer and the aggregator's key, no
+    shards), the oracles' config file (one run_dir their SuperNodes share; each keeps its state under oracles/<name>/
+    and its key under keys/), and the Flower App. The config names every party's public key."""
+    publics = {n: keygen(config.run_path / "keys", n)[1] for n in config.oracle_names()}
+    config = dataclasses.replace(
+        config, oracles=[dataclasses.replace(o, public_key=str(publics[o.name])) for o in config.oracles],
+        ledger=dataclasses.replace(config.ledger, public_key=str(keygen(root / "server" / "keys", AGGREGATOR)[1])))
     oracles = root / "oracles.toml"
     oracles.write_text(dump_config(config))
     server = dataclasses.replace(config, run_dir=str(root / "server"))
-    (root / "server").mkdir(parents=True)
+    (root / "server").mkdir(parents=True, exist_ok=True)
     (root / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
     return server, oracles, write_flower_app(server)
 

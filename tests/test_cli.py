@@ -112,7 +112,7 @@ def test_missing_config_and_missing_run(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_demo_runs_offline_end_to_end(tmp_path):
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     run = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "dgpt", "demo", "--run-dir", str(run), "--rounds", "2", "--inner-steps", "3"],
@@ -125,6 +125,9 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert "valid loss before" in out and "samples:" in out and "synchronous data parallel" in out
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "round"]
     assert all(rows[-1]["oracles"][n] < rows[0]["oracles"][n] for n in rows[0]["oracles"])
+    receipts = sorted(str(p) for p in run.glob("oracles/*/receipts.jsonl"))
+    assert len(receipts) == 3 and main(["ledger", str(run), "--receipts", *receipts, "--keys", str(run / "keys")]) == 0
+    assert "receipts of 'stdlib_source' confirm rounds 0-2" in capsys.readouterr().out
 
 
 def test_prepare_and_count_pretokens_do_not_load_torch(config_file):

@@ -18,6 +18,7 @@ from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
+from dgpt.audit import verify_ledger  # noqa: E402
 from dgpt.config import dump_config  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
@@ -76,6 +77,10 @@ def test_flower_simulation_engine_equals_sim(tmp_path, sim):
     assert [r["accepted"] for r in rows[1:]] == [["alpha", "beta", "gamma"]] * FED["rounds"]
     for got, want in zip(ledger_values(config), ledger_values(sim), strict=True):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
+    # every statement and loss report signed on its SuperNode, every head kept as each oracle's receipt
+    run = RunDir(config.run_dir)
+    checked = verify_ledger(run.root, [run.receipts(n) for n in config.oracle_names()], run.keys)
+    assert checked.confirmed == {n: list(range(FED["rounds"] + 1)) for n in config.oracle_names()}
 
 
 def test_flower_finetune_on_the_simulation_engine_equals_sim(tmp_path, sim):
@@ -148,6 +153,10 @@ def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
     assert rows[-1]["loss"] == pytest.approx(sim_rows[-1]["loss"], rel=1e-4)
     assert rows[0]["loss"] == pytest.approx(sim_rows[0]["loss"], rel=1e-4)
     assert [r["round"] for r in read_metrics(server.run_path / "ledger.jsonl")] == [0, 1, 2]  # resumed at its head
+    # each SuperNode signed with its own key; its receipts, kept across the restart, confirm the server's ledger
+    oracles_run = RunDir(tmp_path / "fl" / "run")
+    checked = verify_ledger(server.run_dir, [oracles_run.receipts(n) for n in server.oracle_names()])
+    assert checked.confirmed == {n: [0, 1, 2] for n in server.oracle_names()}
 
 
 def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
@@ -179,6 +188,9 @@ def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
     assert "No SuperNode found with the given public key" in superlink and "SuperNode ID" not in intruder
     log = (server.run_path / "flower_server.log").read_text()
     assert "round 2: oracle 'gamma' sat this round out" in log
+    oracles_run = RunDir(tmp_path / "fl" / "run")  # gamma missed round 1's head: its receipts skip it
+    checked = verify_ledger(server.run_dir, [oracles_run.receipts(n) for n in server.oracle_names()])
+    assert checked.confirmed["alpha"] == [0, 1, 2, 3] and checked.confirmed["gamma"][-2:] == [2, 3]
     for r in rows:
         if r["kind"] == "oracle" and r["participated"]:
             assert f"round {r['round']}: oracle '{r['oracle']}' replied with {r['bytes_sent']:,} bytes of arrays" in log

@@ -25,7 +25,8 @@ from dgpt.config import AGGREGATOR
 from dgpt.federation.evidence import head_of_record_problem, receipts_problem, record_problem
 from dgpt.federation.ledger import check_chain, record_sha256, weights_sha256
 from dgpt.rundir import WEIGHTS, RunDir, checkpoint_number
-from dgpt.runtimes.identity import read_jsonl, read_public
+from dgpt.runtimes.identity import read_public
+from dgpt.train.metrics import read_metrics
 from dgpt.train.checkpoint import load_state
 
 
@@ -69,7 +70,7 @@ def verify_ledger(run_dir: str | Path, receipts: list[Path] = (), keys_dir: Path
         raise DgptError(f"{path}: the genesis record names no signing keys (a ledger written before dgpt signed them)")
     checked_keys = _check_keys(keys, keys_dir, path) if keys_dir is not None else []
     genesis_hash = record_sha256(lines[0])
-    heads = read_jsonl(run.ledger_heads)
+    heads = read_metrics(run.ledger_heads) if run.ledger_heads.is_file() else []
     for i, (record, line) in enumerate(zip(records, lines)):
         problem = head_of_record_problem(heads[i], record, line, genesis_hash, keys[AGGREGATOR]) if i < len(heads) \
             else "no signed head"
@@ -81,7 +82,7 @@ def verify_ledger(run_dir: str | Path, receipts: list[Path] = (), keys_dir: Path
         label = _receipts_label(Path(file))
         if not Path(file).is_file():
             raise DgptError(f"{file}: no receipts file")
-        confirmed[label], replayed[label], problem = receipts_problem(read_jsonl(Path(file)), hashes, keys[AGGREGATOR], genesis_hash)
+        confirmed[label], replayed[label], problem = receipts_problem(read_metrics(Path(file)), hashes, keys[AGGREGATOR], genesis_hash)
         if problem:
             raise DgptError(f"{file}: oracle '{label}': {problem}")
     sizes = genesis.get("sizes", {})

@@ -17,12 +17,15 @@ from dgpt.errors import DgptError
 # every key of these sections is shared, except those LOCAL names
 SHARED = ("seed", "model", "tokenizer", "oracles", "pretrain", "federation", "finetune", "ledger", "privacy")
 # a party's own: where its run directory is, how it prepares its text, its device, its logs, the paths it reads
-# (a tokenizer recipe's files, the pre-trained run to fine-tune from: each machine has its own copy)
+# (a tokenizer recipe's files, the pre-trained run to fine-tune from, the aggregator's public key file: each
+# machine has its own copy)
 LOCAL: dict[str, tuple[str, ...] | None] = {
     "run_dir": None, "data": None, "log": None,
     "tokenizer": ("path", "counts"), "pretrain": ("device", "compile"), "finetune": ("init_from",),
+    "ledger": ("public_key",),
 }
-ORACLE_LOCAL = ("train", "valid", "text_field", "task")  # an oracle's data, read only by the party that holds it
+# an oracle's data, read only by the party that holds it, and the path of its public key file on that party's machine
+ORACLE_LOCAL = ("train", "valid", "text_field", "task", "public_key")
 
 
 def unclassified() -> list[str]:

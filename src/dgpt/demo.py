@@ -61,8 +61,9 @@ def run_demo(run_dir: Path, rounds: int = 8, inner_steps: int = 25) -> dict:
         f"synchronous data parallel: {human_bytes(rows[-1]['dp_bytes'])}"
     )
     ledger = verify_ledger(run_dir)
-    print(f"\ncontribution ledger (`dgpt ledger {run_dir}`): chain and checkpoints verified; each oracle's Shapley share "
-          "of the validation loss the federation gained")
+    print(f"\ncontribution ledger (`dgpt ledger {run_dir} --receipts {run_dir}/oracles/*/receipts.jsonl`): chain, "
+          "signatures, values and checkpoints verified; each oracle's Shapley share of the validation loss the federation "
+          "gained")
     for name, total in ledger.oracles.items():
         print(f"{name:<22} {total.value:>8.4f} nats  {total.share:>6.1%}")
     model, tokenizer = api.load_pretrained(run_dir, "cpu")

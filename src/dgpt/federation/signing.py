@@ -86,10 +86,13 @@ def vector_sha256(vector: torch.Tensor) -> str:
 
 # --- statements --------------------------------------------------------------------------------------------------
 
-def train_body(genesis: str, rnd: int, oracle: str, theta: str, payload: Payload, tokens: int, train_loss: float) -> dict:
-    return {"kind": "train", "genesis": genesis, "round": rnd, "oracle": oracle, "theta": theta,
+def train_body(genesis: str, rnd: int, oracle: str, theta: str, payload: Payload, tokens: int, train_loss: float,
+               epsilon: float | None = None) -> dict:
+    """`epsilon`: with DP-SGD, what the oracle's own accountant says it has spent."""
+    body = {"kind": "train", "genesis": genesis, "round": rnd, "oracle": oracle, "theta": theta,
             "payload_sha256": payload_sha256(payload), "bytes": payload.nbytes, "tokens": tokens,
             "train_loss": train_loss if math.isfinite(train_loss) else None}  # JSON has no NaN
+    return body if epsilon is None else {**body, "privacy_epsilon": epsilon}
 
 
 def report_body(genesis: str, rnd: int, oracle: str, entries: list[dict]) -> dict:

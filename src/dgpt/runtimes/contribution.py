@@ -12,6 +12,7 @@ its validation loss at Theta once per round and reports, for each coalition's mo
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -94,6 +95,18 @@ class ContributionLedger:
             else:
                 admitted[name] = payload
         return admitted, refused
+
+    def report_problem(self, name: str, signed: dict | None, theta: str, loss: float | None) -> str:
+        """What is wrong with an oracle's signed report of its validation loss at `theta` ("" when it holds)."""
+        if loss is None or not math.isfinite(loss):
+            return ""
+        body, problem = opened(signed, self.keys[name]) if signed is not None else (None, "no signed report of it")
+        if problem:
+            return problem
+        if body.get("oracle") != name or body.get("genesis") != self.genesis \
+                or {"theta": theta, "loss": loss} not in body.get("entries", []):
+            return "its signed report does not state this loss at this Theta"
+        return ""
 
     def value(self, result: RoundResult) -> Valuation:
         """Shapley values of the round's accepted oracles (call before the Strategy applies the round)."""

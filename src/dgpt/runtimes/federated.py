@@ -265,8 +265,9 @@ class RoundDriver:
         before = self.work.loops[name].tokens
         delta, loss = train_round(self.work, name, self.strategy.theta, rnd)
         payload = self.transport.sent(name, self.codec.encode(delta), self.codec)
-        tokens = self.work.loops[name].tokens - before
-        return payload, loss, self.witnesses[name].train_statement(rnd, theta, payload, tokens, loss)
+        loop = self.work.loops[name]
+        epsilon = loop.privacy.epsilon() if loop.privacy is not None else None  # DP-SGD: what it has spent, signed
+        return payload, loss, self.witnesses[name].train_statement(rnd, theta, payload, loop.tokens - before, loss, epsilon)
 
     def _deliver_head(self) -> None:
         """The aggregator's signed head of the newest record to this process's oracles, which keep it as a receipt

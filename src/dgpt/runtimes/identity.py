@@ -9,7 +9,6 @@ inside one run directory only simulate separate parties (sim, tests): whoever ho
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dgpt.federation.signing import (check_public_hex, head_problem, key_from_pe
                                      receipt_action, report_body, sign, train_body)
 from dgpt.fileio import write_text
 from dgpt.rundir import RunDir
+from dgpt.train.metrics import read_metrics
 
 
 def keygen(out: str | Path, name: str) -> tuple[Path, Path]:
@@ -90,23 +90,6 @@ def identities(config: Config, transport, local: list[str]) -> tuple[dict[str, s
     return {p: keys[p] for p in [AGGREGATOR, *config.oracle_names()]}, own
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a file's lines; a torn last line (a crash while appending) is dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if number == len(lines):
-                break
-            raise DgptError(f"{path}: line {number} is not JSON") from None
-        if not isinstance(row, dict):
-            raise DgptError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
 def append_line(path: Path, line: str) -> None:
     """One whole line per write, flushed to disk: a crash leaves at most a partial last line."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +105,9 @@ class Witness:
 
     def __init__(self, name: str, key: Ed25519PrivateKey, receipts: Path, aggregator: str):
         self.name, self.key, self.path, self.aggregator = name, key, receipts, aggregator
-        self.receipts = read_jsonl(receipts)
+        self.receipts = read_metrics(receipts) if receipts.is_file() else []
+        if self.receipts and not receipts.read_text(encoding="utf-8").endswith("\n"):  # a crash cut the last line
+            write_text(receipts, "".join(line_of(r) + "\n" for r in self.receipts))
         self.pending: list[dict] = []  # what it reported since its last report statement
 
     @property
@@ -141,8 +126,9 @@ class Witness:
         append_line(self.path, line_of(head))
         self.receipts.append(head)
 
-    def train_statement(self, rnd: int, theta: str, payload: Payload, tokens: int, train_loss: float) -> dict:
-        return sign(self.key, train_body(self.genesis, rnd, self.name, theta, payload, tokens, train_loss))
+    def train_statement(self, rnd: int, theta: str, payload: Payload, tokens: int, train_loss: float,
+                        epsilon: float | None = None) -> dict:
+        return sign(self.key, train_body(self.genesis, rnd, self.name, theta, payload, tokens, train_loss, epsilon))
 
     def note(self, entry: dict) -> None:
         self.pending.append(entry)

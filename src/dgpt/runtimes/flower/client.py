@@ -16,6 +16,12 @@ next is on its disk. A train message brings Theta and the round id; the oracle r
 before that round (a server that restarted from an older checkpoint replays rounds exactly), trains H steps on
 the round's schedule, saves its state and replies with its encoded pseudo-gradient, its token count and loss.
 
+The oracle signs with its own key (`RUN/keys/<name>.key` in its run directory, or the file `--node-config
+signing-key="..."` names): each train reply carries its `statement` (what it trained from, what it sends), each
+evaluate reply a signed report of the loss it gives. Every message brings the aggregator's signed `head` of the
+newest ledger record, which the oracle checks against the aggregator's public key and keeps in
+`oracles/<name>/receipts.jsonl`; a head that does not extend its receipts stops it (its reply says why).
+
 Fine-tuning (the message's work is "finetune") trains the same way, with the oracle's own task and head: the head
 is part of its state file and never sent; only the shared body's pseudo-gradient is. The SuperNode needs the
 config's `finetune.init_from` (the pre-trained run: tokenizer and model shape) and its task's files; the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -33,15 +40,17 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from dgpt.config import Config, load_config
+from dgpt.config import AGGREGATOR, Config, load_config
 from dgpt.config_shared import with_local
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
+from dgpt.federation.signing import vector_sha256
 from dgpt.fileio import atomic_path, torch_save
 from dgpt.runtimes.flower import wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
 from dgpt.runtimes.finetune import finetune_work
+from dgpt.runtimes.identity import Witness, own_key, public_key
 from dgpt.rundir import RunDir, check_oracle_name
 
 logger = logging.getLogger(__name__)
@@ -88,6 +97,13 @@ class Oracle:
         fed = self.config.federation
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
         self.run_dir = RunDir(self.config.run_dir)
+        signing = node_config.get("signing-key")  # this SuperNode's private key, if not RUN/keys/<name>.key
+        key = own_key(self.config, name, signing if isinstance(signing, str) else "")
+        head = message.content.config_records.get("head")  # none before the ledger's genesis
+        self.witness = None
+        if head is not None:
+            self.witness = Witness(name, key, self.run_dir.receipts(name), public_key(self.config, AGGREGATOR))
+            self.witness.receive(dict(head))
 
     def forget(self, rnd: int) -> None:
         """Delete the states of round `rnd` and later: rounds a server restarted from an older checkpoint redoes."""
@@ -176,15 +192,19 @@ def _train(oracle: Oracle, message: Message) -> RecordDict:
     rnd, theta = oracle.round, oracle.theta(message)
     oracle.forget(rnd)
     oracle.restore(rnd)
+    loop = oracle.work.loops[oracle.name]
+    before = loop.tokens
     delta, loss = train_round(oracle.work, oracle.name, theta, rnd)
     oracle.save(rnd)
     payload = oracle.codec.encode(delta)
-    loop = oracle.work.loops[oracle.name]
     logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.inner_steps} steps, loss {loss:.4f}, "
                 f"sends {payload.nbytes:,} bytes")
     # DP-SGD: the epsilon this oracle's own accountant says it has spent (a statement of the oracle, like its loss)
     spent = {"privacy_epsilon": loop.privacy.epsilon()} if loop.privacy is not None else {}
-    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent}, payload)
+    statement = oracle.witness and oracle.witness.train_statement(
+        rnd, vector_sha256(theta), payload, loop.tokens - before, loss, spent.get("privacy_epsilon"))
+    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent},
+                      payload, statement)
 
 
 def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
@@ -192,9 +212,15 @@ def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
     Fine-tuning validates with the oracle's head as it was after that round."""
     if oracle.kind == "finetune":
         oracle.restore(oracle.round + 1)
-    copy_into(oracle.work.params, oracle.theta(message))
-    found = oracle.work.evaluate().get(oracle.name, {})
-    return wire.reply(oracle.round, oracle.name, {**oracle.size(), **{f"valid_{k}": float(v) for k, v in found.items()}})
+    theta = oracle.theta(message)
+    copy_into(oracle.work.params, theta)
+    found = {k: float(v) for k, v in oracle.work.evaluate().get(oracle.name, {}).items()}
+    report = None
+    if oracle.witness is not None and math.isfinite(found.get("loss", math.nan)):
+        oracle.witness.note({"theta": vector_sha256(theta), "loss": found["loss"]})
+        report = oracle.witness.report(oracle.round)
+    return wire.reply(oracle.round, oracle.name, {**oracle.size(), **{f"valid_{k}": v for k, v in found.items()}},
+                      statement=report)
 
 
 @app.train()

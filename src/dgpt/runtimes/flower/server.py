@@ -25,18 +25,20 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch.nn.utils import parameters_to_vector
 
-from dgpt.config import Config, dump_config, load_config
+from dgpt.config import AGGREGATOR, Config, dump_config, load_config
 from dgpt.config_shared import shared_toml
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.federation.aggregate import mean_weights
 from dgpt.federation.codec import Codec
+from dgpt.federation.signing import public_hex, vector_sha256
 from dgpt.federation.strategy import Strategy
 from dgpt.logs import messages_to
 from dgpt.runtimes.flower import wire
 from dgpt.runtimes.contribution import ContributionLedger
 from dgpt.runtimes.federated import Work, copy_into
+from dgpt.runtimes.identity import own_key, public_key
 from dgpt.runtimes.finetune import schedule, shared_body, starting_point
 from dgpt.runtimes.report import RoundRecord, RoundReport
 from dgpt.runtimes.setup import build_model, read_run
@@ -50,9 +52,13 @@ POLL_S = 0.2
 
 
 class Aggregator:
-    """The server's place among a run's processes, as the contribution ledger asks: it writes the run's files."""
+    """The server's place among a run's processes, as the contribution ledger asks: it writes the run's files and
+    holds the aggregator's key."""
 
     is_leader, prepares_data = True, False
+
+    def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
+        return dict(local)
 
 
 @dataclass
@@ -92,6 +98,8 @@ class FlowerServer:
         self.epsilon: dict[str, float] = {}  # DP-SGD: each oracle's epsilon spent, as its accountant last reported it
         self.transport, self.round = Aggregator(), 0
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
+        self.ledger: ContributionLedger | None = None  # from round 1: the oracles' first replies tell their sizes
+        self.pending: dict[str, list[dict]] = {}  # each oracle's signed loss reports since the last record
 
     def run(self) -> None:
         fed, work = self.config.federation, self.work
@@ -101,6 +109,7 @@ class FlowerServer:
         if start == 0:
             replies = self._ask(wire.EVALUATE, 0, self.config.oracle_names())
             work.sizes.update(self._sizes(replies))
+            hello = self._valid(replies)  # before the ledger: these losses value nothing
         else:
             work.sizes.update(state["sizes"])
             self.tokens.update(state.get("tokens", {}))
@@ -112,9 +121,11 @@ class FlowerServer:
         if state:
             self.strategy.load_state_dict(state["strategy"], self._theta())
         report = RoundReport(self.config, self.run_dir, work, start)
-        self.ledger = ContributionLedger(self.config, self, start, state.get("ledger_head"))
+        signer = own_key(self.config, AGGREGATOR)
+        keys = {AGGREGATOR: public_hex(signer), **{n: public_key(self.config, n) for n in self.config.oracle_names()}}
+        self.ledger = ContributionLedger(self.config, self, start, state.get("ledger_head"), keys, signer)
         if start == 0:
-            report.started(0, *self._valid(replies))
+            report.started(0, *hello)
         for rnd in range(start + 1, work.rounds + 1):
             report.round(self._round(rnd), self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
@@ -127,24 +138,28 @@ class FlowerServer:
     def _round(self, rnd: int) -> RoundRecord:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
         participants = self.strategy.sample()
+        theta = vector_sha256(self._theta())
         replies = self._ask(wire.TRAIN, rnd, participants)
-        received, train_loss = {}, {}
+        received, train_loss, statements = {}, {}, {}
         for name, content in replies.contents.items():
             payload, problem = wire.payload_from(content.array_records.get("delta"), self.codec)
             if problem:
                 replies.refused[name] = problem
                 continue
             received[name] = payload
+            if "statement" in content.config_records:
+                statements[name] = dict(content.config_records["statement"])
             metrics = content.metric_records["metrics"]
             train_loss[name], self.tokens[name] = float(metrics["train_loss"]), float(metrics["tokens"])
             if isinstance(metrics.get("privacy_epsilon"), (int, float)):  # as the oracle's accountant reports it
                 self.epsilon[name] = float(metrics["privacy_epsilon"])
             logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
-        result = self.strategy.aggregate(received)
-        result.rejected.update(replies.refused)
+        admitted, refused = self.ledger.admit(rnd, theta, received, statements)
+        result = self.strategy.aggregate(admitted)
+        result.rejected.update({**replies.refused, **refused})
         valuation = self.ledger.value(result)  # each coalition's Theta validated by the oracles, through the Grid
         self.load_theta(self.strategy.apply(result, self.work.steps_in(rnd)))
-        self.ledger.record(rnd, result, received, valuation)
+        self.ledger.record(rnd, result, received, valuation, statements, theta)
         if result.skipped:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
@@ -174,13 +189,26 @@ class FlowerServer:
     def restore_theta(self) -> None:
         self.load_theta(self.strategy.theta)
 
+    def reports(self, rnd: int) -> dict[str, list[dict]]:
+        """The oracles' signed loss reports since the last record (each evaluation's reply brought one)."""
+        reports, self.pending = self.pending, {}
+        return reports
+
     def _valid(self, replies: Replies) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """The validation loss and other metrics (of the work's kind) each oracle reported."""
-        losses, scores = {}, {}
+        """The validation loss and other metrics (of the work's kind) each oracle reported; once the ledger is kept,
+        a loss counts only with the oracle's signed report of it at this Theta."""
+        losses, scores, theta = {}, {}, vector_sha256(self._theta())
         for name, content in replies.contents.items():
             metrics = content.metric_records["metrics"]
             found = {k: metrics.get(f"valid_{k}") for k in self.work.metric_names}
             found = {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
+            signed = dict(content.config_records["statement"]) if "statement" in content.config_records else None
+            problem = self.ledger.report_problem(name, signed, theta, found.get("loss")) if self.ledger else ""
+            if problem:
+                logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
+                found.pop("loss", None)
+            elif signed is not None:
+                self.pending.setdefault(name, []).append(signed)
             if "loss" in found:
                 losses[name] = found.pop("loss")
             if found:
@@ -218,7 +246,8 @@ class FlowerServer:
         fed, replies, wanted = self.config.federation, Replies(), len(set(names))
         live = set(self.grid.get_node_ids())
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
-        content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings)  # sizes: fine-tuning's rounds
+        head = self.ledger.signed_head if self.ledger is not None else None  # each oracle keeps it as a receipt
+        content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head)  # sizes: fine-tuning's rounds
         sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
         pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
         deadline = time.monotonic() + fed.round_timeout_s

@@ -109,21 +109,27 @@ def settings_from(record) -> tuple[str, str]:
     return fields["toml"], fields["tokenizer"]
 
 
-def request(rnd: int, work: str, theta: torch.Tensor, sizes: dict[str, float], settings):
-    """What the server sends each asked SuperNode."""
+def request(rnd: int, work: str, theta: torch.Tensor, sizes: dict[str, float], settings, head: dict | None = None):
+    """What the server sends each asked SuperNode; from round 1 the ledger's newest signed head too."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    return RecordDict({"theta": theta_record(theta), "round": ConfigRecord({"round": rnd, "work": work}),
-                       "sizes": MetricRecord(sizes), "settings": settings})
+    content = RecordDict({"theta": theta_record(theta), "round": ConfigRecord({"round": rnd, "work": work}),
+                          "sizes": MetricRecord(sizes), "settings": settings})
+    if head is not None:
+        content["head"] = ConfigRecord(head)
+    return content
 
 
-def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None):
-    """A ClientApp's answer: the round and oracle it is for, its metrics and (train) its encoded pseudo-gradient."""
+def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None, statement: dict | None = None):
+    """A ClientApp's answer: the round and oracle it is for, its metrics, (train) its encoded pseudo-gradient, and what
+    it signed: its statement (train) or its loss report (evaluate), {body, signature}."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord(metrics)})
     if payload is not None:
         content["delta"] = payload_record(payload)
+    if statement is not None:
+        content["statement"] = ConfigRecord(statement)
     return content
 
 
