@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from taskdata import write_jsonl, write_task
 
 from dgpt import api
+from dgpt.audit import verify_ledger
 from dgpt.cli import main
 from dgpt.config import config_from_dict, dump_config
 from dgpt.data.tasks import TaskExamples
@@ -187,6 +188,7 @@ def test_first_order_ledger_values_fine_tuning_rounds(tmp_path, pretrained):
     for method, config in runs.items():
         api.finetune(config)
         rows[method] = [json.loads(line) for line in RunDir(config.run_path).ledger.read_text().splitlines()][1:]
+        assert verify_ledger(config.run_dir).rounds == len(rows[method])  # recomputed from the signed losses / products
     for exact, first in zip(rows["shapley"], rows["first_order"]):
         assert first["cost"]["evaluations"] == 1 and first["theta_after"] == exact["theta_after"]
         values = {n: o["value"] for n, o in first["oracles"].items()}

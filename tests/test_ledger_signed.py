@@ -1,6 +1,7 @@
 """The signed ledger: what an aggregator that rewrites its own ledger (with its own key) cannot hide, what the oracles'
 signatures prove, and what each oracle's receipts catch."""
 
+import copy
 import json
 import os
 import shutil
@@ -130,19 +131,37 @@ def test_an_oracle_given_a_forked_head_stops(run, honest):
         witness.receive(sign_head(new_key(), 2, "c" * 64, "b" * 64, "a" * 64))
 
 
-def test_a_statement_for_another_round_is_rejected_like_a_bad_payload(tmp_path, monkeypatch, caplog):
-    sign = Witness.train_statement
+def test_a_stale_or_forged_statement_is_rejected_like_a_bad_payload(tmp_path, monkeypatch, caplog):
+    sign, forger = Witness.train_statement, new_key()
 
-    def stale(self, rnd, *args):
-        return sign(self, rnd + 1 if self.name == "beta" else rnd, *args)
+    def lying(self, rnd, *args):
+        if self.name == "gamma":  # signed with another key than gamma's
+            self = copy.copy(self)
+            self.key = forger
+        return sign(self, rnd + 1 if self.name == "beta" else rnd, *args)  # beta: made for another round
 
-    monkeypatch.setattr(Witness, "train_statement", stale)
+    monkeypatch.setattr(Witness, "train_statement", lying)
     config = tiny_config(tmp_path, federation={"rounds": 1, "inner_steps": 1})
     pretrain_sim(config)
-    beta = json.loads(RunDir(config.run_dir).ledger.read_text().splitlines()[1])["oracles"]["beta"]
-    assert beta["status"] == "rejected" and beta["reason"] == "statement refused: its statement is for round 2, not 1"
+    rows = json.loads(RunDir(config.run_dir).ledger.read_text().splitlines()[1])["oracles"]
+    assert rows["beta"]["status"] == "rejected" and rows["beta"]["reason"] == "statement refused: its statement is for round 2, not 1"
+    assert rows["gamma"]["reason"] == "statement refused: its signature does not verify under its public key"
+    assert rows["alpha"]["status"] == "accepted"
     assert "oracle 'beta' was left out of this round: statement refused" in caplog.text
     assert verify_ledger(config.run_dir).rounds == 1  # a refused statement is kept as it came, and checks out
+
+
+def test_a_resume_from_an_older_checkpoint_replays_rounds_the_receipts_show(tmp_path):
+    """Round checkpoints every 2 rounds: the oracles hold round 3's head when the run resumes from round 2. Each keeps
+    round 2's head again and the replayed round 3's after it; the ledger verifies with their receipts."""
+    config = tiny_config(tmp_path, federation={**FED, "checkpoint_interval": 2})
+    pretrain_sim(config)
+    run = RunDir(config.run_dir)
+    shutil.rmtree(run.latest_checkpoint())  # round 3's
+    pretrain_sim(config)
+    summary = verify_ledger(run.root, [run.receipts(n) for n in NAMES])
+    assert summary.confirmed == {n: [0, 1, 2, 3] for n in NAMES} and summary.replayed == {n: [3] for n in NAMES}
+    assert [r["round"] for r in map(json.loads, run.receipts("alpha").read_text().splitlines())] == [0, 1, 2, 3, 2, 3]
 
 
 def test_keys_the_config_names_must_be_the_parties_own(tmp_path):

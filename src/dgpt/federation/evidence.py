@@ -45,19 +45,18 @@ def record_problem(record: dict, genesis: str, keys: dict[str, str], sizes: dict
 
 def _statements_problem(name: str, row: dict, record: dict, genesis: str, key: str) -> tuple[str, list[dict]]:
     """What is wrong with an oracle's statement and reports in a record, and the entries its reports hold."""
-    if "statement" in row:
+    if row.get("status") == "accepted":  # a refused statement stays as it came, with the reason it was refused
+        if "statement" not in row:
+            return "accepted without a signed statement", []
         body, problem = opened(row["statement"], key)
         if problem:
             return f"its statement: {problem}", []
-        expected = {"oracle": name}  # a refused statement stays as it came: the reason it was refused
-        if row.get("status") == "accepted":
-            expected.update(kind="train", genesis=genesis, round=record["round"], theta=record.get("theta_sent"),
-                            payload_sha256=row.get("payload_sha256"), bytes=row.get("bytes"), tokens=row.get("tokens"))
+        expected = {"kind": "train", "genesis": genesis, "round": record["round"], "oracle": name,
+                    "theta": record.get("theta_sent"), "payload_sha256": row.get("payload_sha256"),
+                    "bytes": row.get("bytes"), "tokens": row.get("tokens")}
         wrong = [k for k, v in expected.items() if body.get(k) != v]
         if wrong:
             return f"its signed statement does not match the record ({', '.join(wrong)})", []
-    elif row.get("status") == "accepted":
-        return "accepted without a signed statement", []
     entries = []
     for signed in row.get("reports", []):
         body, problem = opened(signed, key)
