@@ -43,8 +43,8 @@ def flower_config(tmp_path, **fed):
                          ledger={"method": "off"})
     api.prepare(config)
     server, oracles, app = split_roles(config, tmp_path)
-    drifted = dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=1),
-                                  pretrain=dataclasses.replace(config.pretrain, lr=0.5))
+    drifted = dataclasses.replace(server, run_dir=config.run_dir, federation=dataclasses.replace(config.federation, rounds=1),
+                                  pretrain=dataclasses.replace(config.pretrain, lr=0.5))  # the parties' public keys kept
     oracles.write_text(dump_config(drifted))
     return server, oracles, app
 

@@ -110,7 +110,6 @@ def test_a_round_ends_once_every_asked_oracle_answered(monkeypatch):
     server.work, server.kind = SimpleNamespace(params=[torch.zeros(3)], sizes={"alpha": 1.0, "beta": 1.0}), "pretrain"
     server.node_of, server.met = {"alpha": 11, "beta": 13}, {11, 13}
     server.settings = wire.settings_record("seed = 1\n", "0" * 64)
-    server.ledger = None  # before round 1: no signed head to send
     server.grid = Grid(2, {11: None, 12: "alpha", 13: "beta"})
     t0 = time.monotonic()
     replies = server._ask(wire.EVALUATE, 2, ["alpha", "beta"])

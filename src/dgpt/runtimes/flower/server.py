@@ -84,6 +84,8 @@ def server_work(config: Config, kind: str) -> Work:
 
 
 class FlowerServer:
+    ledger: ContributionLedger | None = None  # from round 1 (the oracles' first replies tell their sizes)
+
     def __init__(self, config: Config, grid: Grid, kind: str = "pretrain"):
         self.config, self.grid, self.kind, fed = config, grid, kind, config.federation
         self.run_dir = RunDir(config.run_dir)
@@ -98,7 +100,6 @@ class FlowerServer:
         self.epsilon: dict[str, float] = {}  # DP-SGD: each oracle's epsilon spent, as its accountant last reported it
         self.transport, self.round = Aggregator(), 0
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
-        self.ledger: ContributionLedger | None = None  # from round 1: the oracles' first replies tell their sizes
         self.pending: dict[str, list[dict]] = {}  # each oracle's signed loss reports since the last record
 
     def run(self) -> None:
