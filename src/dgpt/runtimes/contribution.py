@@ -7,6 +7,11 @@ if only S's updates had arrived (same rule, same outer state, nothing committed)
 on its own validation windows, reporting only a loss. Nothing about an oracle's data leaves it.
 `ledger.method = "first_order"` replaces the evaluations by a linear estimate: each oracle computes the gradient of
 its validation loss at Theta once per round and reports, for each coalition's move, only the inner product.
+
+Every claim is signed by the party that makes it (`dgpt.federation.signing`): an oracle's statement of what it
+trained and sent is checked here before its payload counts (`admit`), its signed reports of every loss or inner
+product it gave are stored verbatim with the coalitions they value, and the aggregator's signature of each record's
+head goes to `ledger_heads.jsonl` and to every oracle, which keeps it as a receipt.
 """
 
 from __future__ import annotations
@@ -250,7 +255,9 @@ class ContributionLedger:
         if not kept or record_sha256(kept[-1]) != head:
             why = problem or "it does not hold the record the checkpoint anchors"
             raise DgptError(f"{self.path}: cannot resume the ledger at round {start}: {why}")
-        changed = [p for p, k in self.keys.items() if records[0].get("keys", {}).get(p) != k]
+        if "keys" not in records[0]:
+            raise DgptError(f"{self.path}: cannot resume: this run began before dgpt signed its ledger; start a new run")
+        changed = [p for p, k in self.keys.items() if records[0]["keys"].get(p) != k]
         if changed:
             raise DgptError(f"{self.path}: cannot resume: the run began with other keys for {', '.join(changed)} "
                             "(a party's key must stay the same for a whole run)")
