@@ -144,11 +144,11 @@ class RunDir:
 
     @property
     def ledger_heads(self) -> Path:
-        return self.root / "ledger_heads.jsonl"
+        return self._inside("ledger_heads.jsonl")
 
     @property
     def keys(self) -> Path:
-        return self.root / "keys"
+        return self._inside("keys")
 
     def private_key(self, party: str) -> Path:
         return self._inside("keys", f"{check_oracle_name(party)}.key")
