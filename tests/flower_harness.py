@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,18 +31,27 @@ BIN = Path(sys.executable).parent
 
 def split_roles(config: Config, root: Path) -> tuple[Config, Path, Path]:
     """A prepared config as the server sees it (its own run_dir holding the tokenizer and the aggregator's key, no
-    shards), the oracles' config file (one run_dir their SuperNodes share; each keeps its state under oracles/<name>/
-    and its key under keys/), and the Flower App. The config names every party's public key."""
-    publics = {n: keygen(config.run_path / "keys", n)[1] for n in config.oracle_names()}
+    shards), the oracles' config file, and the Flower App. Each oracle's organisation has its own run directory
+    (`node_dir`) holding the tokenizer, that oracle's shards and its key only. The config names every party's public
+    key."""
+    oracles = root / "oracles.toml"
+    publics = {n: keygen(RunDir(node_dir(oracles, n)).keys, n)[1] for n in config.oracle_names()}
     config = dataclasses.replace(
         config, oracles=[dataclasses.replace(o, public_key=str(publics[o.name])) for o in config.oracles],
         ledger=dataclasses.replace(config.ledger, public_key=str(keygen(root / "server" / "keys", AGGREGATOR)[1])))
-    oracles = root / "oracles.toml"
     oracles.write_text(dump_config(config))
     server = dataclasses.replace(config, run_dir=str(root / "server"))
-    (root / "server").mkdir(parents=True, exist_ok=True)
-    (root / "server" / "tokenizer.json").write_bytes((config.run_path / "tokenizer.json").read_bytes())
+    prepared = RunDir(config.run_dir)
+    for name, run in (("server", RunDir(root / "server")), *((n, RunDir(node_dir(oracles, n))) for n in config.oracle_names())):
+        run.tokenizer.write_bytes(prepared.tokenizer.read_bytes())
+        if name != "server":
+            shutil.copytree(prepared.oracle_data(name), run.oracle_data(name))
     return server, oracles, write_flower_app(server)
+
+
+def node_dir(oracles: Path, name: str) -> Path:
+    """The run directory of the organisation that holds oracle `name`."""
+    return oracles.parent / f"org_{name}"
 
 
 def free_port() -> int:
@@ -134,7 +144,8 @@ class Deployment:
         security = ["--root-certificates", str(self.tls["ca"])] if self.tls else ["--insecure"]
         self._start(label, [str(BIN / "flower-supernode"), *security, *(["--auth-supernode-private-key", str(key)] if key else []),
                             "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                            "--node-config", f'config="{config}" oracle="{oracle}"'], self.root / f"{label}_home")
+                            "--node-config", f'config="{config}" oracle="{oracle}" run-dir="{node_dir(config, oracle)}"'],
+                    self.root / f"{label}_home")
 
     def launch(self, app: Path, oracles: Path, names: list[str], keys: dict[str, tuple[Path, Path]] | None = None) -> None:
         """The SuperLink, one SuperNode per oracle (every key registered first when `keys`), then `flwr run`."""
@@ -226,9 +237,10 @@ def _listening(port: int) -> bool:
 
 
 def finished(run_dir: str, runs: int = 1) -> bool:
-    """Whether the ServerApp finished `runs` times in this run directory (an extended run: once more)."""
+    """Whether the ServerApp finished `runs` times in this run directory (training, an extension or an evaluation):
+    its last act is the model's delivery."""
     log = RunDir(run_dir).server_log
-    return log.is_file() and log.read_text().count("communication:") >= runs
+    return log.is_file() and log.read_text().count("model delivered to") >= runs
 
 
 def round_done(run_dir: str, rnd: int) -> bool:

@@ -13,13 +13,14 @@ import torch
 pytest.importorskip("flwr")
 
 from conftest import extended, rounds, tiny_config  # noqa: E402
-from flower_harness import Deployment, finished, round_done, split_roles, write_node_key, write_tls  # noqa: E402
+from flower_harness import Deployment, finished, node_dir, round_done, split_roles, write_node_key, write_tls  # noqa: E402
 from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
 from dgpt import api  # noqa: E402
 from dgpt.audit import verify_ledger  # noqa: E402
 from dgpt.config import dump_config  # noqa: E402
+from dgpt.errors import DgptError  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.train.metrics import read_metrics  # noqa: E402
@@ -72,6 +73,9 @@ def test_flower_simulation_engine_equals_sim(tmp_path, sim):
     api.prepare(config)
     simulate(tmp_path, config)
     assert_same_model(sim, config)
+    log = (config.run_path / "flower_server.log").read_text()
+    assert "round 2's model validated by each oracle on its own data:" in log
+    assert "round 2's model delivered to 3 of 3 oracles' run directories" in log  # the server's checkpoint, kept as it is
     rows, sim_rows = rounds(config), rounds(sim)
     assert [r["bytes_total"] for r in rows] == [r["bytes_total"] for r in sim_rows]
     assert [r["accepted"] for r in rows[1:]] == [["alpha", "beta", "gamma"]] * FED["rounds"]
@@ -131,7 +135,9 @@ def test_flower_extends_a_finished_run_as_sim_does(tmp_path):
 
 def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
     """The SuperLink (and its ServerApp) killed after round 1: restarted and launched again, the run resumes from
-    the round 1 checkpoint, the oracles from their states of round 1, and ends with sim's model and bytes."""
+    the round 1 checkpoint, the oracles from their states of round 1, and ends with sim's model and bytes. Every
+    organisation's run directory then holds the final model, where `dgpt eval` scores it on its own data as the
+    federated evaluation (`dgpt flower-app --eval`) did."""
     server, oracles, app = flower_config(tmp_path)
     fed = Deployment(tmp_path / "flwr")
     try:
@@ -143,8 +149,21 @@ def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
         fed.stop_runs()
         fed.run_app(app)
         fed.wait_for(lambda: finished(server.run_dir), 240, "the resumed run")
+        fed.run_app(write_flower_app(server, evaluate=True))
+        fed.wait_for(lambda: finished(server.run_dir, 2), 120, "the federated evaluation")
     finally:
         fed.close()
+    log = (server.run_path / "flower_server.log").read_text()
+    table = log.split("round 2's model validated by each oracle on its own data:")[-1]
+    for name in server.oracle_names():
+        org = api.load_run_config(node_dir(oracles, name))
+        assert org.federation.rounds == FED["rounds"] and org.pretrain.lr == server.pretrain.lr  # the server's settings
+        scores = api.evaluate(org).scores
+        assert list(scores) == [name]  # its own data only
+        assert any(line.split()[-5:-3] == [name, "loss"] and f"loss {scores[name]['loss']:.4f}" in line for line in table.splitlines())
+        assert scores[name]["loss"] == pytest.approx(rounds(sim)[-1]["oracles"][name], rel=1e-4)
+    with pytest.raises(DgptError, match="holds no oracle's data"):
+        api.evaluate(server)
     assert "resumed from" in (server.run_path / "flower_server.log").read_text()
     assert_same_model(sim, server)
     rows, sim_rows = rounds(server), rounds(sim)

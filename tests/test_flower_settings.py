@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import tomllib
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from dgpt.config_shared import shared_toml, unclassified, with_local  # noqa: E4
 from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
+from dgpt.runinfo import info_lines  # noqa: E402
 from dgpt.runtimes.flower import client, wire  # noqa: E402
 from dgpt.runtimes.flower import server as flower_server  # noqa: E402
 from dgpt.runtimes.flower.server import FlowerServer  # noqa: E402
@@ -133,3 +135,25 @@ def test_the_server_logs_refusals_and_a_round_of_refusals_moves_nothing(monkeypa
     assert "round 3: oracle 'alpha' (SuperNode 11) cannot take part: bad shards" in caplog.text
     result = strategy({"alpha": 1.0, "beta": 1.0}, 3).aggregate({})
     assert result.update is None and "no update arrived" in result.skipped
+
+
+def test_the_final_model_is_kept_where_the_oracles_data_is(prepared, tmp_path):
+    """The server's model message: the SuperNode's run directory (its tokenizer and its oracle's shards only) gains
+    the round's checkpoint and config, so `dgpt eval` scores it there on that oracle's data; `dgpt eval` and `info`
+    on a directory without data (the server's) say what to run instead."""
+    org, server = RunDir(tmp_path / "org_beta"), RunDir(tmp_path / "server")
+    for run in (org, server):
+        run.root.mkdir()
+        run.tokenizer.write_bytes(RunDir(prepared.run_dir).tokenizer.read_bytes())
+    shutil.copytree(RunDir(prepared.run_dir).oracle_data("beta"), org.oracle_data("beta"))
+    node_file = supernode_file(prepared, tmp_path / "node.toml", federation={"rounds": 7})
+    content = ask(prepared, node_file, "beta", 2, kind=wire.MODEL, run_dir=str(org.root))
+    assert wire.refusal_reason(content) is None and org.checkpoint("round", 2).is_dir()
+    config = api.load_run_config(org.root)
+    assert config.federation.rounds == 2
+    evaluation = api.evaluate(config)
+    assert list(evaluation.scores) == ["beta"] and evaluation.checkpoint == org.checkpoint("round", 2)
+    (server.config).write_text(dump_config(dataclasses.replace(prepared, run_dir=str(server.root))))
+    with pytest.raises(DgptError, match="holds no oracle's data.*--eval"):
+        api.evaluate(api.load_run_config(server.root))
+    assert "its data is on its SuperNode" in "\n".join(info_lines(api.load_run_config(server.root)))

@@ -95,12 +95,13 @@ def _federated(config: Config, stop_after: int | None, **work) -> RunSummary:
     return pretrain_sim(config, stop_after_round=stop_after, **work)
 
 
-def flower_app(config: Config, finetune: bool = False) -> Path:
+def flower_app(config: Config, finetune: bool = False, evaluate: bool = False) -> Path:
     """Write the Flower App of a `runtime = "flower"` config (RUN_DIR/flower_app) for `flwr run`: pre-training,
-    or fine-tuning (DSFT) with `finetune`."""
+    or fine-tuning (DSFT) with `finetune`; `evaluate`: RUN_DIR/flower_eval_app, which has every SuperNode validate
+    the newest checkpoint on its own data (the table in the server's log) and keep it in its run directory."""
     from dgpt.runtimes.flower.app import write_flower_app
 
-    return write_flower_app(config, finetune)
+    return write_flower_app(config, finetune, evaluate)
 
 
 def finetune(config: Config, *, stop_after: int | None = None) -> RunSummary:

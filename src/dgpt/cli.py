@@ -82,7 +82,7 @@ def _print_summary(summary) -> None:
 def cmd_flower_app(args) -> None:
     config = api.load_run_config(args.config, args.overrides)
     with run_lock(config.run_dir):  # it writes the run's config
-        print(api.flower_app(config, finetune=args.finetune))
+        print(api.flower_app(config, finetune=args.finetune, evaluate=args.eval))
 
 
 def cmd_eval(args) -> None:
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flower-app", help="write the Flower App of a runtime = 'flower' config; start it with `flwr run`")
     _config_args(p)
     p.add_argument("--finetune", action="store_true", help="an app that fine-tunes (DSFT) instead of pre-training")
+    p.add_argument("--eval", action="store_true", help="an app (RUN_DIR/flower_eval_app) whose run has every SuperNode "
+                   "validate the newest checkpoint on its own data and keep it in its run directory")
     p.set_defaults(func=cmd_flower_app)
 
     p = sub.add_parser("eval", help="re-score the newest checkpoint: loss and perplexity per oracle and global "

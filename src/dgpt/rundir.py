@@ -14,6 +14,7 @@
     RUN/oracles/<oracle>/receipts.jsonl   the signed heads an oracle received: its receipts
     RUN/plots/, RUN/tensorboard/          what `dgpt plot` and `[log] tensorboard` write
     RUN/flower_app/pyproject.toml         the Flower App that `flwr run` ships to the SuperLink (`dgpt flower-app`)
+    RUN/flower_eval_app/pyproject.toml    the one that has every SuperNode validate and keep the model (`--eval`)
     RUN/flower_server.log                 what the Flower ServerApp of this run logged
     RUN/dgpt.lock                         the run lock of the command writing the run (`dgpt.runlock`)
 
@@ -166,6 +167,10 @@ class RunDir:
     @property
     def flower_app(self) -> Path:
         return self._inside("flower_app")
+
+    @property
+    def flower_eval_app(self) -> Path:
+        return self.root / "flower_eval_app"
 
     @property
     def lock(self) -> Path:

@@ -36,9 +36,10 @@ def info_lines(config: Config) -> list[str]:
         f"model       {params:,} parameters (from {source})  " + json.dumps(model_config.to_dict()),
         f"runtime     {config.federation.runtime}",
     ]
-    for oracle in config.oracles:
-        state = _task_state(run, oracle.name, checkpoint) if finetuning else _prepared(run, oracle.name)
-        lines.append(f"oracle      {oracle.name}: {state}")
+    states = {o.name: _task_state(run, o.name, checkpoint) if finetuning else _prepared(run, o.name) for o in config.oracles}
+    if config.federation.runtime == "flower" and not finetuning and all(s == "not prepared" for s in states.values()):
+        states = {name: "its data is on its SuperNode (`dgpt flower-app CONFIG --eval` validates there)" for name in states}
+    lines += [f"oracle      {name}: {state}" for name, state in states.items()]
     lines += [f"privacy     {name}: {spent}" for name, spent in _privacy(config, run, checkpoint).items()]
     return lines + [f"checkpoint  {c}" for c in run.list_checkpoints()]
 

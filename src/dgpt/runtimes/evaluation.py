@@ -16,7 +16,8 @@ from dgpt.config import Config
 from dgpt.data.loader import eval_spans
 from dgpt.data.tasks import load_split
 from dgpt.model.heads import TaskModel
-from dgpt.rundir import checkpoint_number
+from dgpt.errors import DgptError
+from dgpt.rundir import RunDir, checkpoint_number
 from dgpt.runtimes.finetune import load_head
 from dgpt.runtimes.setup import load_newest, read_run
 from dgpt.runtimes.summary import score_lines, with_perplexity
@@ -26,8 +27,16 @@ from dgpt.train.task_eval import evaluate_task
 
 
 def finetuning_run(config: Config) -> bool:
-    """Whether the config is a fine-tuning run's: every oracle has a labeled task (what `dgpt finetune` needs)."""
-    return bool(config.oracles) and all(o.task is not None for o in config.oracles)
+    """Whether the config is a fine-tuning run's: its oracles have labeled tasks (`dgpt finetune` needs one for every
+    oracle; a flower SuperNode's config holds only its own oracle's)."""
+    return any(o.task is not None for o in config.oracles)
+
+
+def no_data_here(run_dir) -> DgptError:
+    """The error for a run directory that holds no oracle's data: a flower run's server's."""
+    return DgptError(f"{run_dir} holds no oracle's data (the server of a flower run holds none): `dgpt flower-app CONFIG "
+                     "--eval` and `flwr run` it to have every SuperNode validate the model on its own data and keep it in "
+                     "its run directory, where `dgpt eval ITS_RUN_DIR` runs")
 
 
 @dataclass
@@ -53,7 +62,12 @@ def evaluate_run(config: Config, max_windows: int | None = None) -> Evaluation:
 
 
 def _evaluate_pretraining(config: Config, max_windows: int | None) -> Evaluation:
-    setup = read_run(config)
+    """Every oracle whose shards this run directory holds (a flower SuperNode's: its own oracle's)."""
+    run = RunDir(config.run_dir)
+    here = [n for n in config.oracle_names() if run.manifest(n).is_file()]
+    if not here and config.oracles:
+        raise no_data_here(run.root)
+    setup = read_run(config, here)
     _, model, weights = load_newest(setup.run_dir)
     n_ctx = model.config.n_ctx
     validator = Validator(setup.valid, n_ctx, max_windows or math.inf, config.pretrain.batch_size)
@@ -74,7 +88,9 @@ def _evaluate_finetuning(config: Config) -> Evaluation:
     device = pick_device(config.pretrain.device)
     body.to(device)
     scores, covered = {}, {}
-    for oracle in config.oracles:
+    if not any(RunDir(run_dir).oracle_states(o.name) for o in config.oracles if o.task is not None):
+        raise no_data_here(run_dir)
+    for oracle in (o for o in config.oracles if o.task is not None):
         head, spec = load_head(run_dir, oracle.name, checkpoint_number(weights.parent), body.config)
         scores[oracle.name], covered[oracle.name] = {}, "no validation set (task.valid)"
         if oracle.task.valid:

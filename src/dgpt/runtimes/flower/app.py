@@ -32,6 +32,7 @@ clientapp = "dgpt.runtimes.flower.client:app"
 [tool.flwr.app.config]
 config = {config}
 work = "{work}"
+action = "{action}"
 """
 
 
@@ -42,10 +43,11 @@ def require_flower() -> None:
         raise DgptError(INSTALL) from None
 
 
-def write_flower_app(config: Config, finetune: bool = False) -> Path:
+def write_flower_app(config: Config, finetune: bool = False, evaluate: bool = False) -> Path:
     """RUN/flower_app/pyproject.toml for `flwr run`, pre-training or fine-tuning (DSFT); the ServerApp reads the
     resolved config, RUN/config.toml, on the SuperLink's machine (the app itself, which every SuperNode receives,
-    holds no more than that path and the work)."""
+    holds no more than that path, the work and the action). `evaluate`: RUN/flower_eval_app, whose run has every
+    SuperNode validate the newest checkpoint on its own data and keep it in its run directory."""
     require_flower()
     if config.federation.runtime != "flower":
         raise DgptError(f"federation.runtime is {config.federation.runtime!r}; set it to 'flower' for `dgpt flower-app`")
@@ -53,8 +55,11 @@ def write_flower_app(config: Config, finetune: bool = False) -> Path:
         raise DgptError("finetune.shared_head: on the flower runtime each oracle's head stays on its SuperNode; set it to false")
     run = RunDir(config.run_dir)
     write_text(run.config, dump_config(config))
-    app = _APP.format(config=json.dumps(str(run.config.resolve())), work="finetune" if finetune else "pretrain")
-    write_text(run.flower_app / "pyproject.toml", app)
-    logger.info(f"wrote {run.flower_app}; start it with: flwr run {run.flower_app} SUPERLINK_CONNECTION --stream "
-                f"(on this machine: flwr run {run.flower_app} local --federation-config num-supernodes={len(config.oracles)})")
-    return run.flower_app
+    folder = run.flower_eval_app if evaluate else run.flower_app
+    app = _APP.format(config=json.dumps(str(run.config.resolve())), work="finetune" if finetune else "pretrain",
+                      action="evaluate" if evaluate else "train")
+    write_text(folder / "pyproject.toml", app)
+    logger.info(f"wrote {folder}; launch it on the SuperLink: flwr run {folder} CONNECTION --stream (CONNECTION: the "
+                "[superlink.NAME] of $FLWR_HOME/config.toml; README, \"Two organisations on Flower\"). Flower's simulation "
+                f"engine on this machine instead: flwr run {folder} local --federation-config num-supernodes={len(config.oracles)}")
+    return folder

@@ -40,13 +40,14 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from dgpt.config import AGGREGATOR, Config, load_config
+from dgpt.config import AGGREGATOR, Config, dump_config, load_config
 from dgpt.config_shared import with_local
 from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
 from dgpt.federation.signing import vector_sha256
-from dgpt.fileio import atomic_path, torch_save
+from dgpt.fileio import atomic_path, torch_save, write_text
+from dgpt.train.checkpoint import save_checkpoint, weights_of
 from dgpt.runtimes.flower import wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
 from dgpt.runtimes.finetune import finetune_work
@@ -151,11 +152,17 @@ def _nth_oracle(config: Config, index: int, path: str) -> str:
     return names[index]
 
 
-def _check_tokenizer(config: Config, kind: str, server_sha256: str) -> None:
-    """This SuperNode's tokenizer (its run's; fine-tuning: the pre-trained run's) must be the server's."""
+def _tokenizer_path(config: Config, kind: str) -> Path:
+    """This SuperNode's tokenizer: its run's (fine-tuning: the pre-trained run's, or tokenizer.path)."""
     ft = config.finetune
-    path = RunDir(config.run_dir).tokenizer if kind == "pretrain" else (
-        RunDir(ft.init_from).tokenizer if ft.init_from else Path(config.tokenizer.path))
+    if kind == "pretrain":
+        return RunDir(config.run_dir).tokenizer
+    return RunDir(ft.init_from).tokenizer if ft.init_from else Path(config.tokenizer.path)
+
+
+def _check_tokenizer(config: Config, kind: str, server_sha256: str) -> None:
+    """This SuperNode's tokenizer must be the server's."""
+    path = _tokenizer_path(config, kind)
     if not path.is_file():
         raise DgptError(f"{path}: no tokenizer; prepare this oracle's shards with the federation's tokenizer first")
     mine = TextTokenizer.load(path).sha256
@@ -223,6 +230,25 @@ def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
                       statement=report)
 
 
+def _keep_model(oracle: Oracle, message: Message) -> RecordDict:
+    """Round `rnd`'s model as this run directory's newest checkpoint, with the tokenizer and the config it was
+    trained with: what `dgpt eval`, `generate` and `predict` read (fine-tuning: the oracle's head is in its state
+    file of that round). A checkpoint already there (the server's, on the simulation engine) is left alone."""
+    rnd, config = oracle.round, oracle.config
+    target = oracle.run_dir.checkpoint("round", rnd)
+    if not target.is_dir():
+        copy_into(oracle.work.params, oracle.theta(message))
+        model = oracle.work.model
+        tokenizer = _tokenizer_path(config, oracle.kind)
+        if tokenizer != oracle.run_dir.tokenizer:
+            write_text(oracle.run_dir.tokenizer, tokenizer.read_text(encoding="utf-8"))
+        write_text(oracle.run_dir.config, dump_config(config))
+        save_checkpoint(oracle.run_dir.root, "round", rnd, weights_of(model), model.config, {"round": rnd, "received": True},
+                        config.pretrain.keep_checkpoints)
+        logger.info(f"round {rnd}: oracle '{oracle.name}' keeps the federation's model in {target}")
+    return wire.reply(rnd, oracle.name, oracle.size())
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     return _answer(message, context, _train)
@@ -231,3 +257,8 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     return _answer(message, context, _evaluate)
+
+
+@app.query(wire.MODEL.split(".")[1])
+def keep_model(message: Message, context: Context) -> Message:
+    return _answer(message, context, _keep_model)

@@ -41,6 +41,8 @@ from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.identity import own_key, public_key
 from dgpt.runtimes.finetune import schedule, shared_body, starting_point
 from dgpt.runtimes.report import RoundRecord, RoundReport
+from dgpt.runtimes.summary import score_lines, with_perplexity
+from dgpt.train.evaluate import weighted_loss
 from dgpt.runtimes.setup import build_model, read_run
 from dgpt.rundir import WEIGHTS, RunDir
 from dgpt.train.checkpoint import load_state, load_weights_into, save_checkpoint, weights_of
@@ -128,13 +130,53 @@ class FlowerServer:
         if start == 0:
             report.started(0, *hello)
         for rnd in range(start + 1, work.rounds + 1):
-            report.round(self._round(rnd), self.strategy)
+            record = self._round(rnd)
+            report.round(record, self.strategy)
             if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
                 self._save(rnd)
         report.finished(self.strategy)
         if self.skipped:
             logger.warning(f"round(s) {', '.join(map(str, self.skipped))} of {work.rounds} did not move the model "
                            "(no usable update; the reasons are above)")
+        if start < work.rounds and record.valid:
+            self._table(work.rounds, record.valid, record.scores)
+        self._deliver(work.rounds)
+
+    def evaluate(self) -> None:
+        """`dgpt flower-app --eval`: the newest round checkpoint validated by every SuperNode on its own data (the
+        table in the log and on the ServerApp's output), then delivered into every SuperNode's run directory."""
+        self._wait_for_nodes()
+        start, state = self._resume()
+        if start == 0:
+            raise DgptError(f"{self.run_dir.root}: no round checkpoint to evaluate; train first (`flwr run` the app)")
+        self.work.sizes.update(state["sizes"])
+        self.round = start
+        self._table(start, *self._valid(self._ask(wire.EVALUATE, start, self.config.oracle_names())))
+        self._deliver(start)
+
+    def _table(self, rnd: int, losses: dict[str, float], scores: dict[str, dict[str, float]]) -> None:
+        """Each oracle's validation of round `rnd`'s model on its own data, and the global loss (token-weighted)."""
+        lm = self.kind == "pretrain"
+        rows = {n: {**(with_perplexity({"loss": v}) if lm else {"loss": v}), **scores.get(n, {})} for n, v in losses.items()}
+        missing = [n for n in self.config.oracle_names() if n not in losses]
+        lines = [f"round {rnd}'s model validated by each oracle on its own data:", *score_lines(rows)]
+        if losses:
+            lines.append(f"  global loss {weighted_loss(losses, self.work.sizes):.4f} (oracles weighted by their training {self.work.unit})")
+        if missing:
+            lines.append(f"  no validation from: {', '.join(missing)}")
+        for line in lines:
+            logger.info(line)
+            print(line, flush=True)  # `flwr run --stream` and `flwr log` show the ServerApp's output
+
+    def _deliver(self, rnd: int) -> None:
+        """Round `rnd`'s model into every SuperNode's run directory (its tokenizer and config are there), where `dgpt
+        eval`, `generate` and `predict` run on the organisation's own data."""
+        replies, names = self._ask(wire.MODEL, rnd, self.config.oracle_names()), self.config.oracle_names()
+        for name in names:
+            if name not in replies.contents:
+                logger.warning(f"oracle '{name}' did not receive round {rnd}'s model: "
+                               f"{replies.refused.get(name, 'no reply in time')} (`dgpt flower-app CONFIG --eval` sends it again)")
+        logger.info(f"round {rnd}'s model delivered to {len(replies.contents)} of {len(names)} oracles' run directories")
 
     def _round(self, rnd: int) -> RoundRecord:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
@@ -311,7 +353,7 @@ class FlowerServer:
                         self.config.pretrain.keep_checkpoints, final=rnd == self.work.rounds)
 
 
-_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",)}
+_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",), wire.MODEL: ("size",)}
 
 
 def _has_numbers(content: RecordDict, keys: tuple[str, ...]) -> bool:
@@ -331,14 +373,17 @@ def _log_to(path):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     path, kind = context.run_config.get("config"), context.run_config.get("work", "pretrain")
+    action = context.run_config.get("action", "train")
     if not isinstance(path, str) or not path:
         raise DgptError("flwr run needs --run-config 'config=\"/path/to/dgpt.toml\"' (the server's dgpt config)")
-    if kind not in wire.WORKS:
-        raise DgptError(f"the app's work is {kind!r}; expected one of {', '.join(wire.WORKS)}")
+    if kind not in wire.WORKS or action not in ("train", "evaluate"):
+        raise DgptError(f"the app's work is {kind!r} and action {action!r}; expected one of {', '.join(wire.WORKS)} "
+                        "and train or evaluate")
     config = load_config(path)
     with _log_to(RunDir(config.run_dir).server_log):
         try:
-            FlowerServer(config, grid, kind).run()
+            server = FlowerServer(config, grid, kind)
+            server.run() if action == "train" else server.evaluate()
         except DgptError as e:
             logger.error(str(e))
             raise

@@ -22,7 +22,8 @@ from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec, Payload
 
 RAW = "raw"  # the Array's bytes are the tensor's memory, little-endian, C order
-TRAIN, EVALUATE = "train", "evaluate"  # Flower message types: train H steps from Theta; validate Theta
+# Flower message types: train H steps from Theta; validate Theta; keep Theta as the run's model (its run directory)
+TRAIN, EVALUATE, MODEL = "train", "evaluate", "query.model"
 WORKS = ("pretrain", "finetune")  # what a run trains: DUPT, or DSFT with each oracle's head on its SuperNode
 # what each tensor dtype travels as (name on the wire, the dtype the bytes are read into)
 _WIRE = {torch.float32: ("float32", torch.float32), torch.int8: ("int8", torch.int8), torch.bfloat16: ("int16", torch.int16)}
