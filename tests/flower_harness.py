@@ -60,8 +60,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_tls(folder: Path) -> dict[str, Path]:
-    """A CA, and a certificate it signed for 127.0.0.1 / localhost."""
+@dataclasses.dataclass
+class Hosts:
+    """Two network namespaces joined by a veth pair: org A's host (the SuperLink) and the SuperNodes' host."""
+
+    server_ns: str
+    node_ns: str
+    server_ip: str
+    node_ip: str
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """The SuperLink's host and the SuperNodes' host as two network namespaces with private addresses on a veth pair,
+    removed on exit; yields (None, why) where namespaces cannot be made (no `ip`, no CAP_NET_ADMIN)."""
+    tag = f"{os.getpid() % 100000}"
+    server, node = f"dgpt_a{tag}", f"dgpt_b{tag}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    made: list[str] = []
+    try:
+        if shutil.which("ip") is None:
+            yield None, "no `ip` command (iproute2)"
+            return
+        steps = [("netns", "add", server), ("netns", "add", node),
+                 ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
+                 ("link", "set", f"va{tag}", "netns", server), ("link", "set", f"vb{tag}", "netns", node),
+                 ("-n", server, "addr", "add", f"{subnet}.1/24", "dev", f"va{tag}"),
+                 ("-n", node, "addr", "add", f"{subnet}.2/24", "dev", f"vb{tag}"),
+                 *(("-n", ns, "link", "set", dev, "up") for ns in (server, node) for dev in ("lo", f"va{tag}" if ns == server else f"vb{tag}"))]
+        for step in steps:
+            done = _ip(*step)
+            if done.returncode != 0:
+                yield None, f"`ip {' '.join(step)}` failed: {done.stderr.strip()}"
+                return
+            if step[0] == "netns":
+                made.append(step[2])
+        yield Hosts(server, node, f"{subnet}.1", f"{subnet}.2"), ""
+    finally:
+        for ns in made:  # deleting a namespace deletes its end of the veth pair, and with it the other
+            _ip("netns", "del", ns)
+
+
+def write_tls(folder: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> dict[str, Path]:
+    """A CA, and a certificate it signed for `ips` and localhost."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -77,7 +122,7 @@ def write_tls(folder: Path) -> dict[str, Path]:
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if not ca:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]), critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
 
     ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
@@ -108,9 +153,11 @@ def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
 
 
 class Deployment:
-    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False):
-        self.root, self.tls, self.auth = root, tls, auth
+    def __init__(self, root: Path, tls: dict[str, Path] | None = None, auth: bool = False, hosts: Hosts | None = None):
+        """`hosts`: the SuperLink (and the flwr CLI) in one network namespace, the SuperNodes in the other."""
+        self.root, self.tls, self.auth, self.hosts = root, tls, auth, hosts
         self.port = free_port()
+        self.address = f"{hosts.server_ip if hosts else '127.0.0.1'}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         # no telemetry or update check: nothing outside localhost is reached (or waited for)
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
@@ -121,8 +168,14 @@ class Deployment:
         security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
         # "local" is the connection Flower's own default config names: the simulation engine's local SuperLink
         (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n\n'
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "{self.address}"\n{security}\n\n'
             '[superlink.local]\naddress = ":local:"\n')
+
+    def _on(self, host: str, cmd: list[str]) -> list[str]:
+        """`cmd` run on `host` ("server" or "node"): in its network namespace when there are two hosts."""
+        if self.hosts is None:
+            return cmd
+        return ["ip", "netns", "exec", self.hosts.server_ns if host == "server" else self.hosts.node_ns, *cmd]
 
     def _start(self, name: str, cmd: list[str], home: Path) -> None:
         """`home` is also how close() finds what Flower starts detached from this process (see _kill_detached)."""
@@ -135,16 +188,21 @@ class Deployment:
     def start_superlink(self) -> None:
         security = ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
                     "--ssl-keyfile", str(self.tls["key"])] if self.tls else ["--insecure"]
-        self._start("superlink", [str(BIN / "flower-superlink"), *security, *(["--enable-supernode-auth"] if self.auth else []),
-                                  "--port", str(self.port), "--disable-runtime-dependency-installation",
-                                  "--database", str(self.root / "superlink.db")], self.root / "superlink_home")
-        self.wait_for(lambda: _listening(self.port), 60, "the SuperLink to listen")
+        host = ["--host", self.hosts.server_ip] if self.hosts else []
+        self._start("superlink", self._on("server", [
+            str(BIN / "flower-superlink"), *security, *(["--enable-supernode-auth"] if self.auth else []), *host,
+            "--port", str(self.port), "--disable-runtime-dependency-installation",
+            "--database", str(self.root / "superlink.db")]), self.root / "superlink_home")
+        probe = f"import socket, sys; sys.exit(socket.socket().connect_ex(('{self.address.split(':')[0]}', {self.port})))"
+        self.wait_for(lambda: subprocess.run(self._on("server", [sys.executable, "-c", probe])).returncode == 0, 60,
+                      "the SuperLink to listen")
 
     def start_supernode(self, label: str, config: Path, oracle: str, key: Path | None = None) -> None:
         security = ["--root-certificates", str(self.tls["ca"])] if self.tls else ["--insecure"]
-        self._start(label, [str(BIN / "flower-supernode"), *security, *(["--auth-supernode-private-key", str(key)] if key else []),
-                            "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                            "--node-config", f'config="{config}" oracle="{oracle}" run-dir="{node_dir(config, oracle)}"'],
+        self._start(label, self._on("node", [
+                            str(BIN / "flower-supernode"), *security, *(["--auth-supernode-private-key", str(key)] if key else []),
+                            "--superlink", self.address, "--port", str(free_port()),
+                            "--node-config", f'config="{config}" oracle="{oracle}" run-dir="{node_dir(config, oracle)}"']),
                     self.root / f"{label}_home")
 
     def launch(self, app: Path, oracles: Path, names: list[str], keys: dict[str, tuple[Path, Path]] | None = None) -> None:
@@ -157,14 +215,14 @@ class Deployment:
         self.run_app(app)
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(self._on("server", [str(BIN / "flwr"), *args]), capture_output=True, text=True, timeout=timeout,
                               env={**self.env, "FLWR_HOME": str(self.cli_home)})
 
     def register(self, public_keys: list[Path]) -> None:
         """`flwr supernode register` for every key, all at once."""
         with contextlib.ExitStack() as stack:
             procs = [stack.enter_context(subprocess.Popen(
-                [str(BIN / "flwr"), "supernode", "register", str(key), "test"], stdout=subprocess.PIPE,
+                self._on("server", [str(BIN / "flwr"), "supernode", "register", str(key), "test"]), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, env={**self.env, "FLWR_HOME": str(self.cli_home)})) for key in public_keys]
             for proc in procs:
                 output = proc.communicate(timeout=120)[0]
@@ -229,11 +287,6 @@ class Deployment:
             assert not dead, f"exited while waiting for {what}: {dead}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.5)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def finished(run_dir: str, runs: int = 1) -> bool:

@@ -4,8 +4,10 @@ is a new process (about 5 s of imports on a busy machine), so its tests keep to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
+import warnings
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ import torch
 pytest.importorskip("flwr")
 
 from conftest import extended, rounds, tiny_config  # noqa: E402
-from flower_harness import Deployment, finished, node_dir, round_done, split_roles, write_node_key, write_tls  # noqa: E402
+from flower_harness import (Deployment, finished, node_dir, round_done, split_roles, two_hosts, write_node_key,  # noqa: E402
+                            write_tls)
 from test_finetune import ft_config, head_of  # noqa: E402
 from test_torchrun import assert_same_model  # noqa: E402
 
@@ -133,15 +136,24 @@ def test_flower_extends_a_finished_run_as_sim_does(tmp_path):
     assert [p.name for p in RunDir(config.run_dir).list_checkpoints()] == ["round_0000003", "round_0000005", "round_0000006"]
 
 
-def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
-    """The SuperLink (and its ServerApp) killed after round 1: restarted and launched again, the run resumes from
-    the round 1 checkpoint, the oracles from their states of round 1, and ends with sim's model and bytes. Every
-    organisation's run directory then holds the final model, where `dgpt eval` scores it on its own data as the
-    federated evaluation (`dgpt flower-app --eval`) did."""
+def test_flower_on_two_hosts_equals_sim_across_a_killed_superlink(tmp_path, sim):
+    """Two hosts: the SuperLink (and the flwr CLI, and the ServerApp it starts) in one network namespace, the
+    SuperNodes in another, joined by a veth pair with private addresses; TLS with a certificate for the SuperLink's
+    address, SuperNode authentication on. The SuperLink (and its ServerApp) killed after round 1: restarted and
+    launched again, the run resumes from the round 1 checkpoint, the oracles from their states of round 1, and ends
+    with sim's model and bytes. Every organisation's run directory then holds the final model, where `dgpt eval`
+    scores it on its own data as the federated evaluation (`dgpt flower-app --eval`) did. Where namespaces cannot
+    be made (no root), the same runs on localhost, with a warning saying why."""
     server, oracles, app = flower_config(tmp_path)
-    fed = Deployment(tmp_path / "flwr")
-    try:
-        fed.launch(app, oracles, server.oracle_names())
+    with contextlib.ExitStack() as stack:
+        hosts, why = stack.enter_context(two_hosts())
+        if hosts is None:
+            warnings.warn(f"two hosts could not be made ({why}): the deployment runs on localhost")
+        tls = write_tls(tmp_path / "tls", ("127.0.0.1", hosts.server_ip) if hosts else ("127.0.0.1",))
+        keys = {name: write_node_key(tmp_path / "keys", name) for name in server.oracle_names()}
+        fed = Deployment(tmp_path / "flwr", tls=tls, auth=True, hosts=hosts)
+        stack.callback(fed.close)
+        fed.launch(app, oracles, server.oracle_names(), keys)
         fed.wait_for(lambda: round_done(server.run_dir, 1), 180, "round 1")
         fed.stop("superlink")
         assert not round_done(server.run_dir, 2)
@@ -151,8 +163,6 @@ def test_flower_insecure_equals_sim_across_a_killed_superlink(tmp_path, sim):
         fed.wait_for(lambda: finished(server.run_dir), 240, "the resumed run")
         fed.run_app(write_flower_app(server, evaluate=True))
         fed.wait_for(lambda: finished(server.run_dir, 2), 120, "the federated evaluation")
-    finally:
-        fed.close()
     log = (server.run_path / "flower_server.log").read_text()
     table = log.split("round 2's model validated by each oracle on its own data:")[-1]
     for name in server.oracle_names():

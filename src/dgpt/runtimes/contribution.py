@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from itertools import combinations
 from dataclasses import dataclass, field
 
 import torch
@@ -147,17 +148,30 @@ class ContributionLedger:
         """v(S) = the global validation loss at Theta minus the loss at Theta moved by S's updates alone; and the
         validation passes spent outside the coalitions (the baseline at Theta, unless the driver just validated it)."""
         strategy, (cached_hash, baseline), passes = self.driver.strategy, self.baseline, 0
+        known: dict[frozenset, float] = {}
+        many = getattr(self.driver, "validate_many", None)  # a driver whose validations are round trips (flower)
+        if many is not None and len(result.accepted) <= self.config.ledger.exact_max:
+            known = self._every_coalition(result, many, with_empty=cached_hash != self.theta_hash)
         if cached_hash != self.theta_hash:
-            baseline, passes = self._loss(strategy.theta), 1
+            baseline = known.pop(frozenset()) if known else self._loss(strategy.theta)
+            passes = 1
         if baseline != baseline:
             return None, passes
 
         def drop(s: frozenset) -> float:
             theta = strategy.preview(_coalition(result, s))
             subjects[s] = vector_sha256(theta)
-            return baseline - self._loss(theta)
+            return baseline - (known[s] if s in known else self._loss(theta))
 
         return CachedValue(drop), passes
+
+    def _every_coalition(self, result: RoundResult, many, with_empty: bool) -> dict[frozenset, float]:
+        """The global validation loss of every coalition of the round's accepted oracles (and of none: Theta itself),
+        validated together: one round trip to every oracle instead of one per coalition."""
+        names = result.accepted
+        subsets = [frozenset(c) for k in range(0 if with_empty else 1, len(names) + 1) for c in combinations(names, k)]
+        losses = many([self.driver.strategy.preview(_coalition(result, s)) for s in subsets])
+        return {s: weighted_loss(found, self.driver.work.sizes) for s, found in zip(subsets, losses)}
 
     def _first_order(self, result: RoundResult, subjects: dict) -> tuple[CachedValue | None, int]:
         """v(S) ~ -<g, Theta_S - Theta>, g the token-weighted gradient of the validation loss at Theta: each oracle

@@ -230,6 +230,22 @@ def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
                       statement=report)
 
 
+def _candidates(oracle: Oracle, message: Message) -> RecordDict:
+    """The oracle's validation loss at each candidate Theta the message carries (the ledger's coalitions)."""
+    if oracle.kind == "finetune":
+        oracle.restore(oracle.round + 1)
+    numel, metrics = sum(p.numel() for p in oracle.work.params), oracle.size()
+    for j, theta in enumerate(wire.candidates_from(message.content.array_records.get("candidates"), numel)):
+        copy_into(oracle.work.params, theta)
+        loss = oracle.work.evaluate().get(oracle.name, {}).get("loss")
+        if loss is not None and math.isfinite(loss):
+            metrics[f"loss_{j}"] = float(loss)
+            if oracle.witness is not None:
+                oracle.witness.note({"theta": vector_sha256(theta), "loss": float(loss)})
+    report = oracle.witness.report(oracle.round) if oracle.witness is not None else None
+    return wire.reply(oracle.round, oracle.name, metrics, statement=report)
+
+
 def _keep_model(oracle: Oracle, message: Message) -> RecordDict:
     """Round `rnd`'s model as this run directory's newest checkpoint, with the tokenizer and the config it was
     trained with: what `dgpt eval`, `generate` and `predict` read (fine-tuning: the oracle's head is in its state
@@ -257,6 +273,11 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     return _answer(message, context, _evaluate)
+
+
+@app.evaluate(wire.CANDIDATES.split(".")[1])
+def candidates(message: Message, context: Context) -> Message:
+    return _answer(message, context, _candidates)
 
 
 @app.query(wire.MODEL.split(".")[1])

@@ -157,7 +157,8 @@ class FlowerServer:
     def _table(self, rnd: int, losses: dict[str, float], scores: dict[str, dict[str, float]]) -> None:
         """Each oracle's validation of round `rnd`'s model on its own data, and the global loss (token-weighted)."""
         lm = self.kind == "pretrain"
-        rows = {n: {**(with_perplexity({"loss": v}) if lm else {"loss": v}), **scores.get(n, {})} for n, v in losses.items()}
+        rows = {n: {**(with_perplexity({"loss": losses[n]}) if lm else {"loss": losses[n]}), **scores.get(n, {})}
+                for n in self.config.oracle_names() if n in losses}
         missing = [n for n in self.config.oracle_names() if n not in losses]
         lines = [f"round {rnd}'s model validated by each oracle on its own data:", *score_lines(rows)]
         if losses:
@@ -207,7 +208,7 @@ class FlowerServer:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
             if name not in received:
-                logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name, 'no reply in time')}")
+                logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self._silence(name)}")
         valid, scores = self.validate() if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else ({}, {})
         record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
         record.seconds, record.epsilon = time.perf_counter() - t0, dict(self.epsilon)
@@ -217,11 +218,43 @@ class FlowerServer:
             self.skipped.append(rnd)
         return record
 
+    def _silence(self, name: str) -> str:
+        """Why an oracle that gave no reply may have been silent."""
+        node = self.node_of.get(name)
+        if node is not None and node not in set(self.grid.get_node_ids()):
+            return (f"no reply; its SuperNode {node} left (one restarted within a minute of being killed is refused by "
+                    "the SuperLink and exits with code 305: start it again after a minute)")
+        return "no reply in time"
+
     # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
 
     def validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Every reachable oracle's validation loss at the current parameters, and its other metrics (fine-tuning)."""
         return self._valid(self._ask(wire.EVALUATE, self.round, self.config.oracle_names()))
+
+    def validate_many(self, thetas: list[torch.Tensor]) -> list[dict[str, float]]:
+        """Every reachable oracle's validation loss at each of `thetas` (the ledger's coalitions), as many per message
+        as MESSAGE_BYTES allows: one round trip, not one per coalition. Once the ledger is kept, a loss counts only
+        with the oracle's signed report of it at that Theta."""
+        per, found = max(1, MESSAGE_BYTES // (4 * self._theta().numel())), []
+        for i in range(0, len(thetas), per):
+            chunk = thetas[i:i + per]
+            replies = self._ask(wire.CANDIDATES, self.round, self.config.oracle_names(), chunk)
+            losses: list[dict[str, float]] = [{} for _ in chunk]
+            for name, content in replies.contents.items():
+                metrics = content.metric_records["metrics"]
+                signed = dict(content.config_records["statement"]) if "statement" in content.config_records else None
+                for j, theta in enumerate(chunk):
+                    loss = metrics.get(f"loss_{j}")
+                    problem = self.ledger.report_problem(name, signed, vector_sha256(theta), loss) if self.ledger else ""
+                    if problem:
+                        logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
+                    elif _finite(loss):
+                        losses[j][name] = float(loss)
+                if signed is not None:
+                    self.pending.setdefault(name, []).append(signed)
+            found += losses
+        return found
 
     def gather(self, local: dict[str, float]) -> dict[str, float]:
         return {**self.tokens, **local}
@@ -283,14 +316,17 @@ class FlowerServer:
                 return
             time.sleep(POLL_S)
 
-    def _ask(self, kind: str, rnd: int, names: list[str]) -> Replies:
-        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies until
-        every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the round closes."""
+    def _ask(self, kind: str, rnd: int, names: list[str], candidates: list[torch.Tensor] = ()) -> Replies:
+        """Send Theta and the round id (and `candidates`) to the oracles `names` and to SuperNodes not met yet; collect
+        the replies until every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the
+        round closes."""
         fed, replies, wanted = self.config.federation, Replies(), len(set(names))
         live = set(self.grid.get_node_ids())
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
         head = self.ledger.signed_head if self.ledger is not None else None  # each oracle keeps it as a receipt
         content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head)  # sizes: fine-tuning's rounds
+        if candidates:
+            content["candidates"] = wire.candidates_record(candidates)
         sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
         pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
         deadline = time.monotonic() + fed.round_timeout_s
@@ -353,13 +389,18 @@ class FlowerServer:
                         self.config.pretrain.keep_checkpoints, final=rnd == self.work.rounds)
 
 
-_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",), wire.MODEL: ("size",)}
+_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",), wire.MODEL: ("size",),
+           wire.CANDIDATES: ("size",)}
+MESSAGE_BYTES = 1 << 30  # the most candidate Thetas one message carries, in bytes
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _has_numbers(content: RecordDict, keys: tuple[str, ...]) -> bool:
     metrics = content.metric_records.get("metrics")
-    values = [metrics.get(k) if metrics is not None else None for k in keys]
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) and metrics["size"] > 0
+    return metrics is not None and all(_finite(metrics.get(k)) for k in keys) and metrics["size"] > 0
 
 
 @contextmanager

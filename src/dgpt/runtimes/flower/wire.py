@@ -23,7 +23,8 @@ from dgpt.federation.codec import Codec, Payload
 
 RAW = "raw"  # the Array's bytes are the tensor's memory, little-endian, C order
 # Flower message types: train H steps from Theta; validate Theta; keep Theta as the run's model (its run directory)
-TRAIN, EVALUATE, MODEL = "train", "evaluate", "query.model"
+# and validate each of several candidate Thetas (the ledger's coalitions), in one message
+TRAIN, EVALUATE, MODEL, CANDIDATES = "train", "evaluate", "query.model", "evaluate.candidates"
 WORKS = ("pretrain", "finetune")  # what a run trains: DUPT, or DSFT with each oracle's head on its SuperNode
 # what each tensor dtype travels as (name on the wire, the dtype the bytes are read into)
 _WIRE = {torch.float32: ("float32", torch.float32), torch.int8: ("int8", torch.int8), torch.bfloat16: ("int16", torch.int16)}
@@ -91,6 +92,19 @@ def theta_from(record, numel: int) -> torch.Tensor:
         raise DgptError(f"the server sent {problem or f'{tensor.numel()} {tensor.dtype} values'} where {numel} float32 "
                         "parameters were expected: is this SuperNode's config the server's model?")
     return tensor
+
+
+def candidates_record(thetas: list[torch.Tensor]):
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({str(i): to_array(theta.float()) for i, theta in enumerate(thetas)})
+
+
+def candidates_from(record, numel: int) -> list[torch.Tensor]:
+    """The candidate Thetas a message carries, in order, each checked against the model's size."""
+    if record is None or sorted(record.keys()) != sorted(map(str, range(len(record.keys())))):
+        raise DgptError("the server's candidates message holds no numbered Thetas")
+    return [theta_from({"theta": record[str(i)]}, numel) for i in range(len(record.keys()))]
 
 
 def settings_record(shared_toml: str, tokenizer_sha256: str):

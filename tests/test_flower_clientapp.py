@@ -1,7 +1,8 @@
-"""One source of truth for a federation's shared settings: the ServerApp's. A SuperNode's ClientApp (called here
-in-process with Flower's own Message and Context, as its SuperNode calls it) builds its config from the settings
-the message carries and its own file's local keys only, refuses a tokenizer that is not the server's with its
-reason, and the server logs a refusal and never counts a round without usable replies as trained."""
+"""The ClientApp, called in-process with Flower's own Message and Context as its SuperNode calls it. The ServerApp is
+the one source of truth for a federation's shared settings: a SuperNode builds its config from the settings the
+message carries and its own file's local keys only, refuses a tokenizer that is not the server's with its reason
+(which the server logs; a round without usable replies never counts as trained), keeps the final model in its own
+run directory for `dgpt eval`, and validates the ledger's candidate Thetas in one message."""
 
 from __future__ import annotations
 
@@ -58,12 +59,17 @@ def supernode_file(config: Config, path, **changes) -> str:
     return str(path)
 
 
-def ask(config: Config, node_file: str, oracle: str, rnd: int, kind: str = wire.TRAIN, run_dir: str | None = None) -> RecordDict:
+def ask(config: Config, node_file: str, oracle: str, rnd: int, kind: str = wire.TRAIN, run_dir: str | None = None,
+        theta: torch.Tensor | None = None, candidates: list[torch.Tensor] = ()) -> RecordDict:
     """The reply of `oracle`'s ClientApp to the server's `kind` message of round `rnd` (Theta: the seed's model)."""
-    theta = parameters_to_vector(build_model(read_run(config, oracles=[]))[0].parameters()).detach()
+    if theta is None:
+        theta = parameters_to_vector(build_model(read_run(config, oracles=[]))[0].parameters()).detach()
     sizes = {n: 1000.0 for n in config.oracle_names()}
     settings = wire.settings_record(shared_toml(config), TextTokenizer.load(RunDir(config.run_dir).tokenizer).sha256)
-    message = Message(wire.request(rnd, "pretrain", theta, sizes, settings), dst_node_id=2, message_type=kind, group_id=str(rnd))
+    content = wire.request(rnd, "pretrain", theta, sizes, settings)
+    if candidates:
+        content["candidates"] = wire.candidates_record(candidates)
+    message = Message(content, dst_node_id=2, message_type=kind, group_id=str(rnd))
     node_config = {"config": node_file, "oracle": oracle, **({"run-dir": run_dir} if run_dir else {})}
     context = Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config={})
     return client.app(message, context).content
@@ -157,3 +163,16 @@ def test_the_final_model_is_kept_where_the_oracles_data_is(prepared, tmp_path):
     with pytest.raises(DgptError, match="holds no oracle's data.*--eval"):
         api.evaluate(api.load_run_config(server.root))
     assert "its data is on its SuperNode" in "\n".join(info_lines(api.load_run_config(server.root)))
+
+
+def test_candidate_thetas_are_validated_in_one_message(prepared, tmp_path):
+    """The ledger's coalitions: one message with several Thetas, one loss each, equal to validating each alone."""
+    node_file = supernode_file(prepared, tmp_path / "node.toml")
+    theta = parameters_to_vector(build_model(read_run(prepared, oracles=[]))[0].parameters()).detach()
+    moved = theta + 0.05 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
+    content = ask(prepared, node_file, "gamma", 1, kind=wire.CANDIDATES, candidates=[theta, moved])
+    losses = content.metric_records["metrics"]
+    for j, candidate in enumerate((theta, moved)):
+        alone = ask(prepared, node_file, "gamma", 1, kind=wire.EVALUATE, theta=candidate).metric_records["metrics"]
+        assert losses[f"loss_{j}"] == alone["valid_loss"]
+    assert losses["loss_0"] != losses["loss_1"]
