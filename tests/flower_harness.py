@@ -219,7 +219,8 @@ class Deployment:
                               env={**self.env, "FLWR_HOME": str(self.cli_home)})
 
     def register(self, public_keys: list[Path]) -> None:
-        """`flwr supernode register` for every key, all at once."""
+        """`flwr supernode register` for every key, all at once, once `flwr supernode list` answers (README)."""
+        self.wait_for(lambda: self.flwr("supernode", "list", "test").returncode == 0, 60, "`flwr supernode list`")
         with contextlib.ExitStack() as stack:
             procs = [stack.enter_context(subprocess.Popen(
                 self._on("server", [str(BIN / "flwr"), "supernode", "register", str(key), "test"]), stdout=subprocess.PIPE,
