@@ -60,13 +60,13 @@ def supernode_file(config: Config, path, **changes) -> str:
 
 
 def ask(config: Config, node_file: str, oracle: str, rnd: int, kind: str = wire.TRAIN, run_dir: str | None = None,
-        theta: torch.Tensor | None = None, candidates: list[torch.Tensor] = ()) -> RecordDict:
+        theta: torch.Tensor | None = None, candidates: list[torch.Tensor] = (), keep: bool = False) -> RecordDict:
     """The reply of `oracle`'s ClientApp to the server's `kind` message of round `rnd` (Theta: the seed's model)."""
     if theta is None:
         theta = parameters_to_vector(build_model(read_run(config, oracles=[]))[0].parameters()).detach()
     sizes = {n: 1000.0 for n in config.oracle_names()}
     settings = wire.settings_record(shared_toml(config), TextTokenizer.load(RunDir(config.run_dir).tokenizer).sha256)
-    content = wire.request(rnd, "pretrain", theta, sizes, settings)
+    content = wire.request(rnd, "pretrain", theta, sizes, settings, keep=keep)
     if candidates:
         content["candidates"] = wire.candidates_record(candidates)
     message = Message(content, dst_node_id=2, message_type=kind, group_id=str(rnd))
@@ -144,21 +144,25 @@ def test_the_server_logs_refusals_and_a_round_of_refusals_moves_nothing(monkeypa
 
 
 def test_the_final_model_is_kept_where_the_oracles_data_is(prepared, tmp_path):
-    """The server's model message: the SuperNode's run directory (its tokenizer and its oracle's shards only) gains
-    the round's checkpoint and config, so `dgpt eval` scores it there on that oracle's data; `dgpt eval` and `info`
-    on a directory without data (the server's) say what to run instead."""
+    """The run's last validation (or, for an oracle that missed it, a model message of its own): the SuperNode's run
+    directory (its tokenizer and its oracle's shards only) gains the round's checkpoint and config, so `dgpt eval`
+    scores it there on that oracle's data; `dgpt eval` and `info` on a directory without data (the server's) say
+    what to run instead."""
     org, server = RunDir(tmp_path / "org_beta"), RunDir(tmp_path / "server")
     for run in (org, server):
         run.root.mkdir()
         run.tokenizer.write_bytes(RunDir(prepared.run_dir).tokenizer.read_bytes())
     shutil.copytree(RunDir(prepared.run_dir).oracle_data("beta"), org.oracle_data("beta"))
     node_file = supernode_file(prepared, tmp_path / "node.toml", federation={"rounds": 7})
-    content = ask(prepared, node_file, "beta", 2, kind=wire.MODEL, run_dir=str(org.root))
-    assert wire.refusal_reason(content) is None and org.checkpoint("round", 2).is_dir()
+    validated = ask(prepared, node_file, "beta", 2, kind=wire.EVALUATE, run_dir=str(org.root), keep=True)
+    assert validated.metric_records["metrics"]["kept"] == 1.0 and org.checkpoint("round", 2).is_dir()
     config = api.load_run_config(org.root)
     assert config.federation.rounds == 2
     evaluation = api.evaluate(config)
     assert list(evaluation.scores) == ["beta"] and evaluation.checkpoint == org.checkpoint("round", 2)
+    assert evaluation.scores["beta"]["loss"] == pytest.approx(validated.metric_records["metrics"]["valid_loss"], rel=1e-6)
+    content = ask(prepared, node_file, "beta", 3, kind=wire.MODEL, run_dir=str(org.root))
+    assert content.metric_records["metrics"]["kept"] == 1.0 and api.evaluate(config).checkpoint == org.checkpoint("round", 3)
     (server.config).write_text(dump_config(dataclasses.replace(prepared, run_dir=str(server.root))))
     with pytest.raises(DgptError, match="holds no oracle's data.*--eval"):
         api.evaluate(api.load_run_config(server.root))

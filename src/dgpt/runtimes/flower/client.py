@@ -83,7 +83,8 @@ class Oracle:
         if isinstance(node_config.get("run-dir"), str):  # this organisation's copy of the run: shards and private state
             local = dataclasses.replace(local, run_dir=node_config["run-dir"])
         shared, tokenizer_sha256 = wire.settings_from(message.content.config_records.get("settings"))
-        if name is None:  # a virtual SuperNode of the simulation engine
+        self.virtual = name is None  # a virtual SuperNode of the simulation engine: the app's run directory
+        if name is None:
             name = _nth_oracle(local, node_config["partition-id"], path)
         self.name = check_oracle_name(name, "--node-config oracle")
         self.config: Config = with_local(shared, local, name)
@@ -125,6 +126,24 @@ class Oracle:
         states = self.run_dir.oracle_states(self.name)
         for old in sorted(states)[:-KEEP_STATES]:
             states[old].unlink()
+
+    def keep(self) -> bool:
+        """The model in `work.params` (round `self.round`'s) as this run directory's newest checkpoint, with the
+        tokenizer and the config it was trained with: what `dgpt eval`, `generate` and `predict` read (fine-tuning:
+        the oracle's head is in its state file of that round). On the simulation engine the run directory is the
+        server's, whose checkpoint this is."""
+        target = self.run_dir.checkpoint("round", self.round)
+        if self.virtual or target.is_dir():
+            return True
+        tokenizer = _tokenizer_path(self.config, self.kind)
+        if tokenizer != self.run_dir.tokenizer:
+            write_text(self.run_dir.tokenizer, tokenizer.read_text(encoding="utf-8"))
+        write_text(self.run_dir.config, dump_config(self.config))
+        model = self.work.model
+        save_checkpoint(self.run_dir.root, "round", self.round, weights_of(model), model.config,
+                        {"round": self.round, "received": True}, self.config.pretrain.keep_checkpoints)
+        logger.info(f"round {self.round}: oracle '{self.name}' keeps the federation's model in {target}")
+        return True
 
     def size(self) -> dict[str, float]:
         return {"size": float(self.work.sizes[self.name])}
@@ -226,8 +245,10 @@ def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
     if oracle.witness is not None and math.isfinite(found.get("loss", math.nan)):
         oracle.witness.note({"theta": vector_sha256(theta), "loss": found["loss"]})
         report = oracle.witness.report(oracle.round)
-    return wire.reply(oracle.round, oracle.name, {**oracle.size(), **{f"valid_{k}": v for k, v in found.items()}},
-                      statement=report)
+    metrics = {**oracle.size(), **{f"valid_{k}": v for k, v in found.items()}}
+    if wire.asks_to_keep(message.content):  # the run's last validation: keep the model too (no message of its own)
+        metrics["kept"] = float(oracle.keep())
+    return wire.reply(oracle.round, oracle.name, metrics, statement=report)
 
 
 def _candidates(oracle: Oracle, message: Message) -> RecordDict:
@@ -247,22 +268,8 @@ def _candidates(oracle: Oracle, message: Message) -> RecordDict:
 
 
 def _keep_model(oracle: Oracle, message: Message) -> RecordDict:
-    """Round `rnd`'s model as this run directory's newest checkpoint, with the tokenizer and the config it was
-    trained with: what `dgpt eval`, `generate` and `predict` read (fine-tuning: the oracle's head is in its state
-    file of that round). A checkpoint already there (the server's, on the simulation engine) is left alone."""
-    rnd, config = oracle.round, oracle.config
-    target = oracle.run_dir.checkpoint("round", rnd)
-    if not target.is_dir():
-        copy_into(oracle.work.params, oracle.theta(message))
-        model = oracle.work.model
-        tokenizer = _tokenizer_path(config, oracle.kind)
-        if tokenizer != oracle.run_dir.tokenizer:
-            write_text(oracle.run_dir.tokenizer, tokenizer.read_text(encoding="utf-8"))
-        write_text(oracle.run_dir.config, dump_config(config))
-        save_checkpoint(oracle.run_dir.root, "round", rnd, weights_of(model), model.config, {"round": rnd, "received": True},
-                        config.pretrain.keep_checkpoints)
-        logger.info(f"round {rnd}: oracle '{oracle.name}' keeps the federation's model in {target}")
-    return wire.reply(rnd, oracle.name, oracle.size())
+    copy_into(oracle.work.params, oracle.theta(message))
+    return wire.reply(oracle.round, oracle.name, {**oracle.size(), "kept": float(oracle.keep())})
 
 
 @app.train()

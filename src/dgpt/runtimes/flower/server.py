@@ -103,6 +103,7 @@ class FlowerServer:
         self.transport, self.round = Aggregator(), 0
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
         self.pending: dict[str, list[dict]] = {}  # each oracle's signed loss reports since the last record
+        self.kept: set[str] = set()  # the oracles that keep the final model in their run directory
 
     def run(self) -> None:
         fed, work = self.config.federation, self.work
@@ -151,7 +152,7 @@ class FlowerServer:
             raise DgptError(f"{self.run_dir.root}: no round checkpoint to evaluate; train first (`flwr run` the app)")
         self.work.sizes.update(state["sizes"])
         self.round = start
-        self._table(start, *self._valid(self._ask(wire.EVALUATE, start, self.config.oracle_names())))
+        self._table(start, *self.validate(keep=True))
         self._deliver(start)
 
     def _table(self, rnd: int, losses: dict[str, float], scores: dict[str, dict[str, float]]) -> None:
@@ -172,12 +173,15 @@ class FlowerServer:
     def _deliver(self, rnd: int) -> None:
         """Round `rnd`'s model into every SuperNode's run directory (its tokenizer and config are there), where `dgpt
         eval`, `generate` and `predict` run on the organisation's own data."""
-        replies, names = self._ask(wire.MODEL, rnd, self.config.oracle_names()), self.config.oracle_names()
-        for name in names:
+        names = self.config.oracle_names()
+        missing = [n for n in names if n not in self.kept]  # the last validation asked the others to keep it
+        replies = self._ask(wire.MODEL, rnd, missing) if missing else Replies()
+        self.kept.update(replies.contents)
+        for name in missing:
             if name not in replies.contents:
                 logger.warning(f"oracle '{name}' did not receive round {rnd}'s model: "
                                f"{replies.refused.get(name, 'no reply in time')} (`dgpt flower-app CONFIG --eval` sends it again)")
-        logger.info(f"round {rnd}'s model delivered to {len(replies.contents)} of {len(names)} oracles' run directories")
+        logger.info(f"round {rnd}'s model delivered to {len(self.kept)} of {len(names)} oracles' run directories")
 
     def _round(self, rnd: int) -> RoundRecord:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
@@ -209,7 +213,8 @@ class FlowerServer:
         for name in participants:
             if name not in received:
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self._silence(name)}")
-        valid, scores = self.validate() if rnd % fed.eval_interval == 0 or rnd == self.work.rounds else ({}, {})
+        last = rnd == self.work.rounds
+        valid, scores = self.validate(keep=last) if rnd % fed.eval_interval == 0 or last else ({}, {})
         record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
         record.seconds, record.epsilon = time.perf_counter() - t0, dict(self.epsilon)
         figures = ", ".join(f"{k} {v}" for k, v in record.postfix().items())
@@ -228,9 +233,13 @@ class FlowerServer:
 
     # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
 
-    def validate(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """Every reachable oracle's validation loss at the current parameters, and its other metrics (fine-tuning)."""
-        return self._valid(self._ask(wire.EVALUATE, self.round, self.config.oracle_names()))
+    def validate(self, keep: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Every reachable oracle's validation loss at the current parameters, and its other metrics (fine-tuning);
+        `keep`: each oracle also keeps them as the run's model."""
+        replies = self._ask(wire.EVALUATE, self.round, self.config.oracle_names(), keep=keep)
+        if keep:
+            self.kept = {n for n, c in replies.contents.items() if c.metric_records["metrics"].get("kept") == 1.0}
+        return self._valid(replies)
 
     def validate_many(self, thetas: list[torch.Tensor]) -> list[dict[str, float]]:
         """Every reachable oracle's validation loss at each of `thetas` (the ledger's coalitions), as many per message
@@ -316,7 +325,7 @@ class FlowerServer:
                 return
             time.sleep(POLL_S)
 
-    def _ask(self, kind: str, rnd: int, names: list[str], candidates: list[torch.Tensor] = ()) -> Replies:
+    def _ask(self, kind: str, rnd: int, names: list[str], candidates: list[torch.Tensor] = (), keep: bool = False) -> Replies:
         """Send Theta and the round id (and `candidates`) to the oracles `names` and to SuperNodes not met yet; collect
         the replies until every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the
         round closes."""
@@ -324,7 +333,7 @@ class FlowerServer:
         live = set(self.grid.get_node_ids())
         targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
         head = self.ledger.signed_head if self.ledger is not None else None  # each oracle keeps it as a receipt
-        content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head)  # sizes: fine-tuning's rounds
+        content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head, keep)  # sizes: fine-tuning's rounds
         if candidates:
             content["candidates"] = wire.candidates_record(candidates)
         sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]

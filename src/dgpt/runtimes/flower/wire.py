@@ -124,15 +124,22 @@ def settings_from(record) -> tuple[str, str]:
     return fields["toml"], fields["tokenizer"]
 
 
-def request(rnd: int, work: str, theta: torch.Tensor, sizes: dict[str, float], settings, head: dict | None = None):
-    """What the server sends each asked SuperNode; from round 1 the ledger's newest signed head too."""
+def request(rnd: int, work: str, theta: torch.Tensor, sizes: dict[str, float], settings, head: dict | None = None,
+            keep: bool = False):
+    """What the server sends each asked SuperNode; from round 1 the ledger's newest signed head too. `keep`: also keep
+    Theta as the run's model (its last validation)."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    content = RecordDict({"theta": theta_record(theta), "round": ConfigRecord({"round": rnd, "work": work}),
+    content = RecordDict({"theta": theta_record(theta), "round": ConfigRecord({"round": rnd, "work": work, "keep": keep}),
                           "sizes": MetricRecord(sizes), "settings": settings})
     if head is not None:
         content["head"] = ConfigRecord(head)
     return content
+
+
+def asks_to_keep(content) -> bool:
+    asked = content.config_records.get("round")
+    return asked is not None and asked.get("keep") is True
 
 
 def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None, statement: dict | None = None):
