@@ -183,8 +183,7 @@ def test_flower_on_two_hosts_equals_sim_across_a_killed_superlink(tmp_path, sim)
     assert rows[0]["loss"] == pytest.approx(sim_rows[0]["loss"], rel=1e-4)
     assert [r["round"] for r in read_metrics(server.run_path / "ledger.jsonl")] == [0, 1, 2]  # resumed at its head
     # each SuperNode signed with its own key; its receipts, kept across the restart, confirm the server's ledger
-    oracles_run = RunDir(tmp_path / "fl" / "run")
-    checked = verify_ledger(server.run_dir, [oracles_run.receipts(n) for n in server.oracle_names()])
+    checked = verify_ledger(server.run_dir, [RunDir(node_dir(oracles, n)).receipts(n) for n in server.oracle_names()])
     assert checked.confirmed == {n: [0, 1, 2] for n in server.oracle_names()}
 
 
@@ -217,8 +216,8 @@ def test_flower_tls_auth_int8_and_an_oracle_that_leaves_and_returns(tmp_path):
     assert "No SuperNode found with the given public key" in superlink and "SuperNode ID" not in intruder
     log = (server.run_path / "flower_server.log").read_text()
     assert "round 2: oracle 'gamma' sat this round out" in log
-    oracles_run = RunDir(tmp_path / "fl" / "run")  # gamma missed round 1's head: its receipts skip it
-    checked = verify_ledger(server.run_dir, [oracles_run.receipts(n) for n in server.oracle_names()])
+    # gamma missed round 1's head: its receipts skip it
+    checked = verify_ledger(server.run_dir, [RunDir(node_dir(oracles, n)).receipts(n) for n in server.oracle_names()])
     assert checked.confirmed["alpha"] == [0, 1, 2, 3] and checked.confirmed["gamma"][-2:] == [2, 3]
     for r in rows:
         if r["kind"] == "oracle" and r["participated"]:
