@@ -170,7 +170,7 @@ class RunDir:
 
     @property
     def flower_eval_app(self) -> Path:
-        return self.root / "flower_eval_app"
+        return self._inside("flower_eval_app")
 
     @property
     def lock(self) -> Path:
