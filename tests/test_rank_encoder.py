@@ -39,6 +39,9 @@ def test_trained_tokenizer_encodes_with_tiktoken_and_agrees_on_the_probe():
     assert tok.fast is not None
     texts = [PROBE, "<|endoftext|>", "", "  two\n\n\tlines  "]
     assert tok.encode_batch(texts) == [e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)]
+    for threads in (1, 2, 3):  # slices per thread, an empty batch included
+        for n in (0, 1, 2, 4):
+            assert [a.tolist() for a in tok.encode_arrays(texts[:n], threads)] == tok.encode_batch(texts[:n])
 
 
 def test_a_tokenizer_with_a_normalizer_falls_back_to_tokenizers_and_says_why(caplog):

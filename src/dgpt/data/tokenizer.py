@@ -180,7 +180,7 @@ class TextTokenizer:
         if self.fast is None:
             return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
         encode = functools.partial(self.fast.encode_to_numpy, allowed_special="all")
-        if threads == 1 or len(texts) == 1:
+        if threads == 1 or len(texts) <= 1:
             return list(map(encode, texts))
         step = -(-len(texts) // threads)  # a slice per thread: a future per text costs more than a short text's encoding
         with ThreadPoolExecutor(threads) as pool:
