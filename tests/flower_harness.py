@@ -27,6 +27,7 @@ from dgpt.runtimes.flower.app import write_flower_app
 from dgpt.runtimes.identity import keygen
 
 BIN = Path(sys.executable).parent
+POLL_S = "0.1"  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL
 
 
 def split_roles(config: Config, root: Path) -> tuple[Config, Path, Path]:
@@ -159,10 +160,12 @@ class Deployment:
         self.port = free_port()
         self.address = f"{hosts.server_ip if hosts else '127.0.0.1'}:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
-        # no telemetry or update check: nothing outside localhost is reached (or waited for)
+        # no telemetry or update check: nothing outside localhost is reached (or waited for); each SuperNode's
+        # SuperExec looks for a message to start a ClientApp for every 0.1 s, not every 1 s (README)
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
                     "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port)}
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port),
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": POLL_S}
         self.cli_home = root / "flwr_cli"
         self.cli_home.mkdir(parents=True, exist_ok=True)
         security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"

@@ -17,11 +17,12 @@ import torch
 
 pytest.importorskip("flwr")
 
-from conftest import strategy, tiny_config  # noqa: E402
+from conftest import rounds, strategy, tiny_config  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from dgpt import api  # noqa: E402
+from dgpt.audit import verify_ledger  # noqa: E402
 from dgpt.config import Config, dump_config  # noqa: E402
 from dgpt.config_shared import shared_toml, unclassified, with_local  # noqa: E402
 from dgpt.data.tokenizer import TextTokenizer  # noqa: E402
@@ -30,9 +31,12 @@ from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runinfo import info_lines  # noqa: E402
 from dgpt.runtimes.flower import client, wire  # noqa: E402
 from dgpt.runtimes.flower import server as flower_server  # noqa: E402
+from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.runtimes.flower.server import FlowerServer  # noqa: E402
 from dgpt.runtimes.setup import build_model, read_run  # noqa: E402
+from dgpt.train.metrics import read_metrics  # noqa: E402
 from test_flower_wire import Grid  # noqa: E402
+from test_torchrun import assert_same_model  # noqa: E402
 from torch.nn.utils import parameters_to_vector  # noqa: E402
 
 
@@ -68,7 +72,7 @@ def ask(config: Config, node_file: str, oracle: str, rnd: int, kind: str = wire.
     settings = wire.settings_record(shared_toml(config), TextTokenizer.load(RunDir(config.run_dir).tokenizer).sha256)
     content = wire.request(rnd, "pretrain", theta, sizes, settings, keep=keep)
     if candidates:
-        content["candidates"] = wire.candidates_record(candidates)
+        wire.add_candidates(content, candidates, rnd - 1)
     message = Message(content, dst_node_id=2, message_type=kind, group_id=str(rnd))
     node_config = {"config": node_file, "oracle": oracle, **({"run-dir": run_dir} if run_dir else {})}
     context = Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config={})
@@ -180,3 +184,60 @@ def test_candidate_thetas_are_validated_in_one_message(prepared, tmp_path):
         alone = ask(prepared, node_file, "gamma", 1, kind=wire.EVALUATE, theta=candidate).metric_records["metrics"]
         assert losses[f"loss_{j}"] == alone["valid_loss"]
     assert losses["loss_0"] != losses["loss_1"]
+
+
+class InProcess:
+    """A Grid whose SuperNodes are virtual (SuperNode i is the i-th oracle, in the app's run directory, as on Flower's
+    simulation engine), each answering with the ClientApp in this process; `waves` counts the server's pushes."""
+
+    def __init__(self, config_path, count: int):
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i}, state=RecordDict(),
+                                          run_config={"config": str(config_path)}) for i in range(count)}
+        self.sent, self.waves = {}, 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        self.waves += 1
+        ids = [f"{self.waves}:{m.metadata.dst_node_id}" for m in messages]
+        self.sent.update(zip(ids, messages))
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for id_ in ids:
+            message = self.sent.pop(id_)
+            reply = client.app(message, self.contexts[message.metadata.dst_node_id])
+            replies.append(SimpleNamespace(content=reply.content, has_error=reply.has_error,
+                                           metadata=SimpleNamespace(reply_to_message_id=id_)))
+        return replies
+
+
+@pytest.mark.parametrize("per_message", [None, 3])
+def test_the_ledger_values_a_round_without_a_message_of_its_own(tmp_path, monkeypatch, per_message):
+    """The ServerApp and the ClientApps in this process, the Shapley ledger on: a round's coalition Thetas ride on the
+    next messages (round 2's train messages, the last round's validation), so 2 rounds take 5 message waves (round
+    0's validation, 2 of training, the last validation, the ledger's last head with the model), none for the ledger;
+    with 3 Thetas a message, the 5 of each round's 8 that do not fit take 2 waves of their own. The model, bytes and
+    ledger values equal sim's, and every value follows from the oracles' signed reports."""
+    if per_message:
+        monkeypatch.setattr(flower_server, "MESSAGE_BYTES", per_message * 4 * 27_712)  # the tiny model's fp32 Theta
+    fed = {"rounds": 2, "inner_steps": 2, "outer_lr": 0.7, "outer_momentum": 0.9, "eval_interval": 2}
+    sim = tiny_config(tmp_path / "sim", federation=fed)
+    api.pretrain(sim)
+    config = tiny_config(tmp_path / "fl", federation={**fed, "runtime": "flower"})
+    api.prepare(config)
+    write_flower_app(config)  # RUN/config.toml: what the virtual SuperNodes read
+    grid = InProcess(RunDir(config.run_dir).config, len(config.oracles))
+    FlowerServer(config, grid).run()
+    assert grid.waves == (9 if per_message else 5)
+    assert_same_model(sim, config)
+    assert [r["bytes_total"] for r in rounds(config)] == [r["bytes_total"] for r in rounds(sim)]
+    values = [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(config.run_path / "ledger.jsonl")[1:]]
+    want = [{n: o["value"] for n, o in r["oracles"].items()} for r in read_metrics(sim.run_path / "ledger.jsonl")[1:]]
+    for got, expected in zip(values, want, strict=True):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    run = RunDir(config.run_dir)
+    checked = verify_ledger(run.root, [run.receipts(n) for n in config.oracle_names()], run.keys)
+    assert checked.confirmed == {n: [0, 1, 2] for n in config.oracle_names()}

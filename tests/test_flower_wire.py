@@ -69,14 +69,14 @@ def _reply(rnd, oracle, size=1.0):
 def test_server_refuses_stale_unknown_and_duplicate_replies(tmp_path):
     server = FlowerServer.__new__(FlowerServer)
     server.node_of, server.met = {}, set()
-    replies, asked, needed = Replies(), ["alpha", "beta"], ("size",)
-    server._take(_reply(3, "alpha"), 11, 4, asked, replies, needed)  # made from round 3's Theta
-    server._take(_reply(4, "mallory"), 12, 4, asked, replies, needed)  # no such oracle asked
-    server._take(_reply(4, "beta", float("nan")), 12, 4, asked, replies, needed)  # its size is no number
-    server._take(_reply(4, "beta"), 12, 4, asked, replies, ("size", "train_loss"))  # no train loss
+    replies, asked = Replies(), {"alpha": wire.EVALUATE, "beta": wire.EVALUATE}
+    server._take(_reply(3, "alpha"), 11, 4, asked, replies)  # made from round 3's Theta
+    server._take(_reply(4, "mallory"), 12, 4, asked, replies)  # no such oracle asked
+    server._take(_reply(4, "beta", float("nan")), 12, 4, asked, replies)  # its size is no number
+    server._take(_reply(4, "beta"), 12, 4, {**asked, "beta": wire.TRAIN}, replies)  # no train loss
     assert replies.contents == {}
-    server._take(_reply(4, "alpha"), 11, 4, asked, replies, needed)
-    server._take(_reply(4, "alpha"), 13, 4, asked, replies, needed)  # a second SuperNode claiming alpha
+    server._take(_reply(4, "alpha"), 11, 4, asked, replies)
+    server._take(_reply(4, "alpha"), 13, 4, asked, replies)  # a second SuperNode claiming alpha
     assert list(replies.contents) == ["alpha"] and server.node_of == {"alpha": 11}
 
 

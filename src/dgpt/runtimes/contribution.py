@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from itertools import combinations
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +51,18 @@ class Valuation:
     # what anyone recomputes the values from: the oracles valued (in order), each coalition with the hash of what
     # its signed losses (Theta_S) or inner products (the move Theta_S - Theta) were computed at, sampled orders' seed
     evidence: dict = field(default_factory=dict)
+
+
+@dataclass
+class Coalitions:
+    """The coalitions a round's values need (the empty one first) and the Theta each is validated at, with its hash;
+    `seconds`: what previewing them cost."""
+
+    names: list[str]
+    members: list[frozenset]
+    thetas: list[torch.Tensor]
+    subjects: list[str]
+    seconds: float
 
 
 class ContributionLedger:
@@ -123,6 +134,38 @@ class ContributionLedger:
         if v is None:  # no oracle has validation data: nothing to value with
             self.driver.restore_theta()
             return Valuation(evaluations=passes, seconds=time.perf_counter() - t0)
+        valuation = self._shapley(names, v, subjects)
+        self.driver.restore_theta()
+        coalitions = v.evaluations if self.method == "shapley" else 0  # first order: inner products, no passes
+        valuation.evaluations, valuation.seconds = passes + coalitions, time.perf_counter() - t0
+        return valuation
+
+    def coalitions(self, result: RoundResult) -> Coalitions | None:
+        """For a driver that has the oracles validate many Thetas in one message (flower): every coalition the round's
+        Shapley values need, with the Theta it is validated at, the empty one (Theta itself) first; None when there is
+        nothing to value. Call before the Strategy applies the round; `valued` then needs no Strategy."""
+        if self.method != "shapley" or result.update is None:
+            return None
+        t0, visited = time.perf_counter(), CachedValue(lambda s: 0.0)
+        self._shapley(result.accepted, visited, {})  # exact: every coalition; sampled: those its seeded orders visit
+        members = list(visited.cache)  # the empty coalition first
+        thetas = [self.driver.strategy.preview(_coalition(result, s)) for s in members]
+        return Coalitions(result.accepted, members, thetas, [vector_sha256(t) for t in thetas], time.perf_counter() - t0)
+
+    def valued(self, coalitions: Coalitions, losses: list[dict[str, float]]) -> Valuation:
+        """The values from every oracle's validation loss at each coalition's Theta (`losses`, in `coalitions`' order)."""
+        t0, sizes = time.perf_counter(), self.driver.work.sizes
+        loss = {s: weighted_loss(found, sizes) for s, found in zip(coalitions.members, losses, strict=True)}
+        baseline, cost = loss[frozenset()], len(coalitions.members)
+        if baseline != baseline:  # no oracle validated Theta: nothing to value with
+            return Valuation(evaluations=cost, seconds=coalitions.seconds + time.perf_counter() - t0)
+        subjects = dict(zip(coalitions.members, coalitions.subjects))
+        valuation = self._shapley(coalitions.names, CachedValue(lambda s: baseline - loss[s]), subjects)
+        valuation.evaluations, valuation.seconds = cost, coalitions.seconds + time.perf_counter() - t0
+        return valuation
+
+    def _shapley(self, names: list[str], v: CachedValue, subjects: dict) -> Valuation:
+        """Exact or sampled Shapley values from v, with the evidence (`subjects`: each coalition's hash)."""
         valuation = Valuation(evidence={"oracles": names})
         if len(names) <= self.config.ledger.exact_max:
             valuation.values = exact_shapley(names, v)
@@ -132,10 +175,7 @@ class ContributionLedger:
             valuation.values, valuation.stderr = sampled_shapley(names, v, permutations, orders)
             valuation.evidence["sampled"] = {"seed": seed, "permutations": permutations}
         valuation.full = v(frozenset(names))
-        valuation.evidence["coalitions"] = [[[n for n in names if n in s], h] for s, h in subjects.items()]
-        self.driver.restore_theta()
-        coalitions = v.evaluations if self.method == "shapley" else 0  # first order: inner products, no passes
-        valuation.evaluations, valuation.seconds = passes + coalitions, time.perf_counter() - t0
+        valuation.evidence["coalitions"] = [[[n for n in names if n in s], subjects[s]] for s in v.cache if s and s in subjects]
         return valuation
 
     def validated(self, losses: dict[str, float]) -> None:
@@ -148,30 +188,17 @@ class ContributionLedger:
         """v(S) = the global validation loss at Theta minus the loss at Theta moved by S's updates alone; and the
         validation passes spent outside the coalitions (the baseline at Theta, unless the driver just validated it)."""
         strategy, (cached_hash, baseline), passes = self.driver.strategy, self.baseline, 0
-        known: dict[frozenset, float] = {}
-        many = getattr(self.driver, "validate_many", None)  # a driver whose validations are round trips (flower)
-        if many is not None and len(result.accepted) <= self.config.ledger.exact_max:
-            known = self._every_coalition(result, many, with_empty=cached_hash != self.theta_hash)
         if cached_hash != self.theta_hash:
-            baseline = known.pop(frozenset()) if known else self._loss(strategy.theta)
-            passes = 1
+            baseline, passes = self._loss(strategy.theta), 1
         if baseline != baseline:
             return None, passes
 
         def drop(s: frozenset) -> float:
             theta = strategy.preview(_coalition(result, s))
             subjects[s] = vector_sha256(theta)
-            return baseline - (known[s] if s in known else self._loss(theta))
+            return baseline - self._loss(theta)
 
         return CachedValue(drop), passes
-
-    def _every_coalition(self, result: RoundResult, many, with_empty: bool) -> dict[frozenset, float]:
-        """The global validation loss of every coalition of the round's accepted oracles (and of none: Theta itself),
-        validated together: one round trip to every oracle instead of one per coalition."""
-        names = result.accepted
-        subsets = [frozenset(c) for k in range(0 if with_empty else 1, len(names) + 1) for c in combinations(names, k)]
-        losses = many([self.driver.strategy.preview(_coalition(result, s)) for s in subsets])
-        return {s: weighted_loss(found, self.driver.work.sizes) for s, found in zip(subsets, losses)}
 
     def _first_order(self, result: RoundResult, subjects: dict) -> tuple[CachedValue | None, int]:
         """v(S) ~ -<g, Theta_S - Theta>, g the token-weighted gradient of the validation loss at Theta: each oracle

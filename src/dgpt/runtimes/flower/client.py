@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +49,7 @@ from dgpt.errors import DgptError
 from dgpt.federation.codec import Codec
 from dgpt.federation.signing import vector_sha256
 from dgpt.fileio import atomic_path, torch_save, write_text
+from dgpt.logs import messages_to
 from dgpt.train.checkpoint import save_checkpoint, weights_of
 from dgpt.runtimes.flower import wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
@@ -145,6 +148,10 @@ class Oracle:
         logger.info(f"round {self.round}: oracle '{self.name}' keeps the federation's model in {target}")
         return True
 
+    def report(self) -> dict | None:
+        """The signed report of the losses this message's answer gives (None: none, or no ledger yet)."""
+        return self.witness.report(self.round) if self.witness is not None else None
+
     def size(self) -> dict[str, float]:
         return {"size": float(self.work.sizes[self.name])}
 
@@ -199,72 +206,99 @@ def _round_of(message: Message) -> tuple[int, str]:
 
 def _answer(message: Message, context: Context, handle: Callable[[Oracle, Message], RecordDict]) -> Message:
     """The handler's reply, or (it cannot take part) the reason, for the server to log: a DgptError's line, else the
-    exception's type and message (its traceback in this SuperNode's log)."""
-    try:
-        content = handle(Oracle(context, message), message)
-    except Exception as e:
-        if not isinstance(e, DgptError):
-            logger.exception("the ClientApp failed")
-        asked, oracle = message.content.config_records.get("round"), context.node_config.get("oracle")
-        rnd = asked.get("round") if asked is not None else None
-        reason = str(e) if isinstance(e, DgptError) else f"{type(e).__name__}: {e}"
-        logger.error(f"round {rnd}: oracle {oracle!r} cannot take part: {reason}")
-        content = wire.refusal(rnd if isinstance(rnd, int) else -1, oracle if isinstance(oracle, str) else "", reason)
+    exception's type and message (its traceback in this SuperNode's log). dgpt's messages go to the SuperNode's
+    output, with how long the answer took and how long the process took to start (imports included)."""
+    t0, age = time.perf_counter(), _process_age()
+    with messages_to(logging.StreamHandler(), fmt="%(asctime)s %(levelname)s %(message)s"):
+        try:
+            content = handle(Oracle(context, message), message)
+        except Exception as e:
+            if not isinstance(e, DgptError):
+                logger.exception("the ClientApp failed")
+            asked, oracle = message.content.config_records.get("round"), context.node_config.get("oracle")
+            rnd = asked.get("round") if asked is not None else None
+            reason = str(e) if isinstance(e, DgptError) else f"{type(e).__name__}: {e}"
+            logger.error(f"round {rnd}: oracle {oracle!r} cannot take part: {reason}")
+            content = wire.refusal(rnd if isinstance(rnd, int) else -1, oracle if isinstance(oracle, str) else "", reason)
+        said = content.config_records["round"]
+        started = f", {age:.2f} s after its ClientApp process started" if age is not None else ""
+        logger.info(f"round {said['round']}: oracle {said['oracle']!r} answered the {message.metadata.message_type} "
+                    f"message in {time.perf_counter() - t0:.2f} s{started}")
     return Message(content, reply_to=message)
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc; None elsewhere)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _train(oracle: Oracle, message: Message) -> RecordDict:
-    """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss."""
+    """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss (and the
+    losses of the candidate Thetas the message carried)."""
     rnd, theta = oracle.round, oracle.theta(message)
+    losses = _validate_candidates(oracle, message)
     oracle.forget(rnd)
     oracle.restore(rnd)
     loop = oracle.work.loops[oracle.name]
     before = loop.tokens
+    t0 = time.perf_counter()
     delta, loss = train_round(oracle.work, oracle.name, theta, rnd)
+    seconds = time.perf_counter() - t0
     oracle.save(rnd)
     payload = oracle.codec.encode(delta)
-    logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.inner_steps} steps, loss {loss:.4f}, "
-                f"sends {payload.nbytes:,} bytes")
+    logger.info(f"round {rnd}: oracle '{oracle.name}' trained {oracle.work.steps_in(rnd)} steps in {seconds:.2f} s, "
+                f"loss {loss:.4f}, sends {payload.nbytes:,} bytes")
     # DP-SGD: the epsilon this oracle's own accountant says it has spent (a statement of the oracle, like its loss)
     spent = {"privacy_epsilon": loop.privacy.epsilon()} if loop.privacy is not None else {}
     statement = oracle.witness and oracle.witness.train_statement(
         rnd, vector_sha256(theta), payload, loop.tokens - before, loss, spent.get("privacy_epsilon"))
-    return wire.reply(rnd, oracle.name, {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent},
-                      payload, statement)
+    metrics = {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent, **losses}
+    return wire.reply(rnd, oracle.name, metrics, payload, statement, oracle.report())
 
 
 def _evaluate(oracle: Oracle, message: Message) -> RecordDict:
-    """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is).
-    Fine-tuning validates with the oracle's head as it was after that round."""
+    """The oracle's validation metrics of the Theta it was sent (round 0: also how the server learns who it is), and
+    of the candidate Thetas the message carried. Fine-tuning validates with the oracle's head as it was after that
+    round."""
+    losses = _validate_candidates(oracle, message)
     if oracle.kind == "finetune":
         oracle.restore(oracle.round + 1)
     theta = oracle.theta(message)
     copy_into(oracle.work.params, theta)
     found = {k: float(v) for k, v in oracle.work.evaluate().get(oracle.name, {}).items()}
-    report = None
     if oracle.witness is not None and math.isfinite(found.get("loss", math.nan)):
         oracle.witness.note({"theta": vector_sha256(theta), "loss": found["loss"]})
-        report = oracle.witness.report(oracle.round)
-    metrics = {**oracle.size(), **{f"valid_{k}": v for k, v in found.items()}}
+    metrics = {**oracle.size(), **{f"valid_{k}": v for k, v in found.items()}, **losses}
     if wire.asks_to_keep(message.content):  # the run's last validation: keep the model too (no message of its own)
         metrics["kept"] = float(oracle.keep())
-    return wire.reply(oracle.round, oracle.name, metrics, statement=report)
+    return wire.reply(oracle.round, oracle.name, metrics, report=oracle.report())
 
 
 def _candidates(oracle: Oracle, message: Message) -> RecordDict:
     """The oracle's validation loss at each candidate Theta the message carries (the ledger's coalitions)."""
-    if oracle.kind == "finetune":
-        oracle.restore(oracle.round + 1)
-    numel, metrics = sum(p.numel() for p in oracle.work.params), oracle.size()
-    for j, theta in enumerate(wire.candidates_from(message.content.array_records.get("candidates"), numel)):
+    losses = _validate_candidates(oracle, message)
+    return wire.reply(oracle.round, oracle.name, {**oracle.size(), **losses}, report=oracle.report())
+
+
+def _validate_candidates(oracle: Oracle, message: Message) -> dict[str, float]:
+    """The oracle's validation loss at each candidate Theta the message carries, as metrics loss_0, loss_1, ...
+    (fine-tuning: with its head as it was after their round); each noted for its signed report."""
+    valued, thetas = wire.candidates_from(message.content, sum(p.numel() for p in oracle.work.params))
+    if thetas and oracle.kind == "finetune":
+        oracle.restore(valued + 1)
+    losses = {}
+    for j, theta in enumerate(thetas):
         copy_into(oracle.work.params, theta)
         loss = oracle.work.evaluate().get(oracle.name, {}).get("loss")
         if loss is not None and math.isfinite(loss):
-            metrics[f"loss_{j}"] = float(loss)
+            losses[f"loss_{j}"] = float(loss)
             if oracle.witness is not None:
                 oracle.witness.note({"theta": vector_sha256(theta), "loss": float(loss)})
-    report = oracle.witness.report(oracle.round) if oracle.witness is not None else None
-    return wire.reply(oracle.round, oracle.name, metrics, statement=report)
+    return losses
 
 
 def _keep_model(oracle: Oracle, message: Message) -> RecordDict:

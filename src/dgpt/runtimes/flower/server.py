@@ -31,12 +31,12 @@ from dgpt.data.tokenizer import TextTokenizer
 from dgpt.errors import DgptError
 from dgpt.fileio import write_text
 from dgpt.federation.aggregate import mean_weights
-from dgpt.federation.codec import Codec
+from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.signing import public_hex, vector_sha256
-from dgpt.federation.strategy import Strategy
+from dgpt.federation.strategy import RoundResult, Strategy
 from dgpt.logs import messages_to
 from dgpt.runtimes.flower import wire
-from dgpt.runtimes.contribution import ContributionLedger
+from dgpt.runtimes.contribution import Coalitions, ContributionLedger, Valuation
 from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.identity import own_key, public_key
 from dgpt.runtimes.finetune import schedule, shared_body, starting_point
@@ -50,7 +50,7 @@ from dgpt.train.task_eval import METRICS
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
-POLL_S = 0.2
+POLL_S = 0.05  # the ServerApp's wait between asking the SuperLink for replies
 
 
 class Aggregator:
@@ -71,6 +71,25 @@ class Replies:
     refused: dict[str, str] = field(default_factory=dict)  # oracle -> why its reply was not used
 
 
+@dataclass
+class Unrecorded:
+    """A round the Strategy applied whose ledger record (and round checkpoint) waits for the validation of its
+    coalitions' Thetas: they ride on the next messages to the oracles (the next round's train message, or this
+    round's validation), so valuing a round costs no message of its own."""
+
+    rnd: int
+    result: RoundResult
+    received: dict[str, Payload]
+    statements: dict[str, dict]
+    theta: str  # the hash of the Theta the round was sent
+    coalitions: Coalitions | None  # None: nothing to validate (`valuation` is the round's)
+    valuation: Valuation | None = None
+    losses: list[dict[str, float]] = field(default_factory=list)  # each coalition's, as validated so far
+
+    def waiting(self) -> bool:
+        return self.coalitions is not None and len(self.losses) < len(self.coalitions.thetas)
+
+
 def server_work(config: Config, kind: str) -> Work:
     """What the server holds of the `kind` of work: the shared model only (it trains nothing itself and validates
     through its SuperNodes). Fine-tuning's number of rounds waits for the oracles' sizes (see `finetune.schedule`)."""
@@ -87,6 +106,7 @@ def server_work(config: Config, kind: str) -> Work:
 
 class FlowerServer:
     ledger: ContributionLedger | None = None  # from round 1 (the oracles' first replies tell their sizes)
+    unrecorded: Unrecorded | None = None
 
     def __init__(self, config: Config, grid: Grid, kind: str = "pretrain"):
         self.config, self.grid, self.kind, fed = config, grid, kind, config.federation
@@ -104,6 +124,7 @@ class FlowerServer:
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
         self.pending: dict[str, list[dict]] = {}  # each oracle's signed loss reports since the last record
         self.kept: set[str] = set()  # the oracles that keep the final model in their run directory
+        self.told: dict[str, str] = {}  # oracle -> the hash of the newest ledger head it answered a message with
 
     def run(self) -> None:
         fed, work = self.config.federation, self.work
@@ -133,8 +154,6 @@ class FlowerServer:
         for rnd in range(start + 1, work.rounds + 1):
             record = self._round(rnd)
             report.round(record, self.strategy)
-            if rnd % fed.checkpoint_interval == 0 or rnd == work.rounds:
-                self._save(rnd)
         report.finished(self.strategy)
         if self.skipped:
             logger.warning(f"round(s) {', '.join(map(str, self.skipped))} of {work.rounds} did not move the model "
@@ -173,8 +192,9 @@ class FlowerServer:
     def _deliver(self, rnd: int) -> None:
         """Round `rnd`'s model into every SuperNode's run directory (its tokenizer and config are there), where `dgpt
         eval`, `generate` and `predict` run on the organisation's own data."""
-        names = self.config.oracle_names()
-        missing = [n for n in names if n not in self.kept]  # the last validation asked the others to keep it
+        names, head = self.config.oracle_names(), self.ledger.signed_head["hash"] if self.ledger is not None else None
+        # the last validation asked the others to keep it; an oracle that has not seen the ledger's last head gets it
+        missing = [n for n in names if n not in self.kept or self.told.get(n, head) != head]
         replies = self._ask(wire.MODEL, rnd, missing) if missing else Replies()
         self.kept.update(replies.contents)
         for name in missing:
@@ -187,9 +207,12 @@ class FlowerServer:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
         participants = self.strategy.sample()
         theta = vector_sha256(self._theta())
-        replies = self._ask(wire.TRAIN, rnd, participants)
+        replies = self._ask(wire.TRAIN, rnd, participants)  # also brings the losses the last round's record waits for
+        self._record()
         received, train_loss, statements = {}, {}, {}
         for name, content in replies.contents.items():
+            if name not in participants:  # it validated the last round's coalitions only
+                continue
             payload, problem = wire.payload_from(content.array_records.get("delta"), self.codec)
             if problem:
                 replies.refused[name] = problem
@@ -204,17 +227,23 @@ class FlowerServer:
             logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
         admitted, refused = self.ledger.admit(rnd, theta, received, statements)
         result = self.strategy.aggregate(admitted)
-        result.rejected.update({**replies.refused, **refused})
-        valuation = self.ledger.value(result)  # each coalition's Theta validated by the oracles, through the Grid
+        result.rejected.update({**{n: r for n, r in replies.refused.items() if n in participants}, **refused})
+        coalitions = self.ledger.coalitions(result)  # each coalition's Theta, validated with the next messages
+        valuation = None if coalitions is not None else self.ledger.value(result)
         self.load_theta(self.strategy.apply(result, self.work.steps_in(rnd)))
-        self.ledger.record(rnd, result, received, valuation, statements, theta)
+        self.unrecorded = Unrecorded(rnd, result, received, statements, theta, coalitions, valuation)
+        if coalitions is None:
+            self._record()
         if result.skipped:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
             if name not in received:
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self._silence(name)}")
         last = rnd == self.work.rounds
-        valid, scores = self.validate(keep=last) if rnd % fed.eval_interval == 0 or last else ({}, {})
+        evaluated = rnd % fed.eval_interval == 0 or last
+        valid, scores = self.validate(keep=last) if evaluated else ({}, {})
+        if evaluated:  # its coalitions rode on the validation: recorded now, not with the next round's replies
+            self._record()
         record = RoundRecord(rnd, result, train_loss, valid, scores, int(sum(self.tokens.values())))
         record.seconds, record.epsilon = time.perf_counter() - t0, dict(self.epsilon)
         figures = ", ".join(f"{k} {v}" for k, v in record.postfix().items())
@@ -222,6 +251,20 @@ class FlowerServer:
         if result.skipped:
             self.skipped.append(rnd)
         return record
+
+    def _record(self) -> None:
+        """The ledger record of the round waiting for it (its coalitions' Thetas that no message carried yet are
+        validated now), then its round checkpoint, which anchors that record."""
+        pending = self.unrecorded
+        if pending is None:
+            return
+        while pending.waiting():  # what did not fit in the messages that carried the rest
+            self._ask(wire.CANDIDATES, self.round, self.config.oracle_names())
+        self.unrecorded = None
+        valuation = pending.valuation or self.ledger.valued(pending.coalitions, pending.losses)
+        self.ledger.record(pending.rnd, pending.result, pending.received, valuation, pending.statements, pending.theta)
+        if pending.rnd % self.config.federation.checkpoint_interval == 0 or pending.rnd == self.work.rounds:
+            self._save(pending.rnd)
 
     def _silence(self, name: str) -> str:
         """Why an oracle that gave no reply may have been silent."""
@@ -241,29 +284,20 @@ class FlowerServer:
             self.kept = {n for n, c in replies.contents.items() if c.metric_records["metrics"].get("kept") == 1.0}
         return self._valid(replies)
 
-    def validate_many(self, thetas: list[torch.Tensor]) -> list[dict[str, float]]:
-        """Every reachable oracle's validation loss at each of `thetas` (the ledger's coalitions), as many per message
-        as MESSAGE_BYTES allows: one round trip, not one per coalition. Once the ledger is kept, a loss counts only
-        with the oracle's signed report of it at that Theta."""
-        per, found = max(1, MESSAGE_BYTES // (4 * self._theta().numel())), []
-        for i in range(0, len(thetas), per):
-            chunk = thetas[i:i + per]
-            replies = self._ask(wire.CANDIDATES, self.round, self.config.oracle_names(), chunk)
-            losses: list[dict[str, float]] = [{} for _ in chunk]
-            for name, content in replies.contents.items():
-                metrics = content.metric_records["metrics"]
-                signed = dict(content.config_records["statement"]) if "statement" in content.config_records else None
-                for j, theta in enumerate(chunk):
-                    loss = metrics.get(f"loss_{j}")
-                    problem = self.ledger.report_problem(name, signed, vector_sha256(theta), loss) if self.ledger else ""
-                    if problem:
-                        logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
-                    elif _finite(loss):
-                        losses[j][name] = float(loss)
-                if signed is not None:
-                    self.pending.setdefault(name, []).append(signed)
-            found += losses
-        return found
+    def _candidate_losses(self, replies: Replies, start: int, count: int) -> list[dict[str, float]]:
+        """Each oracle's validation loss at the coalition Thetas `start` to `start + count` the messages carried, where
+        its signed report states it."""
+        subjects, losses = self.unrecorded.coalitions.subjects, [{} for _ in range(count)]
+        for name, content in replies.contents.items():
+            metrics, signed = content.metric_records["metrics"], _report(content)
+            for j in range(count):
+                loss = metrics.get(f"loss_{j}")
+                problem = self.ledger.report_problem(name, signed, subjects[start + j], loss)
+                if problem:
+                    logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
+                elif _finite(loss):
+                    losses[j][name] = float(loss)
+        return losses
 
     def gather(self, local: dict[str, float]) -> dict[str, float]:
         return {**self.tokens, **local}
@@ -287,13 +321,10 @@ class FlowerServer:
             metrics = content.metric_records["metrics"]
             found = {k: metrics.get(f"valid_{k}") for k in self.work.metric_names}
             found = {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
-            signed = dict(content.config_records["statement"]) if "statement" in content.config_records else None
-            problem = self.ledger.report_problem(name, signed, theta, found.get("loss")) if self.ledger else ""
+            problem = self.ledger.report_problem(name, _report(content), theta, found.get("loss")) if self.ledger else ""
             if problem:
                 logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
                 found.pop("loss", None)
-            elif signed is not None:
-                self.pending.setdefault(name, []).append(signed)
             if "loss" in found:
                 losses[name] = found.pop("loss")
             if found:
@@ -325,31 +356,49 @@ class FlowerServer:
                 return
             time.sleep(POLL_S)
 
-    def _ask(self, kind: str, rnd: int, names: list[str], candidates: list[torch.Tensor] = (), keep: bool = False) -> Replies:
-        """Send Theta and the round id (and `candidates`) to the oracles `names` and to SuperNodes not met yet; collect
-        the replies until every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the
-        round closes."""
-        fed, replies, wanted = self.config.federation, Replies(), len(set(names))
+    def _ask(self, kind: str, rnd: int, names: list[str], keep: bool = False) -> Replies:
+        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies until
+        every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the round closes. The
+        coalition Thetas an unrecorded round waits for go along (as many as MESSAGE_BYTES allows), and to a train
+        message's non-participants in a message of their own: every oracle validates them."""
+        fed, replies = self.config.federation, Replies()
+        asked = dict.fromkeys(names, kind)
         live = set(self.grid.get_node_ids())
-        targets = [self.node_of[n] for n in names if self.node_of.get(n) in live] + sorted(live - self.met)
         head = self.ledger.signed_head if self.ledger is not None else None  # each oracle keeps it as a receipt
         content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head, keep)  # sizes: fine-tuning's rounds
-        if candidates:
-            content["candidates"] = wire.candidates_record(candidates)
-        sent = [Message(content, dst_node_id=node, message_type=kind, group_id=str(rnd)) for node in targets]
-        pending = dict(zip(self.grid.push_messages(sent), targets))  # message id -> SuperNode
-        deadline = time.monotonic() + fed.round_timeout_s
-        while pending and len(replies.contents) + len(replies.refused) < wanted:
+        pending, start, count = self.unrecorded, 0, 0
+        if pending is not None and pending.waiting():
+            start, thetas = len(pending.losses), pending.coalitions.thetas
+            count = max(1, MESSAGE_BYTES // (4 * self._theta().numel()))
+            wire.add_candidates(content, thetas[start:start + count], pending.rnd)
+            count = min(count, len(thetas) - start)
+            asked = {**dict.fromkeys(self.config.oracle_names(), wire.CANDIDATES), **asked}
+        to = {self.node_of[n]: k for n, k in asked.items() if self.node_of.get(n) in live}
+        to.update({node: kind for node in sorted(live - self.met)})
+        sent = [Message(content, dst_node_id=node, message_type=k, group_id=str(rnd)) for node, k in to.items()]
+        t0 = time.monotonic()
+        waiting = dict(zip(self.grid.push_messages(sent), to))  # message id -> SuperNode
+        deadline = t0 + fed.round_timeout_s
+        while waiting and len(replies.contents) + len(replies.refused) < len(asked):
             if time.monotonic() > deadline and len(replies.contents) >= fed.min_oracles:
                 break  # the round closes without the late
-            for reply in self.grid.pull_messages(list(pending)):
-                self._take(reply, pending.pop(reply.metadata.reply_to_message_id), rnd, names, replies, _NEEDED[kind])
-            time.sleep(POLL_S if pending else 0)
+            for reply in self.grid.pull_messages(list(waiting)):
+                self._take(reply, waiting.pop(reply.metadata.reply_to_message_id), rnd, asked, replies)
+            time.sleep(POLL_S if waiting else 0)
+        for name in replies.contents:
+            if head is not None:
+                self.told[name] = head["hash"]
+        if count:
+            pending.losses += self._candidate_losses(replies, start, count)
+        carried = f", with {count} of round {pending.rnd}'s coalition Thetas to validate" if count else ""
+        logger.info(f"round {rnd}: {len(replies.contents)} of {len(asked)} oracle(s) answered the {kind} messages in "
+                    f"{time.monotonic() - t0:.2f} s{carried}")
         return replies
 
-    def _take(self, reply: Message, node: int, rnd: int, names: list[str], replies: Replies, needed: tuple[str, ...]) -> None:
+    def _take(self, reply: Message, node: int, rnd: int, asked: dict[str, str], replies: Replies) -> None:
         """Keep a reply if it answers this round for an oracle that was asked and has not answered yet, with the
-        `needed` metrics as finite numbers (and a positive size)."""
+        metrics its message type needs as finite numbers (and a positive size); keep its signed loss report for the
+        ledger's next record."""
         if reply.has_error():
             known = [n for n, id_ in self.node_of.items() if id_ == node]
             logger.warning(f"round {rnd}: SuperNode {node} ({known[0] if known else 'not met yet'}) failed: {reply.error.reason}")
@@ -362,14 +411,14 @@ class FlowerServer:
             known = [n for n, id_ in self.node_of.items() if id_ == node]
             name = name or (known[0] if known else "not met yet")
             logger.warning(f"round {rnd}: oracle '{name}' (SuperNode {node}) cannot take part: {refused}")
-            if name in names and name not in replies.contents:
+            if name in asked and name not in replies.contents:
                 replies.refused[name] = f"its ClientApp could not take part: {refused}"
         elif said is None or said.get("round") != rnd:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node} made for round {said and said.get('round')}")
-        elif name not in names:
+        elif name not in asked:
             logger.warning(f"round {rnd}: refused a reply from SuperNode {node}: {name!r} is not an oracle asked this round")
-        elif not _has_numbers(content, needed):
-            logger.warning(f"round {rnd}: refused the reply for oracle '{name}': it lacks finite {', '.join(needed)}")
+        elif not _has_numbers(content, _NEEDED[asked[name]]):
+            logger.warning(f"round {rnd}: refused the reply for oracle '{name}': it lacks finite {', '.join(_NEEDED[asked[name]])}")
         elif name in replies.contents:
             logger.warning(f"round {rnd}: refused a second reply for oracle '{name}' (SuperNode {node})")
         else:
@@ -378,6 +427,8 @@ class FlowerServer:
             self.node_of[name] = node
             self.met.add(node)
             replies.contents[name] = content
+            if _report(content) is not None:
+                self.pending.setdefault(name, []).append(_report(content))
 
     def _resume(self) -> tuple[int, dict]:
         checkpoint = self.run_dir.latest_checkpoint()
@@ -401,6 +452,11 @@ class FlowerServer:
 _NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",), wire.MODEL: ("size",),
            wire.CANDIDATES: ("size",)}
 MESSAGE_BYTES = 1 << 30  # the most candidate Thetas one message carries, in bytes
+
+
+def _report(content: RecordDict) -> dict | None:
+    """A reply's signed report of the losses it gave (None: it sent none)."""
+    return dict(content.config_records["report"]) if "report" in content.config_records else None
 
 
 def _finite(value) -> bool:

@@ -23,7 +23,8 @@ from dgpt.federation.codec import Codec, Payload
 
 RAW = "raw"  # the Array's bytes are the tensor's memory, little-endian, C order
 # Flower message types: train H steps from Theta; validate Theta; keep Theta as the run's model (its run directory)
-# and validate each of several candidate Thetas (the ledger's coalitions), in one message
+# and validate each of several candidate Thetas (the ledger's coalitions), in one message. Train and evaluate
+# requests may carry candidate Thetas too: the oracle validates them first.
 TRAIN, EVALUATE, MODEL, CANDIDATES = "train", "evaluate", "query.model", "evaluate.candidates"
 WORKS = ("pretrain", "finetune")  # what a run trains: DUPT, or DSFT with each oracle's head on its SuperNode
 # what each tensor dtype travels as (name on the wire, the dtype the bytes are read into)
@@ -94,17 +95,24 @@ def theta_from(record, numel: int) -> torch.Tensor:
     return tensor
 
 
-def candidates_record(thetas: list[torch.Tensor]):
-    from flwr.app import ArrayRecord
+def add_candidates(content, thetas: list[torch.Tensor], rnd: int) -> None:
+    """Coalition Thetas of round `rnd` (the ledger's) for the oracle to validate, added to a request."""
+    from flwr.app import ArrayRecord, ConfigRecord
 
-    return ArrayRecord({str(i): to_array(theta.float()) for i, theta in enumerate(thetas)})
+    content["candidates"] = ArrayRecord({str(i): to_array(theta.float()) for i, theta in enumerate(thetas)})
+    content["valued"] = ConfigRecord({"round": rnd})
 
 
-def candidates_from(record, numel: int) -> list[torch.Tensor]:
-    """The candidate Thetas a message carries, in order, each checked against the model's size."""
-    if record is None or sorted(record.keys()) != sorted(map(str, range(len(record.keys())))):
-        raise DgptError("the server's candidates message holds no numbered Thetas")
-    return [theta_from({"theta": record[str(i)]}, numel) for i in range(len(record.keys()))]
+def candidates_from(content, numel: int) -> tuple[int, list[torch.Tensor]]:
+    """The round a request's candidate Thetas belong to and the Thetas, in order, each checked against the model's
+    size (no Thetas: none to validate)."""
+    record, valued = content.array_records.get("candidates"), content.config_records.get("valued")
+    if record is None:
+        return 0, []
+    if sorted(record.keys()) != sorted(map(str, range(len(record.keys())))) or valued is None \
+            or not isinstance(valued.get("round"), int):
+        raise DgptError("the server's candidate Thetas are not numbered, or carry no round")
+    return valued["round"], [theta_from({"theta": record[str(i)]}, numel) for i in range(len(record.keys()))]
 
 
 def settings_record(shared_toml: str, tokenizer_sha256: str):
@@ -142,16 +150,19 @@ def asks_to_keep(content) -> bool:
     return asked is not None and asked.get("keep") is True
 
 
-def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None, statement: dict | None = None):
+def reply(rnd: int, oracle: str, metrics: dict[str, float], payload: Payload | None = None, statement: dict | None = None,
+          report: dict | None = None):
     """A ClientApp's answer: the round and oracle it is for, its metrics, (train) its encoded pseudo-gradient, and what
-    it signed: its statement (train) or its loss report (evaluate), {body, signature}."""
+    it signed, each {body, signature}: its statement of what it trained and sent (train), its report of the
+    validation losses it gave (of Theta, or of the ledger's candidate Thetas)."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     content = RecordDict({"round": ConfigRecord({"round": rnd, "oracle": oracle}), "metrics": MetricRecord(metrics)})
     if payload is not None:
         content["delta"] = payload_record(payload)
-    if statement is not None:
-        content["statement"] = ConfigRecord(statement)
+    for key, signed in (("statement", statement), ("report", report)):
+        if signed is not None:
+            content[key] = ConfigRecord(signed)
     return content
 
 
