@@ -21,7 +21,7 @@ PHASES = {
     "spawn": "pulled -> the ClientApp process starts (the SuperExec's poll for work, then the process launch)",
     "start": "process start -> dgpt's handler runs (Python, flwr and torch imports, the task pulled from the SuperNode)",
     "setup": "dgpt's handler other than training (config, tokenizer check, shards, model, the oracle's state, signing)",
-    "train": "training: H inner steps",
+    "train": "training: H inner steps (the first also imports torch's compiler stack, which torch.optim loads)",
     "return": "answer -> the ServerApp has it (pushed to the SuperNode, its 0.5 s reply poll, the SuperLink, the "
               "ServerApp's 0.05 s poll)",
     "server": "the ServerApp until it pushes the next round (aggregation, ledger record, checkpoint, metrics)",

@@ -8,9 +8,10 @@ long-lived Ray worker processes. Then the deployment engine with the Shapley led
 the ledger's share of a round. Then where a deployment round's seconds go (`flower_timeline`). Every table has the
 previous report's figure of the same row beside the new one.
 
-Run alone on the machine (~13 min on 2 CPU cores): python benchmarks/runtime_overhead.py
-The flower rows only (~8 min; the other rows are kept from the previous report): ... --flower
-Smoke run (the deployment engine only, 3 rounds, a report in a temporary directory): ... --quick
+Run alone on the machine (~20 min on 2 CPU cores): python benchmarks/runtime_overhead.py
+The flower rows only (~17 min; the other rows are kept from the previous report): ... --flower
+Smoke run (the deployment engine only, 4 rounds, the ledger at 5 oracles, a report in a temporary directory, ~5 min):
+... --quick
 """
 
 from __future__ import annotations
@@ -164,13 +165,13 @@ def timeline_rows() -> list[list[str]]:
 def main() -> None:
     global ROUNDS, STEPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: the deployment engine only, 3 rounds, no report kept")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the deployment engine only, 4 rounds, no report kept")
     parser.add_argument("--flower", action="store_true", help="the flower rows only; the others kept from the previous report")
     args = parser.parse_args()
     before = previous(RESULTS / "runtime_overhead.md")
     labels, compressions, sizes = list(RUNTIMES), ("none", "int8"), (3, 5)
     if args.quick:
-        ROUNDS, STEPS, labels, compressions, sizes = 4, (1, 2), ["flower"], ("none",), (3,)
+        ROUNDS, STEPS, labels, compressions, sizes = 4, (1, 2), ["flower"], ("none",), (5,)
     elif args.flower:
         labels = ["flower"]
     load = machine_load()

@@ -22,11 +22,13 @@ from dgpt.train.metrics import read_metrics  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# three "domains" with different vocabularies so that oracles are non-IID
+# "domains" with different vocabularies so that oracles are non-IID (the first three in most tests)
 _WORDS = {
     "alpha": "the king queen castle sword knight lord lady crown battle horse".split(),
     "beta": "function return value list dict string integer error module class".split(),
     "gamma": "hello thanks yes no maybe movie music game friend weekend".split(),
+    "delta": "river mountain forest rain snow cloud wind stone field valley".split(),
+    "epsilon": "price market bank loan trade stock money buyer seller profit".split(),
 }
 
 
