@@ -6,8 +6,10 @@ reply's arrays are exactly the `Payload.nbytes` the Strategy counts. bf16 has no
 (round id, oracle name) or a `MetricRecord` (token counts, losses).
 
 A request (`request`) carries the round, Theta, every oracle's size and the shared settings: the TOML text of what
-every party must agree on (`dgpt.config_shared`), its sha256 and the sha256 of the server's tokenizer. A reply
-(`reply`) carries the round and oracle, its metrics and (train) its payload; a ClientApp that cannot take part
+every party must agree on (`dgpt.config_shared`), its sha256 and the sha256 of the server's tokenizer; and, while a
+round's ledger record waits for them, the coalition Thetas to validate (`candidates`, with the round they value in
+`valued`). A reply (`reply`) carries the round and oracle, its metrics (the candidates' losses as loss_0, loss_1,
+...), (train) its payload, and what the oracle signed (`statement`, `report`); a ClientApp that cannot take part
 replies with an `error` record instead (`refusal`). Each record has its own function here, to be extended.
 """
 
