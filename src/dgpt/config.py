@@ -137,6 +137,7 @@ class FederationConfig:
     timeout_s: float = 1800.0  # torchrun: a rank silent this long is treated as dead
     min_oracles: int = 1  # flower: a round closes once every asked oracle replied, or after round_timeout_s with this many
     round_timeout_s: float = 600.0  # flower: how long a round waits for every asked oracle before late ones sit it out
+    secure_aggregation: bool = False  # flower: Flower's SecAgg+ ([secagg]); the aggregator learns only the weighted mean
 
 
 @dataclass
@@ -189,6 +190,18 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Flower's SecAgg+ under `federation.secure_aggregation` (dgpt.runtimes.flower.secure): how each oracle's weighted
+    update is quantised before it is masked, and how many oracles must stay for the masks to come off."""
+
+    clipping_range: float = 1.0  # c: each coordinate of an oracle's weighted update is clipped to [-c, c]
+    quantization_range: int = 1 << 24  # T: [-c, c] is quantised to the integers 0..T (stochastic rounding): step 2c/T
+    modulus_range: int = 1 << 32  # M: the masks' modulus, a power of 2 above T x the oracles (so the sum cannot wrap)
+    num_shares: float = 1.0  # each oracle's mask seeds are shared with this fraction of the round's oracles
+    reconstruction_threshold: float = 0.67  # the fraction of those shares that unmasks it (> 0.5: see README, Privacy)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # also write every metrics.jsonl row as TensorBoard scalars to run_dir/tensorboard
     progress_interval_s: float = 30.0  # output not a terminal: seconds between one-line progress records (0: every step/round)
@@ -207,6 +220,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -357,6 +371,7 @@ def validate(config: Config, source: str) -> None:
     if config.federation.min_oracles > max(len(names), 1):
         raise DgptError(f"{source}: 'federation.min_oracles' must be at most the {len(names)} oracles declared, "
                         f"got {config.federation.min_oracles}")
+    _validate_secure(config, source)
     if config.federation.runtime == "flower" and config.ledger.method == "first_order":
         raise DgptError(f"{source}: ledger.method = 'first_order' needs the oracles' validation gradients, which the "
                         "flower runtime does not carry; use 'shapley' or 'off'")
@@ -368,6 +383,35 @@ def validate(config: Config, source: str) -> None:
         if missing:
             raise DgptError(f"{source}: mean_weights = 'given' but oracle(s) {', '.join(missing)} have no weight")
     _validate_tasks(config, source)
+
+
+def _validate_secure(config: Config, source: str) -> None:
+    """Secure aggregation gives the aggregator only the weighted mean of a round's updates: every setting that needs
+    an oracle's own update is refused, with why."""
+    fed, sa = config.federation, config.secagg
+    if not fed.secure_aggregation:
+        return
+    if fed.runtime != "flower":
+        raise DgptError(f"{source}: 'federation.secure_aggregation' is Flower's SecAgg+: set federation.runtime = 'flower' "
+                        f"(got {fed.runtime!r})")
+    if len(config.oracles) < 2:
+        raise DgptError(f"{source}: 'federation.secure_aggregation' needs at least 2 oracles: the sum of one update is that update")
+    single = {  # key -> (its value, the value that needs no single update, what the setting does with single updates)
+        "federation.aggregator": (fed.aggregator, "mean", "a robust rule ranks or trims single updates"),
+        "federation.norm_filter": (fed.norm_filter, 0.0, "the norm filter compares single updates' norms"),
+        "federation.min_cosine": (fed.min_cosine, -1.0, "the cosine filter compares single updates' directions"),
+        "federation.clip_norm": (fed.clip_norm, 0.0, "the server clips single updates"),
+        "federation.extrapolation": (fed.extrapolation, "none", "FedExP reads single updates' norms"),
+        "federation.compression": (fed.compression, "none", "SecAgg+ quantises each update itself ([secagg])"),
+        "ledger.method": (config.ledger.method, "off", "the ledger values each oracle by its own update"),
+    }
+    for key, (value, needed, why) in single.items():
+        if value != needed:
+            raise DgptError(f"{source}: '{key}' = {value!r} cannot go with federation.secure_aggregation, which shows the "
+                            f"aggregator only the weighted mean of the updates ({why}); set it to {needed!r}")
+    if sa.modulus_range <= len(config.oracles) * sa.quantization_range:
+        raise DgptError(f"{source}: 'secagg.modulus_range' {sa.modulus_range} must exceed the {len(config.oracles)} oracles x "
+                        f"'secagg.quantization_range' {sa.quantization_range}, or the masked sum wraps around")
 
 
 def _validate_tasks(config: Config, source: str) -> None:

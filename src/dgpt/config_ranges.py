@@ -73,6 +73,10 @@ RANGES: dict[str, Rule] = {
     **{f"privacy.{k}": AT_LEAST_0 for k in ("noise_multiplier", "target_epsilon")},
     "privacy.max_grad_norm": POSITIVE,
     "privacy.delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "secagg.clipping_range": POSITIVE,
+    "secagg.quantization_range": (lambda v: 2 <= v < 2**31, "in [2, 2**31) (quantised values are int32)"),
+    "secagg.modulus_range": (lambda v: 2 <= v <= 2**32 and v & (v - 1) == 0, "a power of 2 up to 2**32"),
+    **{f"secagg.{k}": (lambda v: 0 < v <= 1, "a fraction in (0, 1]") for k in ("num_shares", "reconstruction_threshold")},
     "log.progress_interval_s": AT_LEAST_0,
 }
 

@@ -15,7 +15,7 @@ from dgpt.config import Config, config_from_dict, dump_data, parse_toml
 from dgpt.errors import DgptError
 
 # every key of these sections is shared, except those LOCAL names
-SHARED = ("seed", "model", "tokenizer", "oracles", "pretrain", "federation", "finetune", "ledger", "privacy")
+SHARED = ("seed", "model", "tokenizer", "oracles", "pretrain", "federation", "finetune", "ledger", "privacy", "secagg")
 # a party's own: where its run directory is, how it prepares its text, its device, its logs, the paths it reads
 # (a tokenizer recipe's files, the pre-trained run to fine-tune from, the aggregator's public key file: each
 # machine has its own copy)

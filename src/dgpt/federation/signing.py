@@ -100,8 +100,9 @@ def report_body(genesis: str, rnd: int, oracle: str, entries: list[dict]) -> dic
     return {"kind": "report", "genesis": genesis, "round": rnd, "oracle": oracle, "entries": entries}
 
 
-def train_problem(body: dict, genesis: str, rnd: int, oracle: str, theta: str, payload: Payload) -> str:
-    """What is wrong with an oracle's train statement for the payload that arrived ("" when nothing)."""
+def train_problem(body: dict, genesis: str, rnd: int, oracle: str, theta: str, payload: Payload | None) -> str:
+    """What is wrong with an oracle's train statement for the payload that arrived ("" when nothing). `payload` None:
+    the aggregator never saw it (secure aggregation), and the payload's hash stays the oracle's word."""
     expected = {"kind": "train", "genesis": genesis, "oracle": oracle}
     for key, value in expected.items():
         if body.get(key) != value:
@@ -110,7 +111,7 @@ def train_problem(body: dict, genesis: str, rnd: int, oracle: str, theta: str, p
         return f"its statement is for round {body.get('round')!r}, not {rnd}"
     if body.get("theta") != theta:
         return "its statement is for another Theta than the one this round sent"
-    if body.get("payload_sha256") != payload_sha256(payload) or body.get("bytes") != payload.nbytes:
+    if payload is not None and (body.get("payload_sha256") != payload_sha256(payload) or body.get("bytes") != payload.nbytes):
         return "its statement names another payload than the one that arrived"
     if not isinstance(body.get("tokens"), int) or "train_loss" not in body:
         return "its statement lacks its tokens or train loss"

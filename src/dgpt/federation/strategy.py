@@ -98,6 +98,27 @@ class Strategy:
             result.update, result.agreement, result.scale = self.combine(deltas)
         return result
 
+    def aggregate_sum(self, update: torch.Tensor | None, arrived: list[str], bytes_received: dict[str, int],
+                      problem: str = "") -> RoundResult:
+        """A round whose updates arrived already combined (secure aggregation: the aggregator holds only their weighted
+        mean, none of them): the mean checked for shape and finiteness, nothing decoded, clipped or valued one by one.
+        `problem`: why the mean cannot be used (every update of `arrived` is in it, so none can be left out)."""
+        result = RoundResult(list(arrived), [], {}, {}, dict(bytes_received))
+        if not problem and (update is None or update.dtype != torch.float32 or update.shape != (self.codec.numel,)):
+            problem = "no mean of the updates arrived" if update is None else (
+                f"the mean is {update.dtype} {tuple(update.shape)} where float32 ({self.codec.numel},) was expected")
+        problem = problem or ("" if is_finite(update) else "NaN/Inf in the mean of the updates")
+        if problem:
+            result.rejected = {n: f"the round's masked sum was not used: {problem}" for n in arrived}
+            result.skipped = f"{problem}: Theta did not move"
+        else:
+            result.accepted, result.update, result.scale = list(arrived), update, 1.0
+        return result
+
+    def shares(self, names: list[str]) -> dict[str, float]:
+        """Each of `names`' weight in the mean of their updates (normalised, capped at `max_weight_share`)."""
+        return cap_shares(normalise(self.weights, names), self.fed.max_weight_share)
+
     def _out_of_line(self, deltas: dict[str, torch.Tensor], norms: dict[str, float]) -> dict[str, str]:
         """Updates left out before the rule combines the rest, and why: a norm over `norm_filter` times the round's
         median norm, or a direction at a cosine under `min_cosine` with the coordinate-wise median of the updates
@@ -135,7 +156,7 @@ class Strategy:
         fed = self.fed
         names = list(deltas) if fed.aggregator == "mean" else sorted(deltas, key=self.order.__getitem__)
         norms = {n: float(d.norm()) for n, d in deltas.items()}
-        w = cap_shares(normalise(self.weights, names), fed.max_weight_share)
+        w = self.shares(names)
         clipped = [clip_to_norm(deltas[n], fed.clip_norm) for n in names]
         if fed.aggregator != "mean":  # the coordinate-wise median ranks updates: it gains from bucketing by default
             clipped = bucket_means(clipped, fed.bucket_size or (2 if fed.aggregator == "median" else 1), ROBUST_MIN)

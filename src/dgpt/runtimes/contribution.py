@@ -103,15 +103,20 @@ class ContributionLedger:
     def admit(self, rnd: int, theta: str, received: dict[str, Payload], statements: dict[str, dict]) -> tuple[dict, dict]:
         """The payloads whose oracle's signed statement holds and names this round, this Theta and these very bytes;
         and the others' oracles with why not (they are rejected like a bad payload)."""
-        admitted, refused = {}, {}
+        refused = self.statements_refused(rnd, theta, received, statements)
+        return {n: p for n, p in received.items() if n not in refused}, refused
+
+    def statements_refused(self, rnd: int, theta: str, received: dict[str, Payload | None],
+                           statements: dict[str, dict]) -> dict[str, str]:
+        """The oracles of `received` whose signed statement does not hold or name this round, this Theta and (unless the
+        payload is None: secure aggregation, where the aggregator never sees it) these very bytes, with why."""
+        refused = {}
         for name, payload in received.items():
             body, problem = opened(statements[name], self.keys[name]) if name in statements else (None, "it sent no statement")
             problem = problem or train_problem(body, self.genesis, rnd, name, theta, payload)
             if problem:
                 refused[name] = f"statement refused: {problem}"
-            else:
-                admitted[name] = payload
-        return admitted, refused
+        return refused
 
     def report_problem(self, name: str, signed: dict | None, theta: str, loss: float | None) -> str:
         """What is wrong with an oracle's signed report of its validation loss at `theta` ("" when it holds)."""

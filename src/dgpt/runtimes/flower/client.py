@@ -51,14 +51,14 @@ from dgpt.federation.signing import vector_sha256
 from dgpt.fileio import atomic_path, torch_save, write_text
 from dgpt.logs import messages_to
 from dgpt.train.checkpoint import save_checkpoint, weights_of
-from dgpt.runtimes.flower import wire
+from dgpt.runtimes.flower import secure, wire
 from dgpt.runtimes.federated import Work, copy_into, load_oracle_state, pretraining_work, train_round
 from dgpt.runtimes.finetune import finetune_work
 from dgpt.runtimes.identity import Witness, own_key, public_key
 from dgpt.rundir import RunDir, check_oracle_name
 
 logger = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[secure.secure_mod])  # Flower's SecAgg+ for the train messages of its workflow
 KEEP_STATES = 3  # an oracle keeps its newest few states: enough for a server that resumes from an older checkpoint
 
 
@@ -240,6 +240,9 @@ def _train(oracle: Oracle, message: Message) -> RecordDict:
     """H inner steps from the Theta of round `rnd`; the reply: the encoded pseudo-gradient, tokens and loss (and the
     losses of the candidate Thetas the message carried)."""
     rnd, theta = oracle.round, oracle.theta(message)
+    if oracle.config.federation.secure_aggregation and not secure.masking():
+        raise DgptError("the federation's settings ask for secure aggregation, but this train message did not come "
+                        "through SecAgg+: this oracle sends its update only masked")
     losses = _validate_candidates(oracle, message)
     oracle.forget(rnd)
     oracle.restore(rnd)
@@ -256,7 +259,8 @@ def _train(oracle: Oracle, message: Message) -> RecordDict:
     spent = {"privacy_epsilon": loop.privacy.epsilon()} if loop.privacy is not None else {}
     statement = oracle.witness and oracle.witness.train_statement(
         rnd, vector_sha256(theta), payload, loop.tokens - before, loss, spent.get("privacy_epsilon"))
-    metrics = {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent, **losses}
+    masked = secure.masked_metrics(message, delta, oracle.config.secagg)
+    metrics = {**oracle.size(), "train_loss": loss, "tokens": float(loop.tokens), **spent, **losses, **masked}
     return wire.reply(rnd, oracle.name, metrics, payload, statement, oracle.report())
 
 
@@ -308,7 +312,10 @@ def _keep_model(oracle: Oracle, message: Message) -> RecordDict:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    return _answer(message, context, _train)
+    if not secure.masking():
+        return _answer(message, context, _train)
+    secure.open_fitins(message)  # under SecAgg+ the request comes as a FitIns, the reply goes as a FitRes it masks
+    return Message(secure.as_fitres(_answer(message, context, _train).content), reply_to=message)
 
 
 @app.evaluate()

@@ -35,7 +35,7 @@ from dgpt.federation.codec import Codec, Payload
 from dgpt.federation.signing import public_hex, vector_sha256
 from dgpt.federation.strategy import RoundResult, Strategy
 from dgpt.logs import messages_to
-from dgpt.runtimes.flower import wire
+from dgpt.runtimes.flower import secure, wire
 from dgpt.runtimes.contribution import Coalitions, ContributionLedger, Valuation
 from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.identity import own_key, public_key
@@ -207,27 +207,25 @@ class FlowerServer:
         t0, fed, self.round = time.perf_counter(), self.config.federation, rnd
         participants = self.strategy.sample()
         theta = vector_sha256(self._theta())
-        replies = self._ask(wire.TRAIN, rnd, participants)  # also brings the losses the last round's record waits for
-        self._record()
         received, train_loss, statements = {}, {}, {}
-        for name, content in replies.contents.items():
-            if name not in participants:  # it validated the last round's coalitions only
-                continue
-            payload, problem = wire.payload_from(content.array_records.get("delta"), self.codec)
-            if problem:
-                replies.refused[name] = problem
-                continue
-            received[name] = payload
-            if "statement" in content.config_records:
-                statements[name] = dict(content.config_records["statement"])
-            metrics = content.metric_records["metrics"]
-            train_loss[name], self.tokens[name] = float(metrics["train_loss"]), float(metrics["tokens"])
-            if isinstance(metrics.get("privacy_epsilon"), (int, float)):  # as the oracle's accountant reports it
-                self.epsilon[name] = float(metrics["privacy_epsilon"])
-            logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
-        admitted, refused = self.ledger.admit(rnd, theta, received, statements)
-        result = self.strategy.aggregate(admitted)
-        result.rejected.update({**{n: r for n, r in replies.refused.items() if n in participants}, **refused})
+        if fed.secure_aggregation:  # the ledger values nothing then: no coalition waits on this round's messages
+            result = self._masked(rnd, participants, theta, train_loss, statements)
+        else:
+            replies = self._ask(wire.TRAIN, rnd, participants)  # also brings the losses the last round's record waits for
+            self._record()
+            for name, content in replies.contents.items():
+                if name not in participants:  # it validated the last round's coalitions only
+                    continue
+                payload, problem = wire.payload_from(content.array_records.get("delta"), self.codec)
+                if problem:
+                    replies.refused[name] = problem
+                    continue
+                received[name] = payload
+                self._note(name, content, train_loss, statements)
+                logger.info(f"round {rnd}: oracle '{name}' replied with {wire.payload_bytes(content['delta']):,} bytes of arrays")
+            admitted, refused = self.ledger.admit(rnd, theta, received, statements)
+            result = self.strategy.aggregate(admitted)
+            result.rejected.update({**{n: r for n, r in replies.refused.items() if n in participants}, **refused})
         coalitions = self.ledger.coalitions(result)  # each coalition's Theta, validated with the next messages
         valuation = None if coalitions is not None else self.ledger.value(result)
         self.load_theta(self.strategy.apply(result, self.work.steps_in(rnd)))
@@ -237,7 +235,7 @@ class FlowerServer:
         if result.skipped:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
-            if name not in received:
+            if name not in received and name not in result.participants:  # (secure aggregation: nothing is received)
                 logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self._silence(name)}")
         last = rnd == self.work.rounds
         evaluated = rnd % fed.eval_interval == 0 or last
@@ -265,6 +263,44 @@ class FlowerServer:
         self.ledger.record(pending.rnd, pending.result, pending.received, valuation, pending.statements, pending.theta)
         if pending.rnd % self.config.federation.checkpoint_interval == 0 or pending.rnd == self.work.rounds:
             self._save(pending.rnd)
+
+    def _note(self, name: str, content: RecordDict, train_loss: dict[str, float], statements: dict[str, dict]) -> None:
+        """What an oracle's train reply says besides its update: its statement, train loss, tokens and (DP) epsilon."""
+        if "statement" in content.config_records:
+            statements[name] = dict(content.config_records["statement"])
+        metrics = content.metric_records["metrics"]
+        train_loss[name], self.tokens[name] = float(metrics["train_loss"]), float(metrics["tokens"])
+        if isinstance(metrics.get("privacy_epsilon"), (int, float)):  # as the oracle's accountant reports it
+            self.epsilon[name] = float(metrics["privacy_epsilon"])
+
+    def _masked(self, rnd: int, participants: list[str], theta: str, train_loss: dict[str, float],
+                statements: dict[str, dict]) -> RoundResult:
+        """A round under secure aggregation: the oracles' updates come back only as their weighted mean (SecAgg+). Each
+        reply's statement is checked as far as the aggregator can (not its payload's hash: it never sees the payload); a
+        reply or statement refused taints the mean it is part of, so the round then leaves Theta where it is."""
+        live = set(self.grid.get_node_ids())
+        nodes = {self.node_of[n]: n for n in participants if self.node_of.get(n) in live}
+        head = self.ledger.signed_head
+        request = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head)
+        masked = secure.masked_mean(self.grid, rnd, request, self._theta(), nodes, self.strategy.shares(list(nodes.values())),
+                                    self.config)
+        for failure in masked.failures:
+            logger.warning(f"round {rnd}: a SuperNode failed in secure aggregation: {failure}")
+        replies = Replies()
+        for node, content in masked.contents.items():
+            self._keep(content, node, rnd, dict.fromkeys(participants, wire.TRAIN), replies)
+        for name, content in replies.contents.items():
+            self.told[name] = head["hash"]
+            self._note(name, content, train_loss, statements)
+            clipped = content.metric_records["metrics"].get("secagg_clipped")
+            if clipped:
+                logger.warning(f"round {rnd}: oracle '{name}' had {clipped:.0f} coordinates clipped to secagg.clipping_range")
+        arrived = [nodes[node] for node in masked.contents]
+        refused = self.ledger.statements_refused(rnd, theta, dict.fromkeys(arrived), statements)
+        unusable = [f"oracle '{n}': {refused.get(n) or 'its reply was refused'}" for n in arrived if n in refused or n not in replies.contents]
+        problem = masked.problem or (f"{'; '.join(unusable)}, and its update is inside the mean" if unusable else "")
+        bytes_received = {nodes[node]: nbytes for node, nbytes in masked.nbytes.items() if node in masked.contents}
+        return self.strategy.aggregate_sum(masked.mean, arrived, bytes_received, problem)
 
     def _silence(self, name: str) -> str:
         """Why an oracle that gave no reply may have been silent."""
@@ -396,14 +432,16 @@ class FlowerServer:
         return replies
 
     def _take(self, reply: Message, node: int, rnd: int, asked: dict[str, str], replies: Replies) -> None:
-        """Keep a reply if it answers this round for an oracle that was asked and has not answered yet, with the
-        metrics its message type needs as finite numbers (and a positive size); keep its signed loss report for the
-        ledger's next record."""
         if reply.has_error():
             known = [n for n, id_ in self.node_of.items() if id_ == node]
             logger.warning(f"round {rnd}: SuperNode {node} ({known[0] if known else 'not met yet'}) failed: {reply.error.reason}")
-            return
-        content = reply.content
+        else:
+            self._keep(reply.content, node, rnd, asked, replies)
+
+    def _keep(self, content: RecordDict, node: int, rnd: int, asked: dict[str, str], replies: Replies) -> None:
+        """Keep a reply if it answers this round for an oracle that was asked (`asked`: oracle -> message type) and has
+        not answered yet, with the metrics its message type needs as finite numbers (and a positive size); keep its
+        signed loss report for the ledger's next record."""
         said = content.config_records.get("round")
         name = said.get("oracle") if said is not None else None
         refused = wire.refusal_reason(content)
