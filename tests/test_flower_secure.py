@@ -37,7 +37,7 @@ SECURE = {"oracles": [{"name": "alpha"}, {"name": "beta"}],
     ("federation", "compression", "int8", "'federation.compression' = 'int8' cannot go"),
     ("ledger", "method", "shapley", "'ledger.method' = 'shapley' cannot go"),
     ("ledger", "method", "first_order", "'ledger.method' = 'first_order' cannot go"),
-    ("federation", "runtime", "sim", "is Flower's SecAgg\\+: set federation.runtime = 'flower'"),
+    ("federation", "runtime", "sim", "'federation.secure_aggregation' is Flower's SecAgg\\+: set federation.runtime = 'flower'"),
     ("secagg", "modulus_range", 1 << 24, "'secagg.modulus_range' 16777216 must exceed the 2 oracles"),
     ("secagg", "modulus_range", 3 << 30, "'secagg.modulus_range' must be a power of 2 up to 2\\*\\*32"),
     ("secagg", "quantization_range", 1 << 31, "'secagg.quantization_range' must be in \\[2, 2\\*\\*31\\)"),
@@ -164,6 +164,7 @@ def test_secure_aggregation_on_the_simulation_engine_equals_sim(tmp_path):
 
     ledger = read_metrics(config.run_path / "ledger.jsonl")
     for record in ledger[1:]:
+        assert record["secure_aggregation"] is True
         assert {n: o["status"] for n, o in record["oracles"].items()} == dict.fromkeys(names, "accepted")
         assert all("statement" in o and "payload_sha256" not in o and o["bytes"] > 4 * numel for o in record["oracles"].values())
     run = RunDir(config.run_dir)

@@ -253,6 +253,8 @@ class ContributionLedger:
         record = {"round": rnd, "kind": "round", "theta_before": before, "theta_after": self.theta_hash,
                   "theta_sent": theta_sent, "oracles": oracles,
                   "cost": {"evaluations": valuation.evaluations, "seconds": round(valuation.seconds, 6)}}
+        if self.config.federation.secure_aggregation:  # no payload reached the aggregator: its hash is the oracle's word
+            record["secure_aggregation"] = True
         if result.skipped:
             record["skipped"] = result.skipped
         if valuation.full is not None:

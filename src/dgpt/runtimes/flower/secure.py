@@ -228,11 +228,11 @@ def _checked_mean(res: FitRes, weights: list[float], sa: SecAggConfig) -> tuple[
     arrays = parameters_to_ndarrays(res.parameters)
     if len(arrays) != 1:
         return None, f"the unmasked sum holds {len(arrays)} arrays, not 1"
-    mean = torch.from_numpy(np.asarray(arrays[0], dtype=np.float64).reshape(-1))
+    mean = np.asarray(arrays[0], dtype=np.float64).reshape(-1)
     bound = len(weights) * sa.clipping_range * (1 + 2 / sa.quantization_range) / sum(quantised(weights, sa))
-    if not bool(torch.isfinite(mean).all()) or float(mean.abs().max(initial=0.0)) > bound * (1 + 1e-9):
+    if not np.isfinite(mean).all() or np.abs(mean).max(initial=0.0) > bound * (1 + 1e-9):
         return None, f"the unmasked mean is not finite or beyond +-{bound:.3g}: the masks did not come off"
-    return mean.float(), ""
+    return torch.from_numpy(mean).float(), ""
 
 
 def _flat(content: RecordDict) -> dict:
