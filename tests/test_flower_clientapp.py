@@ -241,3 +241,11 @@ def test_the_ledger_values_a_round_without_a_message_of_its_own(tmp_path, monkey
     run = RunDir(config.run_dir)
     checked = verify_ledger(run.root, [run.receipts(n) for n in config.oracle_names()], run.keys)
     assert checked.confirmed == {n: [0, 1, 2] for n in config.oracle_names()}
+
+
+def test_a_clientapp_sends_no_plain_update_when_the_settings_ask_for_secure_aggregation(prepared, tmp_path):
+    """A train message that did not come through SecAgg+ (a server that skips it) gets a refusal, not the update."""
+    asking = dataclasses.replace(prepared, federation=dataclasses.replace(prepared.federation, secure_aggregation=True),
+                                 ledger=dataclasses.replace(prepared.ledger, method="off"))
+    content = ask(asking, supernode_file(prepared, tmp_path / "own.toml"), "alpha", 1)
+    assert "did not come through SecAgg+" in wire.refusal_reason(content) and not content.array_records

@@ -5,7 +5,9 @@ quantisation's bound, the run equals sim's, and the ServerApp never receives an 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from conftest import tiny_config
+from conftest import strategy, tiny_config
 from dgpt import api
 from dgpt.audit import verify_ledger
 from dgpt.config import config_from_dict, load_config
@@ -64,6 +66,20 @@ def test_secure_aggregation_settings_are_shared(tmp_path):
     own.write_text('[[oracles]]\nname = "alpha"\n[federation]\nsecure_aggregation = false\n[secagg]\nclipping_range = 9.0\n')
     mine = with_local(shared_toml(server), load_config(own), "alpha")
     assert mine.federation.secure_aggregation and mine.secagg == server.secagg
+
+
+def test_a_masked_mean_is_checked_and_applied_as_a_whole():
+    """The Strategy takes a secure round's mean as one update (weights as for the plain mean); a mean of the wrong shape,
+    not finite, or with a refused oracle's update inside moves nothing, and every oracle in it is rejected."""
+    s = strategy({"alpha": 1.0, "beta": 3.0}, 4)
+    assert s.shares(["alpha", "beta"]) == {"alpha": 0.25, "beta": 0.75}
+    taken = s.aggregate_sum(torch.ones(4), ["alpha", "beta"], {"alpha": 99, "beta": 99})
+    assert taken.accepted == ["alpha", "beta"] and torch.equal(taken.update, torch.ones(4)) and not taken.skipped
+    for update, problem, why in ((torch.ones(3), "", r"float32 \(4,\)"), (torch.tensor([1.0, float("nan"), 0, 0]), "", "NaN"),
+                                 (torch.ones(4), "oracle 'alpha': statement refused", "statement refused"), (None, "", "no mean")):
+        spoiled = s.aggregate_sum(update, ["alpha", "beta"], {}, problem)
+        assert spoiled.update is None and spoiled.accepted == [] and set(spoiled.rejected) == {"alpha", "beta"}
+        assert re.search(why, spoiled.skipped) and spoiled.skipped.endswith("Theta did not move")
 
 
 # FedAvg (outer lr 1, no momentum): Theta moves by exactly the round's mean, which the test reads back from the Thetas.
