@@ -6,7 +6,8 @@ whose run config's `probe` names a folder). Nothing of dgpt is replaced:
   ServerApp process ever receives from the SuperNodes;
 - the ClientApp is dgpt's handlers behind dgpt's mods, plus one mod inside SecAgg+'s that writes aside, in
   PROBE/client/, the Theta each train request carries and the true pseudo-gradient and weight of each reply before
-  SecAgg+ masks it.
+  SecAgg+ masks it; the SuperNode the run config's `drop` names ("PARTITION:ROUND") drops out in that round after
+  sharing its keys, before it sends its masked vector.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def write_aside(message: Message, context: Context, call_next) -> Message:
     if not secure.masking():
         return call_next(message, context)
     folder = _folder(context, "client")
-    (theta,) = parameters_to_ndarrays(compat.recorddict_to_fitins(message.content, keep_input=True).parameters)
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    if str(context.run_config.get("drop")) == f"{context.node_config['partition-id']}:{fitins.config['c.round.round']}":
+        raise RuntimeError("this SuperNode drops out after sharing its keys")
+    (theta,) = parameters_to_ndarrays(fitins.parameters)
     reply = call_next(message, context)
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     name, rnd = fitres.metrics["c.round.oracle"], fitres.metrics["c.round.round"]
