@@ -30,6 +30,7 @@ from dgpt.errors import DgptError  # noqa: E402
 from dgpt.rundir import RunDir  # noqa: E402
 from dgpt.runinfo import info_lines  # noqa: E402
 from dgpt.runtimes.flower import client, wire  # noqa: E402
+from dgpt.runtimes.flower import exchange  # noqa: E402
 from dgpt.runtimes.flower import server as flower_server  # noqa: E402
 from dgpt.runtimes.flower.app import write_flower_app  # noqa: E402
 from dgpt.runtimes.flower.server import FlowerServer  # noqa: E402
@@ -133,14 +134,10 @@ class Refusing(Grid):
 
 
 def test_the_server_logs_refusals_and_a_round_of_refusals_moves_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(flower_server, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
-    server = FlowerServer.__new__(FlowerServer)
-    server.config = SimpleNamespace(federation=SimpleNamespace(round_timeout_s=60.0, min_oracles=1))
-    server.work, server.kind = SimpleNamespace(params=[torch.zeros(3)], sizes={"alpha": 1.0, "beta": 1.0}), "pretrain"
-    server.node_of, server.met, server.settings = {}, set(), wire.settings_record("seed = 1\n", "0" * 64)
-    server.grid = Refusing(3, {11: "alpha", 12: "beta"})
-    with caplog.at_level(logging.WARNING):
-        replies = server._ask(wire.TRAIN, 3, ["alpha", "beta"])  # ends at once: every oracle answered
+    monkeypatch.setattr(exchange, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
+    server = exchange.Exchange(SimpleNamespace(round_timeout_s=60.0, min_oracles=1), Refusing(3, {11: "alpha", 12: "beta"}))
+    with caplog.at_level(logging.WARNING):  # ends at once: every oracle answered
+        replies = server.ask(RecordDict(), dict.fromkeys(["alpha", "beta"], wire.TRAIN), wire.TRAIN, 3, None)
     assert replies.contents == {} and set(replies.refused) == {"alpha", "beta"}
     assert "round 3: oracle 'alpha' (SuperNode 11) cannot take part: bad shards" in caplog.text
     result = strategy({"alpha": 1.0, "beta": 1.0}, 3).aggregate({})

@@ -18,11 +18,11 @@ from dgpt import api  # noqa: E402
 from dgpt.config import config_from_dict  # noqa: E402
 from dgpt.errors import DgptError  # noqa: E402
 from dgpt.federation.codec import Codec  # noqa: E402
-from dgpt.runtimes.flower import server as flower_server  # noqa: E402
-from dgpt.runtimes.flower import wire  # noqa: E402
-from dgpt.runtimes.flower.server import FlowerServer, Replies  # noqa: E402
+from dgpt.runtimes.flower import exchange, wire  # noqa: E402
+from dgpt.runtimes.flower.exchange import Exchange, Replies  # noqa: E402
 
 SEGMENTS = [300, 45, 7]
+FED = SimpleNamespace(round_timeout_s=60.0, min_oracles=1)
 
 
 @pytest.mark.parametrize("kind", ["none", "bf16", "int8"])
@@ -67,16 +67,15 @@ def _reply(rnd, oracle, size=1.0):
 
 
 def test_server_refuses_stale_unknown_and_duplicate_replies(tmp_path):
-    server = FlowerServer.__new__(FlowerServer)
-    server.node_of, server.met = {}, set()
+    server = Exchange(FED, None)
     replies, asked = Replies(), {"alpha": wire.EVALUATE, "beta": wire.EVALUATE}
-    server._take(_reply(3, "alpha"), 11, 4, asked, replies)  # made from round 3's Theta
-    server._take(_reply(4, "mallory"), 12, 4, asked, replies)  # no such oracle asked
-    server._take(_reply(4, "beta", float("nan")), 12, 4, asked, replies)  # its size is no number
-    server._take(_reply(4, "beta"), 12, 4, {**asked, "beta": wire.TRAIN}, replies)  # no train loss
+    server.take(_reply(3, "alpha"), 11, 4, asked, replies)  # made from round 3's Theta
+    server.take(_reply(4, "mallory"), 12, 4, asked, replies)  # no such oracle asked
+    server.take(_reply(4, "beta", float("nan")), 12, 4, asked, replies)  # its size is no number
+    server.take(_reply(4, "beta"), 12, 4, {**asked, "beta": wire.TRAIN}, replies)  # no train loss
     assert replies.contents == {}
-    server._take(_reply(4, "alpha"), 11, 4, asked, replies)
-    server._take(_reply(4, "alpha"), 13, 4, asked, replies)  # a second SuperNode claiming alpha
+    server.take(_reply(4, "alpha"), 11, 4, asked, replies)
+    server.take(_reply(4, "alpha"), 13, 4, asked, replies)  # a second SuperNode claiming alpha
     assert list(replies.contents) == ["alpha"] and server.node_of == {"alpha": 11}
 
 
@@ -104,15 +103,11 @@ class Grid:
 def test_a_round_ends_once_every_asked_oracle_answered(monkeypatch):
     """alpha's old SuperNode (11) is still listed but silent; alpha answers from a new one (12): the round does not
     wait out round_timeout_s for the old one, and alpha is now reached at 12."""
-    monkeypatch.setattr(flower_server, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
-    server = FlowerServer.__new__(FlowerServer)
-    server.config = SimpleNamespace(federation=SimpleNamespace(round_timeout_s=60.0, min_oracles=1))
-    server.work, server.kind = SimpleNamespace(params=[torch.zeros(3)], sizes={"alpha": 1.0, "beta": 1.0}), "pretrain"
+    monkeypatch.setattr(exchange, "Message", lambda content, **meta: SimpleNamespace(content=content, **meta))
+    server = Exchange(FED, Grid(2, {11: None, 12: "alpha", 13: "beta"}))
     server.node_of, server.met = {"alpha": 11, "beta": 13}, {11, 13}
-    server.settings = wire.settings_record("seed = 1\n", "0" * 64)
-    server.grid = Grid(2, {11: None, 12: "alpha", 13: "beta"})
     t0 = time.monotonic()
-    replies = server._ask(wire.EVALUATE, 2, ["alpha", "beta"])
+    replies = server.ask(RecordDict(), dict.fromkeys(["alpha", "beta"], wire.EVALUATE), wire.EVALUATE, 2, None)
     assert time.monotonic() - t0 < 10
     assert sorted(replies.contents) == ["alpha", "beta"] and server.node_of == {"alpha": 12, "beta": 13}
     assert sorted(m.dst_node_id for m in server.grid.sent.values()) == [11, 12, 13]

@@ -15,13 +15,12 @@ its SuperNode, which the server never sees).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch.nn.utils import parameters_to_vector
 
@@ -36,6 +35,7 @@ from dgpt.federation.signing import public_hex, vector_sha256
 from dgpt.federation.strategy import RoundResult, Strategy
 from dgpt.logs import messages_to
 from dgpt.runtimes.flower import secure, wire
+from dgpt.runtimes.flower.exchange import Exchange, Replies, finite, signed_report
 from dgpt.runtimes.contribution import Coalitions, ContributionLedger, Valuation
 from dgpt.runtimes.federated import Work, copy_into
 from dgpt.runtimes.identity import own_key, public_key
@@ -50,7 +50,6 @@ from dgpt.train.task_eval import METRICS
 
 logger = logging.getLogger(__name__)
 app = ServerApp()
-POLL_S = 0.05  # the ServerApp's wait between asking the SuperLink for replies
 
 
 class Aggregator:
@@ -61,14 +60,6 @@ class Aggregator:
 
     def gather_texts(self, local: dict[str, str]) -> dict[str, str]:
         return dict(local)
-
-
-@dataclass
-class Replies:
-    """What one round's messages brought back, by oracle."""
-
-    contents: dict[str, RecordDict] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)  # oracle -> why its reply was not used
 
 
 @dataclass
@@ -116,19 +107,16 @@ class FlowerServer:
         self.settings = wire.settings_record(shared_toml(config), TextTokenizer.load(self.run_dir.tokenizer).sha256)
         logger.info(f"shared settings sha256 {self.settings['sha256']}")
         self.codec = Codec(fed.compression, [p.numel() for p in self.work.params], fed.int8_block)
-        self.node_of: dict[str, int] = {}  # oracle -> the SuperNode that last answered for it
-        self.met: set[int] = set()  # every SuperNode that ever answered
+        self.exchange = Exchange(config.federation, grid)
         self.tokens: dict[str, float] = {}  # each oracle's trained tokens, as it last reported them
         self.epsilon: dict[str, float] = {}  # DP-SGD: each oracle's epsilon spent, as its accountant last reported it
         self.transport, self.round = Aggregator(), 0
         self.skipped: list[int] = []  # this launch's rounds that did not move Theta
-        self.pending: dict[str, list[dict]] = {}  # each oracle's signed loss reports since the last record
         self.kept: set[str] = set()  # the oracles that keep the final model in their run directory
-        self.told: dict[str, str] = {}  # oracle -> the hash of the newest ledger head it answered a message with
 
     def run(self) -> None:
         fed, work = self.config.federation, self.work
-        self._wait_for_nodes()
+        self.exchange.wait_for_nodes(len(self.config.oracles))
         start, state = self._resume()
         self.round = start
         if start == 0:
@@ -165,7 +153,7 @@ class FlowerServer:
     def evaluate(self) -> None:
         """`dgpt flower-app --eval`: the newest round checkpoint validated by every SuperNode on its own data (the
         table in the log and on the ServerApp's output), then delivered into every SuperNode's run directory."""
-        self._wait_for_nodes()
+        self.exchange.wait_for_nodes(len(self.config.oracles))
         start, state = self._resume()
         if start == 0:
             raise DgptError(f"{self.run_dir.root}: no round checkpoint to evaluate; train first (`flwr run` the app)")
@@ -194,7 +182,7 @@ class FlowerServer:
         eval`, `generate` and `predict` run on the organisation's own data."""
         names, head = self.config.oracle_names(), self.ledger.signed_head["hash"] if self.ledger is not None else None
         # the last validation asked the others to keep it; an oracle that has not seen the ledger's last head gets it
-        missing = [n for n in names if n not in self.kept or self.told.get(n, head) != head]
+        missing = [n for n in names if n not in self.kept or self.exchange.told.get(n, head) != head]
         replies = self._ask(wire.MODEL, rnd, missing) if missing else Replies()
         self.kept.update(replies.contents)
         for name in missing:
@@ -236,7 +224,7 @@ class FlowerServer:
             logger.warning(f"round {rnd}: {result.skipped}")
         for name in participants:
             if name not in received and name not in result.participants:  # (secure aggregation: nothing is received)
-                logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self._silence(name)}")
+                logger.warning(f"round {rnd}: oracle '{name}' sat this round out: {result.rejected.get(name) or self.exchange.silence(name)}")
         last = rnd == self.work.rounds
         evaluated = rnd % fed.eval_interval == 0 or last
         valid, scores = self.validate(keep=last) if evaluated else ({}, {})
@@ -278,8 +266,8 @@ class FlowerServer:
         """A round under secure aggregation: the oracles' updates come back only as their weighted mean (SecAgg+). Each
         reply's statement is checked as far as the aggregator can (not its payload's hash: it never sees the payload); a
         reply or statement refused taints the mean it is part of, so the round then leaves Theta where it is."""
-        live = set(self.grid.get_node_ids())
-        nodes = {self.node_of[n]: n for n in participants if self.node_of.get(n) in live}
+        live, node_of = self.exchange.live(), self.exchange.node_of
+        nodes = {node_of[n]: n for n in participants if node_of.get(n) in live}
         head = self.ledger.signed_head
         request = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head)
         masked = secure.masked_mean(self.grid, rnd, request, self._theta(), nodes, self.strategy.shares(list(nodes.values())),
@@ -288,9 +276,9 @@ class FlowerServer:
             logger.warning(f"round {rnd}: a SuperNode failed in secure aggregation: {failure}")
         replies = Replies()
         for node, content in masked.contents.items():
-            self._keep(content, node, rnd, dict.fromkeys(participants, wire.TRAIN), replies)
+            self.exchange.keep(content, node, rnd, dict.fromkeys(participants, wire.TRAIN), replies)
         for name, content in replies.contents.items():
-            self.told[name] = head["hash"]
+            self.exchange.told[name] = head["hash"]
             self._note(name, content, train_loss, statements)
             clipped = content.metric_records["metrics"].get("secagg_clipped")
             if clipped:
@@ -301,14 +289,6 @@ class FlowerServer:
         problem = masked.problem or (f"{'; '.join(unusable)}, and its update is inside the mean" if unusable else "")
         bytes_received = {nodes[node]: nbytes for node, nbytes in masked.nbytes.items() if node in masked.contents}
         return self.strategy.aggregate_sum(masked.mean, arrived, bytes_received, problem)
-
-    def _silence(self, name: str) -> str:
-        """Why an oracle that gave no reply may have been silent."""
-        node = self.node_of.get(name)
-        if node is not None and node not in set(self.grid.get_node_ids()):
-            return (f"no reply; its SuperNode {node} left (one restarted within a minute of being killed is refused by "
-                    "the SuperLink and exits with code 305: start it again after a minute)")
-        return "no reply in time"
 
     # --- what the contribution ledger asks of the process that drives the rounds ---------------------------------
 
@@ -325,13 +305,13 @@ class FlowerServer:
         its signed report states it."""
         subjects, losses = self.unrecorded.coalitions.subjects, [{} for _ in range(count)]
         for name, content in replies.contents.items():
-            metrics, signed = content.metric_records["metrics"], _report(content)
+            metrics, signed = content.metric_records["metrics"], signed_report(content)
             for j in range(count):
                 loss = metrics.get(f"loss_{j}")
                 problem = self.ledger.report_problem(name, signed, subjects[start + j], loss)
                 if problem:
                     logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
-                elif _finite(loss):
+                elif finite(loss):
                     losses[j][name] = float(loss)
         return losses
 
@@ -346,8 +326,7 @@ class FlowerServer:
 
     def reports(self, rnd: int) -> dict[str, list[dict]]:
         """The oracles' signed loss reports since the last record (each evaluation's reply brought one)."""
-        reports, self.pending = self.pending, {}
-        return reports
+        return self.exchange.take_reports()
 
     def _valid(self, replies: Replies) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """The validation loss and other metrics (of the work's kind) each oracle reported; once the ledger is kept,
@@ -357,7 +336,7 @@ class FlowerServer:
             metrics = content.metric_records["metrics"]
             found = {k: metrics.get(f"valid_{k}") for k in self.work.metric_names}
             found = {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
-            problem = self.ledger.report_problem(name, _report(content), theta, found.get("loss")) if self.ledger else ""
+            problem = self.ledger.report_problem(name, signed_report(content), theta, found.get("loss")) if self.ledger else ""
             if problem:
                 logger.warning(f"round {self.round}: oracle '{name}''s validation loss is not used: {problem}")
                 found.pop("loss", None)
@@ -382,24 +361,11 @@ class FlowerServer:
     def _theta(self) -> torch.Tensor:
         return parameters_to_vector(self.work.params).detach()
 
-    def _wait_for_nodes(self) -> None:
-        fed, want = self.config.federation, len(self.config.oracles)
-        deadline = time.monotonic() + fed.round_timeout_s
-        while True:
-            count = len(list(self.grid.get_node_ids()))
-            if count >= want or (count >= fed.min_oracles and time.monotonic() > deadline):
-                logger.info(f"{count} SuperNode(s) connected; {want} oracle(s) declared")
-                return
-            time.sleep(POLL_S)
-
     def _ask(self, kind: str, rnd: int, names: list[str], keep: bool = False) -> Replies:
-        """Send Theta and the round id to the oracles `names` and to SuperNodes not met yet; collect the replies until
-        every oracle answered (a SuperNode it left behind, or a stranger, is not waited for) or the round closes. The
-        coalition Thetas an unrecorded round waits for go along (as many as MESSAGE_BYTES allows), and to a train
+        """Send Theta and the round id to the oracles `names` (and to SuperNodes not met yet) and collect their replies.
+        The coalition Thetas an unrecorded round waits for go along (as many as MESSAGE_BYTES allows), and to a train
         message's non-participants in a message of their own: every oracle validates them."""
-        fed, replies = self.config.federation, Replies()
         asked = dict.fromkeys(names, kind)
-        live = set(self.grid.get_node_ids())
         head = self.ledger.signed_head if self.ledger is not None else None  # each oracle keeps it as a receipt
         content = wire.request(rnd, self.kind, self._theta(), self.work.sizes, self.settings, head, keep)  # sizes: fine-tuning's rounds
         pending, start, count = self.unrecorded, 0, 0
@@ -409,64 +375,13 @@ class FlowerServer:
             wire.add_candidates(content, thetas[start:start + count], pending.rnd)
             count = min(count, len(thetas) - start)
             asked = {**dict.fromkeys(self.config.oracle_names(), wire.CANDIDATES), **asked}
-        to = {self.node_of[n]: k for n, k in asked.items() if self.node_of.get(n) in live}
-        to.update({node: kind for node in sorted(live - self.met)})
-        sent = [Message(content, dst_node_id=node, message_type=k, group_id=str(rnd)) for node, k in to.items()]
-        t0 = time.monotonic()
-        waiting = dict(zip(self.grid.push_messages(sent), to))  # message id -> SuperNode
-        deadline = t0 + fed.round_timeout_s
-        while waiting and len(replies.contents) + len(replies.refused) < len(asked):
-            if time.monotonic() > deadline and len(replies.contents) >= fed.min_oracles:
-                break  # the round closes without the late
-            for reply in self.grid.pull_messages(list(waiting)):
-                self._take(reply, waiting.pop(reply.metadata.reply_to_message_id), rnd, asked, replies)
-            time.sleep(POLL_S if waiting else 0)
-        for name in replies.contents:
-            if head is not None:
-                self.told[name] = head["hash"]
+        replies = self.exchange.ask(content, asked, kind, rnd, head)
         if count:
             pending.losses += self._candidate_losses(replies, start, count)
         carried = f", with {count} of round {pending.rnd}'s coalition Thetas to validate" if count else ""
         logger.info(f"round {rnd}: {len(replies.contents)} of {len(asked)} oracle(s) answered the {kind} messages in "
-                    f"{time.monotonic() - t0:.2f} s{carried}")
+                    f"{replies.seconds:.2f} s{carried}")
         return replies
-
-    def _take(self, reply: Message, node: int, rnd: int, asked: dict[str, str], replies: Replies) -> None:
-        if reply.has_error():
-            known = [n for n, id_ in self.node_of.items() if id_ == node]
-            logger.warning(f"round {rnd}: SuperNode {node} ({known[0] if known else 'not met yet'}) failed: {reply.error.reason}")
-        else:
-            self._keep(reply.content, node, rnd, asked, replies)
-
-    def _keep(self, content: RecordDict, node: int, rnd: int, asked: dict[str, str], replies: Replies) -> None:
-        """Keep a reply if it answers this round for an oracle that was asked (`asked`: oracle -> message type) and has
-        not answered yet, with the metrics its message type needs as finite numbers (and a positive size); keep its
-        signed loss report for the ledger's next record."""
-        said = content.config_records.get("round")
-        name = said.get("oracle") if said is not None else None
-        refused = wire.refusal_reason(content)
-        if refused is not None:
-            known = [n for n, id_ in self.node_of.items() if id_ == node]
-            name = name or (known[0] if known else "not met yet")
-            logger.warning(f"round {rnd}: oracle '{name}' (SuperNode {node}) cannot take part: {refused}")
-            if name in asked and name not in replies.contents:
-                replies.refused[name] = f"its ClientApp could not take part: {refused}"
-        elif said is None or said.get("round") != rnd:
-            logger.warning(f"round {rnd}: refused a reply from SuperNode {node} made for round {said and said.get('round')}")
-        elif name not in asked:
-            logger.warning(f"round {rnd}: refused a reply from SuperNode {node}: {name!r} is not an oracle asked this round")
-        elif not _has_numbers(content, _NEEDED[asked[name]]):
-            logger.warning(f"round {rnd}: refused the reply for oracle '{name}': it lacks finite {', '.join(_NEEDED[asked[name]])}")
-        elif name in replies.contents:
-            logger.warning(f"round {rnd}: refused a second reply for oracle '{name}' (SuperNode {node})")
-        else:
-            if self.node_of.get(name, node) != node:
-                logger.info(f"oracle '{name}' now answers from SuperNode {node}")
-            self.node_of[name] = node
-            self.met.add(node)
-            replies.contents[name] = content
-            if _report(content) is not None:
-                self.pending.setdefault(name, []).append(_report(content))
 
     def _resume(self) -> tuple[int, dict]:
         checkpoint = self.run_dir.latest_checkpoint()
@@ -487,23 +402,7 @@ class FlowerServer:
                         self.config.pretrain.keep_checkpoints, final=rnd == self.work.rounds)
 
 
-_NEEDED = {wire.TRAIN: ("size", "tokens", "train_loss"), wire.EVALUATE: ("size",), wire.MODEL: ("size",),
-           wire.CANDIDATES: ("size",)}
 MESSAGE_BYTES = 1 << 30  # the most candidate Thetas one message carries, in bytes
-
-
-def _report(content: RecordDict) -> dict | None:
-    """A reply's signed report of the losses it gave (None: it sent none)."""
-    return dict(content.config_records["report"]) if "report" in content.config_records else None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _has_numbers(content: RecordDict, keys: tuple[str, ...]) -> bool:
-    metrics = content.metric_records.get("metrics")
-    return metrics is not None and all(_finite(metrics.get(k)) for k in keys) and metrics["size"] > 0
 
 
 @contextmanager
