@@ -57,7 +57,7 @@ RANGES: dict[str, Rule] = {
     "federation.int8_block": AT_LEAST_0,
     "federation.drop_prob": FRACTION,
     "federation.timeout_s": (lambda v: 0 < v <= MOST_SECONDS, f"in (0, {MOST_SECONDS:.0e}] seconds"),
-    "federation.min_oracles": AT_LEAST_1,  # at most the oracles declared: dgpt.config.validate
+    "federation.min_oracles": AT_LEAST_1,  # at most the oracles declared: dgpt.config_rules
     "federation.round_timeout_s": (lambda v: 0 < v <= MOST_SECONDS, f"in (0, {MOST_SECONDS:.0e}] seconds"),
     "federation.max_weight_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "federation.fedexp_max": AT_LEAST_1,
