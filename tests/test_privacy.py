@@ -77,9 +77,10 @@ def test_the_accountant_equals_opacus(sigma, q, steps):
 
 
 @pytest.mark.parametrize("target", [1.0, 8.0])
-def test_target_epsilon_sets_the_noise(target):
-    sigma = noise_for(target, 1e-5, 0.02, 500)
-    assert 0.95 * target <= epsilon_spent([(sigma, 0.02, 500)], 1e-5) <= target
+@pytest.mark.parametrize("q, steps", [(0.02, 500), (0.001, 1000)])  # 0.001: epsilon falls steeply with sigma there
+def test_target_epsilon_sets_the_noise(target, q, steps):
+    sigma = noise_for(target, 1e-5, q, steps)
+    assert 0.95 * target <= epsilon_spent([(sigma, q, steps)], 1e-5) <= target
 
 
 def test_a_run_spends_its_target_and_resumes_exactly(tmp_path):
